@@ -1,0 +1,65 @@
+"""torchrun support: every training/sampling stage runs single-process by default and
+under `torchrun --nproc_per_node N` without code changes (NCCL on GPU, gloo on CPU).
+
+The authors' scripts *require* a distributed launcher even on one GPU (their issue #31);
+here `setup()` only initialises a process group when torchrun's variables are present.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup(device_arg="auto"):
+    """Initialise from torchrun's environment variables (if any) and pick the device.
+
+    device_arg: "auto" (CUDA if available), "cpu" or "cuda".
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def barrier(info):
+    if info.enabled:
+        dist.barrier()
+
+
+def cleanup(info):
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(tensor, info):
+    """Mean of `tensor` over ranks (returns a new tensor; identity single-process)."""
+    if not info.enabled:
+        return tensor
+    t = tensor.clone()
+    dist.all_reduce(t)
+    return t / info.world_size

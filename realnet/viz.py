@@ -1,0 +1,91 @@
+"""Pictures with PIL and numpy only (no matplotlib): heatmaps, panels, contact sheets.
+
+Everything takes and returns uint8 numpy arrays of shape (H, W, 3) or PIL images.
+"""
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def jet(values):
+    """Map values in [0, 1] (any shape) to RGB uint8 with the classic 'jet' colormap."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    r = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
+    g = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
+    b = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
+    return (np.stack([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def tensor_to_uint8(image, normalization="imagenet"):
+    """(3, H, W) tensor -> (H, W, 3) uint8. normalization: 'imagenet', 'minus_one_one' or 'unit'."""
+    x = image.detach().float().cpu().numpy().transpose(1, 2, 0)
+    if normalization == "imagenet":
+        x = x * IMAGENET_STD + IMAGENET_MEAN
+    elif normalization == "minus_one_one":
+        x = (x + 1.0) / 2.0
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def mask_to_uint8(mask):
+    """(H, W) in {0,1} or [0,1] -> (H, W, 3) gray uint8."""
+    m = (np.clip(np.asarray(mask, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return np.repeat(m[..., None], 3, axis=-1)
+
+
+def overlay(image, heat, alpha=0.5):
+    """Blend a jet-coloured heat map (values in [0, 1]) over an RGB uint8 image."""
+    colored = jet(heat).astype(np.float32)
+    return (alpha * colored + (1 - alpha) * image.astype(np.float32) + 0.5).astype(np.uint8)
+
+
+def boundary(mask):
+    """Pixels of a binary mask that touch the outside (4-neighbourhood): its contour."""
+    m = np.asarray(mask, dtype=bool)
+    p = np.pad(m, 1, mode="constant", constant_values=False)
+    interior = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m & ~interior
+
+
+def draw_contour(image, mask, color=(255, 0, 0), thickness=1):
+    out = image.copy()
+    edge = boundary(mask)
+    for _ in range(thickness - 1):  # thicken by dilating the edge
+        p = np.pad(edge, 1)
+        edge = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    out[edge] = color
+    return out
+
+
+def labelled(image, text, height=14):
+    """Put a caption strip above an image."""
+    h, w = image.shape[:2]
+    canvas = Image.new("RGB", (w, h + height), (255, 255, 255))
+    canvas.paste(Image.fromarray(image), (0, height))
+    ImageDraw.Draw(canvas).text((2, 1), text, fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def hstack(images, gap=2):
+    h = max(i.shape[0] for i in images)
+    padded = [np.pad(i, ((0, h - i.shape[0]), (0, gap), (0, 0)), constant_values=255) for i in images]
+    return np.concatenate(padded, axis=1)[:, :-gap] if gap else np.concatenate(padded, axis=1)
+
+
+def grid(images, ncols, gap=2):
+    """Contact sheet: images (equal sizes) in rows of `ncols`, white gaps."""
+    rows = []
+    for i in range(0, len(images), ncols):
+        row = list(images[i:i + ncols])
+        row += [np.full_like(images[0], 255)] * (ncols - len(row))
+        rows.append(hstack(row, gap))
+    out = []
+    for r in rows:
+        out.append(r)
+        out.append(np.full((gap, r.shape[1], 3), 255, dtype=np.uint8))
+    return np.concatenate(out[:-1], axis=0)
+
+
+def to_pil(array):
+    return Image.fromarray(np.asarray(array, dtype=np.uint8))
