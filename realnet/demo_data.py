@@ -137,7 +137,7 @@ def _composite(image, colour, alpha):
 
 def _table(rng, size, base):
     """A dark, slightly uneven table under the objects."""
-    tone = np.asarray(base, np.float32) * rng.uniform(0.92, 1.08)
+    tone = np.asarray(base, np.float32) * rng.uniform(0.95, 1.05)
     return tone + 5.0 * _smooth_noise(rng, size, 4)[..., None] + _noise(rng, 1.5, size)
 
 
@@ -158,9 +158,9 @@ def _bump(theta, centre, width):
 def render_washer(rng, size, defect=None):
     s = size / 256.0
     yy, xx = _grid(size)
-    cy, cx = size / 2 + rng.uniform(-8, 8, 2) * s
-    outer, inner = rng.uniform(84, 90) * s, rng.uniform(36, 40) * s
-    tab_angle = rng.uniform(-0.2, 0.2) - math.pi / 2          # a locating tab on top
+    cy, cx = size / 2 + rng.uniform(-5, 5, 2) * s
+    outer, inner = rng.uniform(85, 88) * s, rng.uniform(37, 39) * s
+    tab_angle = rng.uniform(-0.08, 0.08) - math.pi / 2          # a locating tab on top
     dy, dx = yy - cy, xx - cx
     rho, theta = np.hypot(dy, dx), np.arctan2(dy, dx)
     tab = 9 * s * (np.abs(np.angle(np.exp(1j * (theta - tab_angle)))) < 0.13)
@@ -169,15 +169,15 @@ def render_washer(rng, size, defect=None):
     mid = (outer + inner) / 2
     bump = 0.0
     if defect == "bent":   # the plate bent outwards: the outline bulges, the hole follows
-        bump = rng.uniform(10, 14) * s * _bump(theta, angle, rng.uniform(0.3, 0.4))
+        bump = rng.uniform(14, 18) * s * _bump(theta, angle, rng.uniform(0.3, 0.4))
 
     def silhouette(bump):
         return _soft(outer + tab + bump - rho) * _soft(rho - inner - bump * 0.6)
 
     ring = silhouette(bump)
-    base = rng.uniform(170, 195)
-    light = rng.uniform(0, 2 * math.pi)
-    brushed = np.interp(rho, np.arange(size, dtype=np.float32), rng.normal(0, 6, size))   # turned rings
+    base = rng.uniform(178, 188)
+    light = rng.uniform(-0.15, 0.15) - math.pi / 4              # the station's lamp hardly moves
+    brushed = np.interp(rho, np.arange(size, dtype=np.float32), ndimage.gaussian_filter1d(rng.normal(0, 5, size), 0.8))   # turned rings
     edge = np.minimum(outer + tab + bump - rho, rho - inner - bump * 0.6)
     metal = (base * (1 + 0.12 * np.cos(2 * (theta - light))) + brushed) * (0.78 + 0.22 * np.clip(edge / (4 * s), 0, 1))
     metal = metal[..., None] * np.array([1.0, 1.0, 1.04], np.float32) + _noise(rng, 2.0, size)
@@ -189,8 +189,8 @@ def render_washer(rng, size, defect=None):
     if defect == "bent":
         mask = np.abs(ring - silhouette(0.0)) > 0.3
     if defect == "chip":   # a piece broken out of the rim: the table shows through
-        r = rng.uniform(14, 20) * s
-        bite = _blob_alpha(yy, xx, cy + outer * math.sin(angle), cx + outer * math.cos(angle), r, rng, 0.25)
+        r, at = rng.uniform(17, 23) * s, outer - 4 * s
+        bite = _blob_alpha(yy, xx, cy + at * math.sin(angle), cx + at * math.cos(angle), r, rng, 0.25)
         mask = (bite > 0.3) & (ring > 0.3)
         ring = ring * (1 - bite)
     image = _composite(background, metal, ring)
@@ -215,16 +215,16 @@ def render_washer(rng, size, defect=None):
 def render_tablet(rng, size, defect=None):
     s = size / 256.0
     yy, xx = _grid(size)
-    cy, cx = size / 2 + rng.uniform(-8, 8, 2) * s
-    a, b = rng.uniform(74, 80) * s, rng.uniform(44, 48) * s
+    cy, cx = size / 2 + rng.uniform(-5, 5, 2) * s
+    a, b = rng.uniform(75, 79) * s, rng.uniform(45, 47) * s
     phi = rng.uniform(-0.1, 0.1)
     u = (xx - cx) * math.cos(phi) + (yy - cy) * math.sin(phi)
     v = -(xx - cx) * math.sin(phi) + (yy - cy) * math.cos(phi)
     q = np.hypot(u / a, v / b)                     # 1 on the outline
     theta = np.arctan2(v / b, u / a)
     pill = _soft((1 - q) * b)
-    colour = np.array([234, 229, 214], np.float32) * rng.uniform(0.95, 1.03)
-    shade = (1 - 0.16 * q ** 2) * (1 + 0.05 * _smooth_noise(rng, size, 12))
+    colour = np.array([234, 229, 214], np.float32) * rng.uniform(0.97, 1.02)
+    shade = (1 - 0.16 * q ** 2) * (1 + 0.02 * _smooth_noise(rng, size, 12))
     score = 1 - 0.22 * _soft(1.4 * s - np.abs(u)) * (np.abs(v) < 0.75 * b)   # the break line
     body = colour * (shade * score)[..., None] + _noise(rng, 2.5, size)
     background = _table(rng, size, (34, 66, 72))
@@ -269,7 +269,7 @@ def render_tablet(rng, size, defect=None):
 def render_granite(rng, size, defect=None):
     s = size / 256.0
     yy, xx = _grid(size)
-    tone = np.array([142, 136, 128], np.float32) + rng.uniform(-6, 6, 3)
+    tone = np.array([142, 136, 128], np.float32) + rng.uniform(-4, 4, 3)
     variation = (0.5 * _smooth_noise(rng, size, 6) + 0.35 * _smooth_noise(rng, size, 20)
                  + 0.25 * _smooth_noise(rng, size, max(8, int(60 * s))))
     grains = np.zeros((size, size), np.float32)
@@ -282,8 +282,8 @@ def render_granite(rng, size, defect=None):
     cy, cx = rng.uniform(0.25, 0.75, 2) * size
     if defect == "crack":
         points = _random_walk(rng, (cy, cx), rng.uniform(0, 2 * math.pi), int(rng.integers(22, 30)), 4.5 * s, 0.3)
-        crack = _line_alpha(yy, xx, points, rng.uniform(2.5, 3.5) * s)
-        image = _composite(image, (38, 34, 32), crack * 0.95)
+        crack = _line_alpha(yy, xx, points, rng.uniform(3.5, 4.5) * s)
+        image = _composite(image, (30, 27, 25), crack)
         mask = crack > 0.3
     if defect == "hole":   # a pit: dark inside, a bright lip on one side
         r = rng.uniform(9, 14) * s
@@ -319,7 +319,7 @@ def render_weave(rng, size, defect=None):
     period, rotation = rng.uniform(11, 13) * s, rng.uniform(-0.04, 0.04)
     phase = rng.uniform(0, 2, 2)
     pattern, warp_on_top = _weave_pattern(yy, xx, period, phase, rotation)
-    warp_colour = np.array([196, 170, 120], np.float32) * rng.uniform(0.94, 1.06)
+    warp_colour = np.array([196, 170, 120], np.float32) * rng.uniform(0.96, 1.04)
     weft_colour = warp_colour * np.array([0.92, 0.95, 1.05], np.float32)
     fibres = 1 + 0.06 * _smooth_noise(rng, size, max(8, int(80 * s)))
     colour = np.where(warp_on_top[..., None], warp_colour, weft_colour)
