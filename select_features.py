@@ -148,6 +148,12 @@ def main(argv=None):
         raise cli.UserError("--batches and --batch-size must be at least 1")
     if args.input_size < 32:
         raise cli.UserError(f"--input-size must be at least 32 (the backbone's stride), got {args.input_size}")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise cli.UserError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise cli.UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
     dataset = data.open_dataset(args.data, args.format)
     category = args.category
     if category is None:
@@ -168,8 +174,6 @@ def main(argv=None):
         written = anomaly.dump_examples(stream, args.dump, stem + "_examples")
         print(f"wrote {args.dump} synthetic anomalies to {stem}_examples/ (contact sheet: {written[-1]})")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     backbone = load_backbone(args.backbone_weights, args.layers).to(device)
     cli.seed_everything(args.seed)
 

@@ -17,7 +17,6 @@ as anomalies), and the blend is rounded to the nearest grey level (they truncate
 """
 import math
 import os
-import sys
 
 import numpy as np
 import torch

@@ -49,7 +49,8 @@ def test_local_weights_file(tmp_path, random_net):
     net.eval()
     with torch.no_grad():
         expected = net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))
-    assert torch.allclose(loaded(x)[1], expected)
+    # the same numbers up to float rounding (the backbone convolves in channels-last order)
+    torch.testing.assert_close(loaded(x)[1], expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     assert loaded.identity["file"] == "wide_resnet50_racm-8234f177.pth" and len(loaded.identity["digest"]) == 16
 
 

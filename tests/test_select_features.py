@@ -146,6 +146,7 @@ def _cases(demo, tmp_path):
         "is 10x10 but its image": ["--data", trees["bad_mask"]] + dtd,
         "has no test image": ["--data", trees["orphan"]] + dtd,
         "is not a readable image": ["--data", trees["unreadable"]] + dtd,
+        "expected auto, cpu, cuda": ["--data", demo["data"], "--device", "tpu"] + dtd,
     }
 
 
