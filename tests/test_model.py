@@ -205,3 +205,54 @@ def test_global_batchnorm_in_two_processes_equals_one_process():
     assert torch.allclose(got["weight_grad"], bn.weight.grad, atol=1e-4)
     assert torch.allclose(got["running_mean"], bn.running_mean, atol=1e-6)
     assert torch.allclose(got["running_var"], bn.running_var, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# The whole model under DDP: two gloo processes with half the batch each == one process
+# ----------------------------------------------------------------------------------------
+
+def _ddp_setup():
+    torch.manual_seed(0)
+    model = M.RealNet(M.build_config(fake_afs(), width_ratio=1.0))
+    for g in model.reconstruction:  # past the zero init, so that every gradient is informative
+        torch.nn.init.normal_(g.out[2].weight, std=0.01)
+    features = model.select_features(fake_backbone_features(4, seed=3))
+    mask = torch.zeros(4, 1, 64, 64)
+    mask[1::2, :, 10:30, 10:30] = 1
+    return model, features, mask
+
+
+def _ddp_worker(rank, store_path, result_path):
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    torch.backends.mkldnn.enabled = False
+    model, features, mask = _ddp_setup()
+    model.set_process_group(dist.group.WORLD)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    half = slice(2 * rank, 2 * rank + 2)
+    part = [f[half] for f in features]
+    loss, _ = M.realnet_loss(ddp(part, (64, 64)), part, mask[half])
+    loss.backward()  # DDP averages the gradients over the two processes
+    if rank == 0:
+        torch.save({"grads": {k: p.grad for k, p in model.named_parameters()},
+                    "buffers": {k: b for k, b in model.named_buffers()}}, result_path)
+    dist.destroy_process_group()
+
+
+def test_ddp_gradients_and_statistics_equal_one_process():
+    model, features, mask = _ddp_setup()
+    loss, _ = M.realnet_loss(model(features, (64, 64)), features, mask)
+    loss.backward()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "result.pt")
+        mp.spawn(_ddp_worker, args=(os.path.join(tmp, "store"), result), nprocs=2)
+        got = torch.load(result)
+    compared = 0
+    for name, p in model.named_parameters():
+        if p.grad.norm() < 1e-6:  # rounding-noise level (e.g. a bias before a per-channel GroupNorm)
+            continue
+        assert torch.allclose(got["grads"][name], p.grad, rtol=1e-3, atol=1e-3 * p.grad.abs().max()), name
+        compared += 1
+    assert compared > 0.6 * len(list(model.parameters()))  # zero-initialised layers block the rest
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point():  # RRS and BatchNorm running statistics of the global batch
+            assert torch.allclose(got["buffers"][name], buffer, rtol=1e-4, atol=1e-6), name
