@@ -99,12 +99,13 @@ def forward(model, backbone, images):
 def anomaly_maps(model, backbone, dataset, device, batch, workers, label):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
     progress = Progress(len(loader), label, unit="img", every=max(1, len(loader) // 10))
-    maps, rest = [], []
+    maps, masks = [], []
     for step, b in enumerate(loader, start=1):
         maps.append(forward(model, backbone, b["image"].to(device)).float().cpu())
-        rest.append(b)
+        if "mask" in b:
+            masks.append(b["mask"][:, 0])
         progress.update(step, items=len(b["image"]))
-    return torch.cat(maps).numpy(), rest
+    return torch.cat(maps).numpy(), (torch.cat(masks).numpy() if masks else None)
 
 
 @torch.no_grad()
@@ -163,9 +164,8 @@ def evaluate_category(model, backbone, dataset, category, args, device, out):
     if not samples:
         raise cli.UserError(f"{dataset.root!r}: category {category!r} has no test images")
     size = model.config["input_size"]
-    maps, batches = anomaly_maps(model, backbone, data.TestSet(samples, size), device, args.batch, args.workers,
-                                 f"eval {category}")
-    masks = torch.cat([b["mask"] for b in batches])[:, 0].numpy()
+    maps, masks = anomaly_maps(model, backbone, data.TestSet(samples, size), device, args.batch, args.workers,
+                               f"eval {category}")
     labels = np.array([s.label for s in samples], dtype=bool)
     has_masks = np.array([s.mask is not None for s in samples if s.label == 1], dtype=bool)
     defects = np.array([s.defect for s in samples])
@@ -179,7 +179,9 @@ def evaluate_category(model, backbone, dataset, category, args, device, out):
         sub_has_masks = np.array([s.mask is not None for s in samples if s.label == 1 and s.defect == defect])
         numbers, why = compute_metrics(maps[rows], masks[rows], labels[rows], sub_has_masks, scores[rows],
                                        args.fpr_limit)
-        per_defect[defect] = {**numbers, "images": int((defects == defect).sum()), **({"not_computed": why} if why else {})}
+        per_defect[defect] = {**numbers, "images": int((defects == defect).sum())}
+        if why:
+            per_defect[defect]["not_computed"] = why
 
     threshold, f1 = (None, None)
     if labels.any() and has_masks.all():
@@ -330,6 +332,7 @@ def main(argv=None):
                                    "masks resized with nearest)",
                      "au_pro": f"MVTec AD definition, exact, FPR limit {args.fpr_limit}",
                      "auroc_flipped": False,
+                     "image_labels": "from the test folders (good vs a defect type)",
                      "per_defect": "each defect type's images together with all good images"},
         "args": cli.args_to_dict(args)}
     atomic_write_json(os.path.join(out, "metrics.json"), report)

@@ -12,14 +12,16 @@ The paper's setting (one model per category, batch 16, Adam 1e-4, 1000 epochs):
     python3 train_realnet.py --data data/mvtec --category bottle --sdas data/sdas/bottle \\
         --afs runs/bottle/afs.pt --out runs/bottle/realnet
 
-The demo at small scale (random backbone, about 5 minutes on 2 CPU cores):
+The demo at small scale (random backbone, layers 1-2 at 128 px; about 2-4 minutes on 2 CPU
+cores; weave reaches image AUROC 0.98, pixel AUROC 0.99):
 
     python3 -m realnet.demo_data --out data/demo --dtd-out data/demo_dtd
-    python3 select_features.py --data data/demo --category washer --dtd data/demo_dtd \\
-        --input-size 128 --layers 1 2 3 --dims 32 64 64 --batches 4 --backbone-weights random \\
+    python3 select_features.py --data data/demo --category weave --dtd data/demo_dtd \\
+        --input-size 128 --layers 1 2 --dims 32 64 --batches 4 --backbone-weights random \\
         --out runs/demo/afs.pt
-    python3 train_realnet.py --data data/demo --category washer --dtd data/demo_dtd \\
-        --afs runs/demo/afs.pt --width-ratio 0.25 --batch 8 --steps 300 --out runs/demo/realnet
+    python3 train_realnet.py --data data/demo --category weave --dtd data/demo_dtd \\
+        --afs runs/demo/afs.pt --width-ratio 0.25 --batch 8 --steps 300 --lr 1e-3 --out runs/demo/realnet
+    python3 evaluate.py --checkpoint runs/demo/realnet/model.pt
 
 Several processes (DDP; the same model as one process with the same global --batch):
 
@@ -56,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--format", default="auto", help="auto | mvtec | mpdd | btad | visa | visa_csv | folder")
     p.add_argument("--category", default=None, help="the category (one model per category, as the paper)")
     p.add_argument("--categories", default=None,
-                   help="UNIFIED option beyond the paper: one model over these comma-separated categories")
+                   help="UNIFIED option beyond the paper: one model over these comma-separated categories "
+                        "(the --afs file may be made for any one of them)")
     p.add_argument("--afs", required=True, help="AFS file from select_features.py (the kept backbone channels)")
     p.add_argument("--sdas", default=None, help="SDAS images (synthesize.py); with --categories: DIR/<category>")
     p.add_argument("--dtd", default=None, help="DTD folder (images/<texture>/*); with --sdas: half each")
@@ -337,7 +340,7 @@ def main(argv=None):
     total_steps = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     # the settings a resumed run must share with the run it continues
     run = {"categories": categories, "dataset": dataset.describe(), "unified": len(categories) > 1,
-           "afs": {"path": os.path.abspath(args.afs), "digest": file_digest(args.afs), "category": afs["category"]},
+           "afs": {"digest": file_digest(args.afs), "category": afs["category"]},
            "anomaly_source": {"sdas": args.sdas and os.path.abspath(args.sdas),
                               "dtd": args.dtd and os.path.abspath(args.dtd), "foreground": args.foreground,
                               "normal_ratio": args.normal_ratio},
@@ -404,6 +407,7 @@ def main(argv=None):
     progress = Progress(total_steps, "train", unit="img", every=args.log_every, start_step=start_step,
                         enabled=info.is_main)
 
+    extra = {"args": cli.args_to_dict(args), "afs_path": os.path.abspath(args.afs)}
     last_saved = {"step": None}
 
     def save(step):
@@ -411,8 +415,7 @@ def main(argv=None):
         if not info.is_main:
             return
         selected_on = {"rule": "last step", "step": step}
-        atomic_torch_save(model_file(model, run, step, selected_on, {"args": cli.args_to_dict(args)}),
-                          os.path.join(out, "model.pt"))
+        atomic_torch_save(model_file(model, run, step, selected_on, extra), os.path.join(out, "model.pt"))
         atomic_torch_save({"kind": "realnet_state", "version": 1, "config": config, "run": run, "step": step,
                            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_states(),
                            "best": best}, state_path)
@@ -453,8 +456,7 @@ def main(argv=None):
                     selected_on = {"rule": f"best {args.val_metric} on held-out TRAINING images with synthetic "
                                            "anomalies (never the test set)", "step": step, "scores": scores,
                                    "held_out_images": [s.image for s in held_out]}
-                    atomic_torch_save(model_file(model, run, step, selected_on, {"args": cli.args_to_dict(args)}),
-                                      os.path.join(out, "best.pt"))
+                    atomic_torch_save(model_file(model, run, step, selected_on, extra), os.path.join(out, "best.pt"))
             if step % args.save_every == 0 or step == total_steps:
                 save(step)
     if last_saved["step"] != step:  # e.g. --steps 0: the untrained model, for comparison
