@@ -198,8 +198,10 @@ def test_two_ddp_processes_train_the_same_model_as_one(demo):
         model.load_state_dict(ckpt["state_dict"])
         models.append(model.eval())
     a, b = models[0].state_dict(), models[1].state_dict()
-    for key in ("rrs.running_mean", "rrs.running_var", "discriminator.decoder1.1.running_mean",
-                "discriminator.decoder1.1.running_var"):  # statistics of the global batch in both
+    # statistics of the global batch in both. (Not the discriminator BatchNorm's running mean:
+    # it absorbs the bias of the conv before it, one of the noise-driven parameters above; its
+    # effect cancels in the normalisation, which the output comparison below covers.)
+    for key in ("rrs.running_mean", "rrs.running_var", "discriminator.decoder1.1.running_var"):
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
     g = torch.Generator().manual_seed(0)
     features = [torch.randn(3, 8, 16, 16, generator=g), torch.randn(3, 16, 8, 8, generator=g)]
