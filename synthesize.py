@@ -17,7 +17,8 @@ The DDIM variant (appendix, alg. S1): --sampler ddim --strength 0.01 0.03
 Every image has its own seed, derived from --seed, the category and the image number i,
 so the images do not depend on --batch-size or on the number of ranks, and a second run
 skips the files already there (resumable). Writes <category>_<i:05d>.png, manifest.json
-(strength and seed per image, settings, the checkpoint's digest) and contact_sheet.png.
+(strength and seed per image, settings, the checkpoint's digest) and preview/contact_sheet.png
+(in a sub-folder, so that readers of "every image in the folder" never take it for a sample).
 """
 import argparse
 import glob
@@ -82,6 +83,10 @@ def synthesize(model, sampling, plans, class_id, size, args, device):
     return [to_uint8(x) for x in x0]
 
 
+def sheet_path(out_dir):
+    return os.path.join(out_dir, "preview", "contact_sheet.png")
+
+
 def contact_sheet(out_dir, records, count, columns=8):
     """The first `count` images in a grid, each captioned with its strength."""
     tiles = []
@@ -90,7 +95,7 @@ def contact_sheet(out_dir, records, count, columns=8):
             image = np.asarray(im.convert("RGB"))
         tiles.append(viz.labelled(image, f"{r['index']} s={r['strength']:.3f}", height=12))
     if tiles:
-        atomic_save_image(viz.to_pil(viz.grid(tiles, min(columns, len(tiles)))), os.path.join(out_dir, "contact_sheet.png"))
+        atomic_save_image(viz.to_pil(viz.grid(tiles, min(columns, len(tiles)))), sheet_path(out_dir))
 
 
 def check_previous(out_dir, settings):
@@ -192,7 +197,7 @@ def main():
             os.unlink(path)
         contact_sheet(out_dir, merged, args.sheet_count)
         log(f"done: {args.count} images, {os.path.join(out_dir, 'manifest.json')}, "
-            f"{os.path.join(out_dir, 'contact_sheet.png')} (look at it: objects, or noise?)")
+            f"{sheet_path(out_dir)} (look at it: objects, or noise?)")
     distributed.barrier(dist)
     distributed.cleanup(dist)
 

@@ -160,8 +160,9 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------------- reverse process
     def model_output(self, model, x, t, y):
-        """Run the network at step t; it sees the ORIGINAL timesteps (timestep_map)."""
-        return model(x, self.timestep_map.to(t.device)[t], y)
+        """Run the network at step t; it sees the ORIGINAL timesteps (timestep_map). The
+        output is used in float32 even when the network runs under bf16 autocast."""
+        return model(x, self.timestep_map.to(t.device)[t], y).float()
 
     def mean_variance(self, output, x, t, clip_denoised=True):
         """(eps, v) -> mean, log-variance, predicted x_0 of p_theta(x_{t-1} | x_t)."""

@@ -148,3 +148,15 @@ def test_load_pretrained_errors_name_the_file(tmp_path):
 def test_unknown_preset_is_a_user_error():
     with pytest.raises(UserError, match="tiny"):
         adm.build_unet("huge", num_classes=3)
+
+
+@pytest.mark.parametrize("preset", ["paper", "tiny"])
+def test_no_groupnorm_is_instance_norm(preset):
+    """Every GroupNorm has >= 4 channels per group. With one channel per group (instance norm)
+    the net cannot carry an image's mean colour through, and samples get random colour casts."""
+    with torch.device("meta"):
+        model = adm.build_unet(preset, num_classes=2)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 4 for m in norms)
+    if preset == "paper":  # exactly OpenAI's normalisation
+        assert {m.num_groups for m in norms} == {32}

@@ -314,3 +314,20 @@ def test_ddim_inversion_and_reconstruction_and_sdas_ddim_variant():
     mean = out["pred_x0"] * math.sqrt(abar_prev) + math.sqrt(1 - abar_prev - sigma ** 2) * eps
     torch.testing.assert_close(etad, mean + (sigma + math.sqrt(0.02) * torch.exp(0.5 * out["log_variance"])) * z,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_training_loss_under_bf16_autocast_is_float32_and_close():
+    from realnet import adm
+    torch.manual_seed(0)
+    model = adm.build_unet("tiny", num_classes=2, image_size=16)
+    for p in model.parameters():  # undo the zero init so the output is not trivially 0
+        if p.ndim > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    d = full()
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    t, y, noise = torch.tensor([3, 700]), torch.tensor([0, 1]), torch.randn(2, 3, 16, 16)
+    ref = d.training_losses(model, x0, t, y, noise)["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = d.training_losses(model, x0, t, y, noise)["loss"]
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    torch.testing.assert_close(low, ref, rtol=0.05, atol=0.02)

@@ -175,7 +175,9 @@ def test_synthesize_writes_images_manifest_and_sheet(trained, tmp_path):
     proc = run("synthesize.py", "--checkpoint", os.path.join(trained, "model.pt"), "--category", "square",
                "--count", 5, "--batch-size", 2, "--steps", 5, "--out", out, "--seed", 3)
     names = sorted(os.listdir(out))
-    assert names == ["contact_sheet.png", "manifest.json"] + [f"square_{i:05d}.png" for i in range(5)]
+    assert names == ["manifest.json", "preview"] + [f"square_{i:05d}.png" for i in range(5)]  # only samples are PNGs here
+    with Image.open(out / "preview" / "contact_sheet.png") as sheet:
+        assert sheet.width > 5 * 16
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["settings"]["steps"] == 5 and manifest["settings"]["sampler"] == "ancestral"
     assert manifest["settings"]["class_id"] == 1 and manifest["settings"]["seed"] == 3
