@@ -67,7 +67,7 @@ def image_name(category, i):
 
 
 def to_uint8(x):
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, as the authors: clip((x + 1) * 127.5)."""
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8: (x + 1) * 127.5, rounded and clipped (the authors truncate)."""
     return ((x.float().cpu().permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
@@ -88,11 +88,13 @@ def sheet_path(out_dir):
 
 
 def contact_sheet(out_dir, records, count, columns=8):
-    """The first `count` images in a grid, each captioned with its strength."""
+    """The first `count` images in a grid, each captioned with its strength (small images
+    are enlarged, nearest-neighbour, to at least 96 px so they and their captions are legible)."""
     tiles = []
     for r in records[:count]:
         with Image.open(os.path.join(out_dir, r["file"])) as im:
-            image = np.asarray(im.convert("RGB"))
+            zoom = -(-96 // im.width)
+            image = np.asarray(im.convert("RGB").resize((im.width * zoom, im.height * zoom), Image.NEAREST))
         tiles.append(viz.labelled(image, f"{r['index']} s={r['strength']:.3f}", height=12))
     if tiles:
         atomic_save_image(viz.to_pil(viz.grid(tiles, min(columns, len(tiles)))), sheet_path(out_dir))

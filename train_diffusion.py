@@ -176,9 +176,10 @@ def sample_sheet(ema, diffusion_sampling, images, class_ids, classes, args, step
     rows += [("real", real), ("DDIM-inverted noise", inverted.clamp(-3, 3) / 3), ("DDIM reconstruction", recon)]
     rows[0] = (f"s = 0.0   (EMA weights at step {step})", rows[0][1])
     rows[3] = (f"real: {', '.join(dict.fromkeys(classes[c] for c in class_ids))}", rows[3][1])
+    zoom = -(-96 // size)  # small images enlarged (nearest) to >= 96 px, so they can be judged
     pictures = []
     for title, batch in rows:
-        row = viz.hstack([viz.tensor_to_uint8(b, "minus_one_one") for b in batch])
+        row = viz.hstack([viz.tensor_to_uint8(b, "minus_one_one").repeat(zoom, 0).repeat(zoom, 1) for b in batch])
         pictures.append(viz.labelled(row, title))
     sheet = np.concatenate([np.pad(p, ((0, 2), (0, 0), (0, 0)), constant_values=255) for p in pictures], axis=0)
     path = os.path.join(args.out, "samples", f"step_{step:07d}.png")

@@ -110,7 +110,7 @@ def test_checkpoint_holds_everything_synthesis_needs(trained, toy):
     sheets = os.listdir(os.path.join(trained, "samples"))
     assert sheets == ["step_0000002.png"]
     with Image.open(os.path.join(trained, "samples", sheets[0])) as sheet:
-        assert sheet.width >= 4 * 16  # 4 columns of 16 px images
+        assert sheet.width >= 4 * 96  # 4 columns of 16 px images, enlarged to 96 px
     log = json.load(open(os.path.join(trained, "train_log.json")))
     assert [r["step"] for r in log] == [1, 2]
 
@@ -177,7 +177,7 @@ def test_synthesize_writes_images_manifest_and_sheet(trained, tmp_path):
     names = sorted(os.listdir(out))
     assert names == ["manifest.json", "preview"] + [f"square_{i:05d}.png" for i in range(5)]  # only samples are PNGs here
     with Image.open(out / "preview" / "contact_sheet.png") as sheet:
-        assert sheet.width > 5 * 16
+        assert sheet.width > 5 * 96
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["settings"]["steps"] == 5 and manifest["settings"]["sampler"] == "ancestral"
     assert manifest["settings"]["class_id"] == 1 and manifest["settings"]["seed"] == 3
