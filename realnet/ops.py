@@ -114,6 +114,8 @@ def rrs_select(feats, recons, k_max, k_mean, running_mean, running_var, training
     and indices (B, k_max + k_mean) int64: the k_max channels with the largest spatial
     max of the normalised residual, then the k_mean with the largest spatial mean.
     process_group: under DDP, rank with the batch statistics of the global batch.
+    Ties are broken by the lower channel index. (With a batch of one in training, every
+    channel's normalised spatial mean is exactly 0, so the mean picks are such a tie.)
     """
     if not HAS_EXTENSION:
         return rrs_select_reference(feats, recons, k_max, k_mean, running_mean, running_var,
@@ -143,9 +145,8 @@ if HAS_EXTENSION:
     # Fake (meta) kernels: output shapes without computing, for torch.compile / export.
     @torch.library.register_fake("realnet::rrs_stats")
     def _(feats, recons):
-        dtype = torch.float64 if feats[0].dtype == torch.float64 else torch.float32
         channels = sum(f.shape[1] for f in feats)
-        return feats[0].new_empty((3, feats[0].shape[0], channels), dtype=dtype)
+        return feats[0].new_empty((3, feats[0].shape[0], channels), dtype=torch.float64)
 
     @torch.library.register_fake("realnet::rrs_rank")
     def _(stats, spatial, k_max, k_mean, running_mean, running_var, training, momentum, eps):
@@ -174,10 +175,12 @@ if HAS_EXTENSION:
     def _gather_backward(ctx, grad):
         indices, *tensors = ctx.saved_tensors
         feats, recons = tensors[:ctx.levels], tensors[ctx.levels:]
-        need_feats, need_recons = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # for a Tensor[] input, needs_input_grad holds one flag per tensor
+        need_feats, need_recons = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
         grad_feats, grad_recons = torch.ops.realnet.rrs_gather_backward(
             grad.contiguous(), list(feats), list(recons), indices, need_feats, need_recons)
-        return (grad_feats if need_feats else None), (grad_recons if need_recons else None), None
+        none = [None] * ctx.levels
+        return (grad_feats if need_feats else none), (grad_recons if need_recons else none), None
 
     torch.library.register_autograd("realnet::rrs_gather", _gather_backward,
                                     setup_context=_gather_setup_context)

@@ -1,0 +1,352 @@
+"""Stage 5: evaluate a RealNet checkpoint, honestly (SPEC §7).
+
+    python3 evaluate.py --checkpoint runs/bottle/realnet/model.pt --data data/mvtec
+    python3 evaluate.py --checkpoint runs/demo/realnet/model.pt       # on the data it was trained for
+    python3 evaluate.py --checkpoint runs/demo/realnet/model.pt --predict my_images/   # no labels
+
+Metrics, per category (and their mean for a unified model):
+  image AUROC   score = max of the 16x16 average-pooled anomaly map (the authors' choice;
+                --image-score max for the plain maximum)
+  pixel AUROC   over all pixels of all test images
+  AU-PRO        MVTec AD's exact definition up to FPR 0.3 (realnet/metrics.py)
+and per defect type (that defect's images with all good images). No AUROC is ever flipped,
+the checkpoint is whatever train_realnet.py chose WITHOUT the test set, and the one
+threshold in the pictures (the F1-optimal pixel threshold, contour in the overlay) is
+chosen on the test set for the pictures only; no metric depends on it.
+Throughput: images/s of the model's forward (backbone, AFS, reconstruction, RRS,
+discriminator; no data loading), device synchronised, batch and device stated.
+
+Writes to --out (default: <checkpoint folder>/eval): metrics.json, scores.csv (path,
+defect, label, score) and panels/<category>/<defect>_<name>.png (image | ground truth |
+anomaly map with the contour). With --predict DIR: predictions.csv and predict/<name>.png.
+"""
+import argparse
+import csv
+import io
+import os
+import time
+
+import numpy as np
+import torch
+
+from realnet import cli, data, metrics, viz
+from realnet.backbone import load_backbone
+from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest, load_checkpoint
+from realnet.model import RealNet, describe
+from realnet.progress import Progress
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate RealNet (SPEC §7).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model.pt or best.pt from train_realnet.py")
+    p.add_argument("--data", default=None, help="data set root (default: the one the checkpoint was trained on)")
+    p.add_argument("--format", default="auto", help="auto | mvtec | mpdd | btad | visa | visa_csv | folder")
+    p.add_argument("--categories", default=None, help="comma-separated (default: the checkpoint's)")
+    p.add_argument("--backbone-weights", default=None,
+                   help="imagenet | PATH.pth | random (default: the weights the checkpoint was trained with)")
+    p.add_argument("--image-score", default="avgpool", choices=["avgpool", "max"],
+                   help="avgpool: max of the pooled map (authors); max: max of the map (MVTec's script)")
+    p.add_argument("--pool", type=int, default=16, help="average-pooling window of --image-score avgpool")
+    p.add_argument("--fpr-limit", type=float, default=0.3, help="AU-PRO integration limit (MVTec AD)")
+    p.add_argument("--batch", type=int, default=16, help="test batch size, also the throughput batch")
+    p.add_argument("--throughput-repeats", type=int, default=5, help="timed forward passes (after 2 warm-up)")
+    p.add_argument("--panels", type=int, default=-1, help="heatmap panels per category (-1 all, 0 none)")
+    p.add_argument("--predict", default=None, help="score the images of this folder (no labels needed)")
+    p.add_argument("--threshold", type=float, default=None, help="with --predict: draw the contour map >= T")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (0 = in-process)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
+    p.add_argument("--out", default=None, help="output folder (default <checkpoint folder>/eval)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+
+def load_model(path, backbone_weights, device):
+    """Rebuild the model from its checkpoint and reload the frozen backbone it was trained
+    with (the checkpoint stores its identity, not its weights); refuse another backbone."""
+    ckpt = load_checkpoint(path, "--checkpoint", kind="realnet")
+    config = ckpt["config"]
+    trained_with = config.get("backbone") or {}
+    backbone = load_backbone(backbone_weights or trained_with.get("weights", "imagenet"), config["layers"]).to(device)
+    if (backbone.identity.get("arch"), backbone.identity.get("digest")) != \
+            (trained_with.get("arch"), trained_with.get("digest")):
+        raise cli.UserError(f"--checkpoint {path!r} was trained on backbone weights {trained_with.get('weights')!r} "
+                            f"(digest {trained_with.get('digest')}), not {backbone.identity.get('weights')!r} "
+                            f"(digest {backbone.identity.get('digest')}): give the same --backbone-weights")
+    model = RealNet(config)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise cli.UserError(f"--checkpoint {path!r}: its weights do not fit its configuration "
+                            f"({str(e).splitlines()[0]})")
+    return model.to(device).eval(), backbone, ckpt
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def forward(model, backbone, images):
+    """Images (B, 3, S, S), ImageNet-normalised -> anomaly maps (B, S, S) in [0, 1]."""
+    return model(model.select_features(backbone(images)), images.shape[-2:])["anomaly_map"]
+
+
+def anomaly_maps(model, backbone, dataset, device, batch, workers, label):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
+    progress = Progress(len(loader), label, unit="img", every=max(1, len(loader) // 10))
+    maps, masks = [], []
+    for step, b in enumerate(loader, start=1):
+        maps.append(forward(model, backbone, b["image"].to(device)).float().cpu())
+        if "mask" in b:
+            masks.append(b["mask"][:, 0])
+        progress.update(step, items=len(b["image"]))
+    return torch.cat(maps).numpy(), (torch.cat(masks).numpy() if masks else None)
+
+
+@torch.no_grad()
+def throughput(model, backbone, images, device, repeats):
+    """Images/s of the forward pass alone, the device synchronised around the timed loop."""
+    for _ in range(2):  # warm-up: allocator, kernel selection
+        forward(model, backbone, images)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        forward(model, backbone, images)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": round(len(images) * repeats / seconds, 3), "batch": len(images), "repeats": repeats,
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "cpu_threads": torch.get_num_threads(), "input_size": int(images.shape[-1]),
+            "measures": "backbone + AFS + reconstruction + RRS + discriminator, no data loading, synchronised"}
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------
+
+def score_images(maps, args):
+    return metrics.image_scores(maps, pool="max" if args.image_score == "max" else args.pool)
+
+
+def compute_metrics(maps, masks, labels, has_masks, scores, fpr_limit):
+    """Image AUROC, pixel AUROC, AU-PRO of one set of images, with a sentence for each
+    metric that cannot be computed (and why)."""
+    result, missing = {}, {}
+    result["image_auroc"] = metrics.image_auroc(labels, scores)
+    if result["image_auroc"] is None:
+        kind = "anomalous" if not labels.any() else "good"
+        missing["image_auroc"] = f"needs good and anomalous images; this split has no {kind} images"
+    if not labels.any():
+        why = "pixel metrics need anomalous test images with ground-truth masks; this split has none"
+        missing["pixel_auroc"] = missing["au_pro"] = why
+        result["pixel_auroc"] = result["au_pro"] = None
+    elif not has_masks.all():
+        why = f"pixel metrics need masks: {int((~has_masks).sum())} anomalous test images have no ground-truth mask"
+        missing["pixel_auroc"] = missing["au_pro"] = why
+        result["pixel_auroc"] = result["au_pro"] = None
+    else:
+        result["pixel_auroc"] = metrics.pixel_auroc(maps, masks)
+        result["au_pro"] = metrics.au_pro(maps, masks, fpr_limit)
+        if result["au_pro"] is None:
+            missing["au_pro"] = "the masks of the anomalous images are empty: AU-PRO needs defect regions"
+        if result["pixel_auroc"] is None:
+            missing["pixel_auroc"] = "needs anomalous and defect-free pixels"
+    return result, missing
+
+
+def evaluate_category(model, backbone, dataset, category, args, device, out):
+    samples = dataset.test(category)
+    if not samples:
+        raise cli.UserError(f"{dataset.root!r}: category {category!r} has no test images")
+    size = model.config["input_size"]
+    maps, masks = anomaly_maps(model, backbone, data.TestSet(samples, size), device, args.batch, args.workers,
+                               f"eval {category}")
+    labels = np.array([s.label for s in samples], dtype=bool)
+    has_masks = np.array([s.mask is not None for s in samples if s.label == 1], dtype=bool)
+    defects = np.array([s.defect for s in samples])
+    scores = score_images(maps, args)
+
+    result, missing = compute_metrics(maps, masks, labels, has_masks, scores, args.fpr_limit)
+    per_defect = {}
+    good = ~labels
+    for defect in sorted(set(defects[labels])):
+        rows = (defects == defect) | good
+        sub_has_masks = np.array([s.mask is not None for s in samples if s.label == 1 and s.defect == defect])
+        numbers, why = compute_metrics(maps[rows], masks[rows], labels[rows], sub_has_masks, scores[rows],
+                                       args.fpr_limit)
+        per_defect[defect] = {**numbers, "images": int((defects == defect).sum())}
+        if why:
+            per_defect[defect]["not_computed"] = why
+
+    threshold, f1 = (None, None)
+    if labels.any() and has_masks.all():
+        threshold, f1 = metrics.f1_optimal_threshold(maps, masks)
+    result.update({"images": len(samples), "good": int(good.sum()), "anomalous": int(labels.sum()),
+                   "per_defect": per_defect,
+                   "picture_threshold": {"value": threshold, "pixel_f1": f1,
+                                         "chosen_on": "the test set, FOR THE PICTURES ONLY (no metric uses it)"}})
+    if missing:
+        result["not_computed"] = missing
+        for name, why in missing.items():
+            print(f"{category}: {name} not computed: {why}")
+
+    rows_csv = [(category, s.image, s.defect, s.label, float(sc)) for s, sc in zip(samples, scores)]
+    if args.panels:
+        write_panels(samples, maps, masks, scores, threshold, size, os.path.join(out, "panels", category),
+                     args.panels)
+    return result, rows_csv
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------
+
+def heat_panel(image, anomaly_map, threshold):
+    panel = viz.overlay(image, anomaly_map)  # the map is a probability: no rescaling
+    if threshold is not None:
+        panel = viz.draw_contour(panel, anomaly_map >= threshold, color=(255, 0, 0), thickness=2)
+    return panel
+
+
+def write_panels(samples, maps, masks, scores, threshold, size, folder, limit):
+    # a limited number of panels: take the defect types (and good) in turn
+    by_defect = {}
+    for i, s in enumerate(samples):
+        by_defect.setdefault(s.defect, []).append(i)
+    interleaved = []
+    for rank in range(max(len(group) for group in by_defect.values())):
+        interleaved += [group[rank] for group in by_defect.values() if rank < len(group)]
+    chosen = interleaved if limit < 0 else interleaved[:limit]
+    note = (f"contour: map >= {threshold:.3f}, F1-optimal on the test set, for pictures only"
+            if threshold is not None else "no contour: no threshold without masks")
+    for i in chosen:
+        s = samples[i]
+        image = data.load_image(s.image, size)
+        row = viz.hstack([viz.labelled(image, "image"), viz.labelled(viz.mask_to_uint8(masks[i]), "ground truth"),
+                          viz.labelled(heat_panel(image, maps[i], threshold), f"score {scores[i]:.3f}")])
+        row = viz.labelled(row, f"{s.defect} {os.path.basename(s.image)} | {note}")
+        name = f"{s.defect}_{os.path.splitext(os.path.basename(s.image))[0]}.png"
+        atomic_save_image(viz.to_pil(row), os.path.join(folder, name))
+
+
+def write_csv(path, header, rows):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+# ----------------------------------------------------------------------------------------
+# Unlabeled images
+# ----------------------------------------------------------------------------------------
+
+class FolderImages(torch.utils.data.Dataset):
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return {"image": data.to_tensor(data.load_image(self.paths[i], self.size)), "path": self.paths[i]}
+
+
+def predict(model, backbone, args, device, out):
+    folder = cli.require_dir(args.predict, "--predict")
+    paths = data.list_images(folder)
+    if not paths:
+        raise cli.UserError(f"--predict: folder {folder!r} has no images ({', '.join(data.IMAGE_EXTENSIONS)})")
+    size = model.config["input_size"]
+    maps, _ = anomaly_maps(model, backbone, FolderImages(paths, size), device, args.batch, args.workers, "predict")
+    scores = score_images(maps, args)
+    write_csv(os.path.join(out, "predictions.csv"), ["path", "score"], [(p, float(s)) for p, s in zip(paths, scores)])
+    note = f"contour: map >= {args.threshold} (--threshold)" if args.threshold is not None else "no threshold given"
+    for path, anomaly_map, score in zip(paths, maps, scores):
+        image = data.load_image(path, size)
+        row = viz.hstack([viz.labelled(image, "image"),
+                          viz.labelled(heat_panel(image, anomaly_map, args.threshold), f"score {score:.3f}")])
+        name = os.path.splitext(os.path.basename(path))[0] + ".png"
+        atomic_save_image(viz.to_pil(viz.labelled(row, f"{os.path.basename(path)} | {note}")),
+                          os.path.join(out, "predict", name))
+    print(f"scored {len(paths)} images: {os.path.join(out, 'predictions.csv')}, pictures in "
+          f"{os.path.join(out, 'predict')}")
+    return paths, maps
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.batch < 1 or args.throughput_repeats < 1:
+        raise cli.UserError("--batch and --throughput-repeats must be at least 1")
+    if not 0 < args.fpr_limit <= 1:
+        raise cli.UserError(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    model, backbone, ckpt = load_model(args.checkpoint, args.backbone_weights, device)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    os.makedirs(out, exist_ok=True)
+    cli.save_args(args, out)
+    print(describe(model.config))
+
+    if args.predict:
+        paths, _ = predict(model, backbone, args, device, out)
+        sample = torch.stack([data.to_tensor(data.load_image(p, model.config["input_size"]))
+                              for p in paths[:args.batch]]).to(device)
+        speed = throughput(model, backbone, sample, device, args.throughput_repeats)
+        atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
+        return
+
+    root = args.data or ckpt["dataset"]["root"]
+    dataset = data.open_dataset(root, args.format if args.data else ckpt["dataset"].get("format", "auto"))
+    categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
+    results, rows = {}, []
+    for category in categories:
+        results[category], category_rows = evaluate_category(model, backbone, dataset, category, args, device, out)
+        rows += category_rows
+
+    first = data.TestSet(dataset.test(categories[0])[:args.batch], model.config["input_size"])
+    images = torch.stack([first[i]["image"] for i in range(len(first))]).to(device)
+    speed = throughput(model, backbone, images, device, args.throughput_repeats)
+
+    summary = {}
+    for name in ("image_auroc", "pixel_auroc", "au_pro"):
+        values = [r[name] for r in results.values()]
+        summary[name] = float(np.mean(values)) if values and all(v is not None for v in values) else None
+    report = {
+        "checkpoint": {"path": os.path.abspath(args.checkpoint), "digest": file_digest(args.checkpoint),
+                       "step": ckpt.get("step"), "selected_on": ckpt.get("selected_on"),
+                       "unified": ckpt.get("unified", False)},
+        "data": dataset.describe(), "categories": results, "mean": summary, "throughput": speed,
+        "protocol": {"image_score": f"max of the {args.pool}x{args.pool} average-pooled map (stride 1, no padding)"
+                     if args.image_score == "avgpool" else "max of the map",
+                     "resolution": f"{model.config['input_size']}x{model.config['input_size']} (the input size; "
+                                   "masks resized with nearest)",
+                     "au_pro": f"MVTec AD definition, exact, FPR limit {args.fpr_limit}",
+                     "auroc_flipped": False,
+                     "image_labels": "from the test folders (good vs a defect type)",
+                     "per_defect": "each defect type's images together with all good images"},
+        "args": cli.args_to_dict(args)}
+    atomic_write_json(os.path.join(out, "metrics.json"), report)
+    write_csv(os.path.join(out, "scores.csv"), ["category", "path", "defect", "label", "score"], rows)
+
+    fmt = lambda v: "  n/a " if v is None else f"{100 * v:6.2f}"
+    print(f"{'category':<16} {'image':>6} {'pixel':>6} {'AU-PRO':>6}")
+    for category, r in results.items():
+        print(f"{category:<16} {fmt(r['image_auroc'])} {fmt(r['pixel_auroc'])} {fmt(r['au_pro'])}")
+    if len(results) > 1:
+        print(f"{'mean':<16} {fmt(summary['image_auroc'])} {fmt(summary['pixel_auroc'])} {fmt(summary['au_pro'])}")
+    print(f"throughput {speed['images_per_s']} images/s (batch {speed['batch']}, {speed['device']}); "
+          f"wrote {os.path.join(out, 'metrics.json')}, scores.csv, panels/")
+
+
+if __name__ == "__main__":
+    cli.run(main)

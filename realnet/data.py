@@ -1,0 +1,399 @@
+"""Reading anomaly-detection data sets: which images are normal, which are defective, where
+their masks are (SPEC §2).
+
+Supported layouts (`open_dataset(root, format="auto")` recognises them from the folder):
+
+  mvtec, mpdd  MVTec AD and MPDD (and the embedded demo data set, see demo_data.py):
+                   <root>/<category>/train/good/*.png
+                   <root>/<category>/test/good/*.png
+                   <root>/<category>/test/<defect>/NNN.png
+                   <root>/<category>/ground_truth/<defect>/NNN_mask.png
+  btad         BTAD: the same tree with "ok" for good and "ko" for defective,
+                   <root>/<01|02|03>/train/ok/NNNN.bmp, test/ok, test/ko,
+                   ground_truth/ko/NNNN.png (.bmp for class 03; the mask has the image's name)
+  visa         VisA as the RealNet authors re-formatted it (the same tree as BTAD):
+                   <root>/<category>/train/ok/NNNN.JPG, test/ok, test/ko, ground_truth/ko/NNN.png
+  visa_csv     VisA as downloaded (VisA_20220922), read through its official 1-class split:
+                   <root>/split_csv/1cls.csv with the columns object,split,label,image,mask;
+                   paths relative to <root>, e.g. candle/Data/Images/Anomaly/000.JPG and
+                   candle/Data/Masks/Anomaly/000.png; label "normal" or "anomaly"
+  folder       one category of your own, the MVTec tree without the category level:
+                   <root>/train/good/*        normal training images  ("ok" and "normal" also accepted)
+                   <root>/test/good/*         normal test images      (same names accepted)
+                   <root>/test/<defect>/*     defective test images, one folder per defect type
+                   <root>/masks/<defect>/<name>.png or <name>_mask.png
+                                              one mask per defective image ("ground_truth/" also
+                                              accepted, so an MVTec category folder reads as is)
+               The category is the name of <root>.
+
+In every layout a mask is found by the image's name: `<name>_mask.<ext>` or `<name>.<ext>`
+with any image extension. Every defective test image needs a mask, every mask needs its
+image, and a mask must have the size of its image; anything else is a `UserError` naming
+the file. Images of any mode are read as RGB (grayscale replicated); a mask pixel > 0 is
+anomalous.
+
+Category order: for the known data sets the authors' class-id order (facts §1.2), which the
+class-conditional diffusion model uses; otherwise sorted. A category's class id is its
+position in `DatasetIndex.categories`.
+"""
+import csv
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .cli import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+FORMATS = ("mvtec", "mpdd", "btad", "visa", "visa_csv", "folder")
+
+# The authors' class-id order (utils/categories.py).
+KNOWN_CATEGORIES = {
+    "mvtec": ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+              "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper"],
+    "visa": ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+             "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"],
+    "mpdd": ["bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"],
+    "btad": ["01", "02", "03"],
+}
+NORMAL_FOLDERS = ("good", "ok", "normal")   # MVTec/MPDD say "good", BTAD/VisA "ok"
+MASK_FOLDERS = ("ground_truth", "masks")
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: str            # path
+    mask: str | None      # ground-truth mask; None for good images (and all training images)
+    label: int            # 0 good, 1 anomalous
+    defect: str           # "good" or the defect type (folder name; "ko" for BTAD/VisA re-format)
+    category: str
+
+
+# ----------------------------------------------------------------------------------------
+# Reading pixels
+# ----------------------------------------------------------------------------------------
+
+def _open(path, what):
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise UserError(f"{what} {path!r} does not exist")
+    except Exception as e:  # not an image, truncated, unsupported
+        raise UserError(f"{what} {path!r} is not a readable image ({type(e).__name__}: {e})".splitlines()[0])
+
+
+def load_image(path, size=None):
+    """(size, size, 3) uint8 RGB; PIL bilinear resize (antialiased when shrinking, as the
+    authors' torchvision Resize); gray -> RGB. size=None keeps the original size."""
+    image = _open(path, "image").convert("RGB")
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def load_mask(path, size=None):
+    """(size, size) float32 in {0, 1}: any pixel > 0 is anomalous (VisA stores small class
+    values, MVTec 255); nearest resize so the mask stays binary."""
+    mask = _open(path, "mask")
+    values = np.asarray(mask)
+    if values.ndim == 3:      # an RGB(A) mask: anomalous where any colour channel is set
+        values = values[..., :3].max(axis=-1)
+    binary = Image.fromarray(((values > 0) * 255).astype(np.uint8))
+    if size is not None and binary.size != (size, size):
+        binary = binary.resize((size, size), Image.NEAREST)
+    return (np.asarray(binary) > 0).astype(np.float32)
+
+
+def to_tensor(image_uint8):
+    """(H, W, 3) uint8 -> (3, H, W) float32, ImageNet-normalised (the backbone's input).
+    In numpy: small per-image work is much cheaper there than in torch's threaded kernels."""
+    x = (np.asarray(image_uint8, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def image_size_of(path, what="image"):
+    """(width, height) from the file header only; UserError if it is not an image."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise UserError(f"{what} {path!r} does not exist")
+    except Exception as e:
+        raise UserError(f"{what} {path!r} is not a readable image ({type(e).__name__}: {e})".splitlines()[0])
+
+
+class TestSet(torch.utils.data.Dataset):
+    """Test images for evaluation: image, mask (zeros for good images), label, defect, path."""
+
+    def __init__(self, samples, size=256):
+        self.samples, self.size = list(samples), size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        mask = load_mask(s.mask, self.size) if s.mask else np.zeros((self.size, self.size), np.float32)
+        return dict(image=to_tensor(load_image(s.image, self.size)),
+                    mask=torch.from_numpy(mask)[None],
+                    label=s.label, defect=s.defect, path=s.image, index=i)
+
+
+# ----------------------------------------------------------------------------------------
+# Listing folders
+# ----------------------------------------------------------------------------------------
+
+def is_image_file(name):
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder):
+    """Image files directly in `folder`, sorted by path (other files are ignored)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if is_image_file(n) and os.path.isfile(os.path.join(folder, n)))
+
+
+def _subfolders(folder):
+    return sorted(n for n in os.listdir(folder)
+                  if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _first_existing(folder, names):
+    for n in names:
+        if os.path.isdir(os.path.join(folder, n)):
+            return os.path.join(folder, n)
+    return None
+
+
+def _check_mask_size(image, mask):
+    if image_size_of(image) != image_size_of(mask, "mask"):
+        w, h = image_size_of(image)
+        mw, mh = image_size_of(mask, "mask")
+        raise UserError(f"mask {mask!r} is {mw}x{mh} but its image {image!r} is {w}x{h}")
+
+
+def _read_tree(category_dir, category, mask_folders=MASK_FOLDERS):
+    """The MVTec-like tree of one category -> (train samples, test samples)."""
+    train_root = os.path.join(category_dir, "train")
+    normal = _first_existing(train_root, NORMAL_FOLDERS)
+    if normal is None:
+        raise UserError(f"{train_root!r}: expected a folder of normal training images "
+                        f"named {' or '.join(NORMAL_FOLDERS)}")
+    train = [Sample(p, None, 0, "good", category) for p in list_images(normal)]
+    if not train:
+        raise UserError(f"{normal!r}: no training images (expected {', '.join(IMAGE_EXTENSIONS)} files)")
+    for s in train:
+        image_size_of(s.image)
+
+    test_root = os.path.join(category_dir, "test")
+    if not os.path.isdir(test_root):
+        raise UserError(f"{category_dir!r}: no test folder (expected test/good and test/<defect>)")
+    mask_root = _first_existing(category_dir, mask_folders)
+    test, used_masks = [], set()
+    for defect in _subfolders(test_root):
+        images = list_images(os.path.join(test_root, defect))
+        if defect in NORMAL_FOLDERS:
+            test += [Sample(p, None, 0, "good", category) for p in images]
+            for p in images:
+                image_size_of(p)
+            continue
+        masks = {}
+        if mask_root and os.path.isdir(os.path.join(mask_root, defect)):
+            for m in list_images(os.path.join(mask_root, defect)):
+                masks.setdefault(_stem(m), m)
+        for p in images:
+            mask = masks.get(_stem(p) + "_mask") or masks.get(_stem(p))
+            if mask is None:
+                where = os.path.join(mask_root or os.path.join(category_dir, mask_folders[0]), defect)
+                raise UserError(f"defective test image {p!r} has no mask "
+                                f"(expected {os.path.join(where, _stem(p) + '_mask.png')} or {_stem(p)}.png)")
+            _check_mask_size(p, mask)
+            used_masks.add(mask)
+            test.append(Sample(p, mask, 1, defect, category))
+    if mask_root:  # a mask nobody uses is a mask whose image is missing
+        for defect in _subfolders(mask_root):
+            if defect in NORMAL_FOLDERS:
+                continue
+            for m in list_images(os.path.join(mask_root, defect)):
+                if m not in used_masks:
+                    stem = _stem(m)[:-5] if _stem(m).endswith("_mask") else _stem(m)
+                    raise UserError(f"mask {m!r} has no test image (expected "
+                                    f"{os.path.join(test_root, defect, stem)}.<png|jpg|bmp>)")
+    if not test:
+        raise UserError(f"{test_root!r}: no test images")
+    return train, test
+
+
+def _read_visa_csv(root, csv_path):
+    """The official VisA split: rows object,split,label,image,mask -> {category: (train, test)}."""
+    per_category = {}
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{csv_path!r} is not a readable CSV file ({type(e).__name__})")
+    needed = {"object", "split", "label", "image", "mask"}
+    if not rows or not needed <= set(rows[0]):
+        raise UserError(f"{csv_path!r}: expected the columns {','.join(sorted(needed))} (VisA's split_csv/1cls.csv)")
+    for line, row in enumerate(rows, start=2):
+        category, split, label = row["object"].strip(), row["split"].strip(), row["label"].strip()
+        image = os.path.join(root, row["image"].strip())
+        mask = row["mask"].strip()
+        train, test = per_category.setdefault(category, ([], []))
+        if split == "train":
+            train.append(Sample(image, None, 0, "good", category))
+        elif split == "test" and label == "normal":
+            test.append(Sample(image, None, 0, "good", category))
+        elif split == "test" and label == "anomaly":
+            if not mask:
+                raise UserError(f"{csv_path!r} line {line}: anomalous test image {row['image']!r} has no mask")
+            test.append(Sample(image, os.path.join(root, mask), 1, "anomaly", category))
+        else:
+            raise UserError(f"{csv_path!r} line {line}: unknown split/label {split!r}/{label!r} "
+                            "(expected train|test and normal|anomaly)")
+    return per_category
+
+
+# ----------------------------------------------------------------------------------------
+# The index
+# ----------------------------------------------------------------------------------------
+
+class DatasetIndex:
+    """What `open_dataset` returns: the categories and, per category, the samples."""
+
+    def __init__(self, format, root, categories, category_dirs=None, csv_samples=None):
+        self.format, self.root, self.categories = format, root, categories
+        self._category_dirs = category_dirs or {}
+        self._csv_samples = csv_samples
+        self._cache = {}
+
+    def __repr__(self):
+        return f"DatasetIndex(format={self.format!r}, root={self.root!r}, categories={self.categories})"
+
+    def class_id(self, category):
+        return self.categories.index(self._check(category))
+
+    def _check(self, category):
+        if category not in self.categories:
+            raise UserError(f"category {category!r} is not in {self.root!r} "
+                            f"({self.format} layout; it has: {', '.join(self.categories)})")
+        return category
+
+    def _samples(self, category):
+        self._check(category)
+        if category not in self._cache:
+            if self._csv_samples is not None:
+                train, test = self._csv_samples[category]
+                if not train:
+                    raise UserError(f"{self.root!r}: no training images of {category!r} in split_csv/1cls.csv")
+                for s in train + test:
+                    image_size_of(s.image)
+                    if s.mask:
+                        _check_mask_size(s.image, s.mask)
+                train, test = sorted(train, key=lambda s: s.image), sorted(test, key=lambda s: s.image)
+            else:
+                train, test = _read_tree(self._category_dirs[category], category)
+                test = sorted(test, key=lambda s: s.image)
+            self._cache[category] = (train, test)
+        return self._cache[category]
+
+    def train(self, category):
+        """Normal training images, sorted by path."""
+        return list(self._samples(category)[0])
+
+    def test(self, category):
+        """Test images (good and defective, with masks), sorted by path."""
+        return list(self._samples(category)[1])
+
+    def describe(self):
+        """JSON-friendly identity (stored in the files the stages write)."""
+        return {"root": os.path.abspath(self.root), "format": self.format, "categories": self.categories}
+
+
+def _order(names, format):
+    """Known data sets: the authors' class-id order; anything else: sorted."""
+    known = KNOWN_CATEGORIES.get("visa" if format == "visa_csv" else format, [])
+    if names and all(n in known for n in names):
+        return [n for n in known if n in names]
+    return sorted(names)
+
+
+def _tree_categories(root):
+    """Sub-folders of root that look like an MVTec-like category (have train/ and test/)."""
+    return [n for n in _subfolders(root)
+            if os.path.isdir(os.path.join(root, n, "train")) and os.path.isdir(os.path.join(root, n, "test"))]
+
+
+def _tree_format(root, names):
+    """mvtec/mpdd/btad/visa for a tree of categories: the normal folder tells ok/ko layouts
+    apart, the category names tell which data set (unknown names: mvtec or visa)."""
+    uses_ok = any(os.path.isdir(os.path.join(root, n, "train", "ok")) for n in names)
+    if uses_ok:
+        return "btad" if any(n in KNOWN_CATEGORIES["btad"] for n in names) else "visa"
+    if names and all(n in KNOWN_CATEGORIES["mpdd"] for n in names):
+        return "mpdd"
+    return "mvtec"
+
+
+def detect_format(root):
+    if os.path.isfile(os.path.join(root, "split_csv", "1cls.csv")):
+        return "visa_csv"
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+        return "folder"
+    names = _tree_categories(root)
+    if names:
+        return _tree_format(root, names)
+    raise UserError(
+        f"{root!r}: unknown layout; expected <category>/train/good + <category>/test (MVTec, MPDD, "
+        "BTAD, VisA), split_csv/1cls.csv (VisA download) or train/good + test/<defect> + masks/ (folder)")
+
+
+def open_dataset(root, format="auto", categories=None):
+    """Index a data set folder. format: "auto" or one of FORMATS; categories: restrict to
+    these (a list or a comma-separated string). UserError on any problem."""
+    if not os.path.isdir(root):
+        raise UserError(f"data set: folder {root!r} does not exist")
+    if format not in ("auto",) + FORMATS:
+        raise UserError(f"unknown data set format {format!r} (expected auto, {', '.join(FORMATS)})")
+    fmt = detect_format(root) if format == "auto" else format
+    category_dirs, csv_samples = {}, None
+    if fmt == "visa_csv":
+        csv_path = os.path.join(root, "split_csv", "1cls.csv")
+        if not os.path.isfile(csv_path):
+            raise UserError(f"{root!r}: no split_csv/1cls.csv (the visa_csv layout is VisA as downloaded)")
+        csv_samples = _read_visa_csv(root, csv_path)
+        names = list(csv_samples)
+    elif fmt == "folder":
+        for sub in ("train", "test"):
+            if not os.path.isdir(os.path.join(root, sub)):
+                raise UserError(f"{root!r}: no {sub}/ folder (the folder layout is train/good, test/good, "
+                                "test/<defect>, masks/<defect>)")
+        name = os.path.basename(os.path.abspath(root))
+        category_dirs[name] = root
+        names = [name]
+    else:
+        names = _tree_categories(root)
+        if not names:
+            raise UserError(f"{root!r}: no <category>/train and <category>/test folders ({fmt} layout)")
+        category_dirs = {n: os.path.join(root, n) for n in names}
+    ordered = _order(names, fmt)
+    if categories is not None:
+        wanted = [c for c in (categories.split(",") if isinstance(categories, str) else categories) if c]
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise UserError(f"category {missing[0]!r} is not in {root!r} ({fmt} layout; it has: {', '.join(ordered)})")
+        ordered = [c for c in ordered if c in wanted]
+    return DatasetIndex(fmt, root, ordered, category_dirs, csv_samples)

@@ -1,0 +1,369 @@
+"""The RealNet model (paper §3.3-3.4, SPEC §5): what sits on top of the frozen backbone.
+
+    features (frozen WideResNet50 layers)
+      -> AFS: keep the anomaly-aware channels chosen by select_features.py (index_select)
+      -> one reconstruction UNet per level: G_k(phi_k) tries to give back normal features
+      -> RRS: residuals (phi_k - G_k(phi_k))^2, upsampled, ranked; keep k_max + k_mean channels
+      -> discriminator: a small conv net -> 2-class logits at image size; anomaly map = class 1
+
+    loss = CE(logits, mask) + sum_k MSE(G_k(phi_k(A)), phi_k(I))     A anomalous, I clean
+
+The architecture follows the authors' code (official_implementation_facts.md §4-5): their
+"ResBlock" has a single conv, down-sampling is average pooling, up-sampling two separate
+transposed convs, attention sits on levels 1 and 2 and in the middle, and the output conv
+is zero-initialised so that every reconstruction starts at exactly 0.
+
+`config` (a plain dict, stored in every checkpoint) says everything needed to rebuild the
+model; `build_config` makes it from an AFS file and the training arguments.
+"""
+import torch
+import torch.distributed.nn.functional as dist_fn
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+ARCHITECTURES = {
+    "A": "one level per backbone layer (the paper's default)",
+    "C": "neighbouring layers paired: the coarser one upsampled and concatenated to the finer",
+}
+
+
+def level_layers(arch, layers):
+    """Which backbone layers feed each reconstruction level. A: [[1], [2], [3], [4]];
+    C: [[1, 2], [3, 4]] (facts §3.2: block1 = layer1 + up(layer2), block2 = layer3 + up(layer4))."""
+    if arch == "A":
+        return [[layer] for layer in layers]
+    if arch == "C":
+        if len(layers) % 2:
+            raise ValueError(f"architecture C pairs neighbouring layers; got an odd number of layers {layers}")
+        return [[layers[i], layers[i + 1]] for i in range(0, len(layers), 2)]
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+
+
+def build_config(afs, arch="A", width_ratio=0.5, retention=1 / 3, k_max=None, k_mean=None,
+                 input_size=None, strides=(4, 8, 16, 32)):
+    """The model configuration from an AFS file (a dict as written by select_features.py).
+
+    Channels after AFS: M = sum of the AFS dims. RRS keeps k_max = k_mean = M * retention / 2
+    by default (the paper: M = 1536, 256 + 256 kept, retention 1/3).
+    """
+    layers = [int(layer) for layer in afs["layers"]]
+    dims = [int(d) for d in afs["dims"]]
+    total = sum(dims)
+    half = max(1, int(round(total * retention / 2)))
+    config = {
+        "arch": arch,
+        "layers": layers,
+        "layer_strides": [int(strides[layer - 1]) for layer in layers],
+        "backbone_channels": [int(len(s)) for s in afs["scores"]],
+        "afs_dims": dims,
+        "afs_indices": [[int(i) for i in idx] for idx in afs["indices"]],
+        "levels": level_layers(arch, layers),
+        "width_ratio": float(width_ratio),
+        "channel_mult": [1, 2, 4],
+        "num_res_blocks": 2,
+        "attention_levels": [1, 2],
+        "head_channels": 64,
+        "k_max": int(k_max if k_max is not None else half),
+        "k_mean": int(k_mean if k_mean is not None else half),
+        "rrs_momentum": 0.9,
+        "rrs_eps": 1e-5,
+        "residual_layers": 2,
+        "input_size": int(input_size if input_size is not None else afs["input_size"]),
+        "backbone": afs.get("backbone"),
+    }
+    if config["k_max"] + config["k_mean"] < 1 or max(config["k_max"], config["k_mean"]) > total:
+        raise ValueError(f"k_max={config['k_max']}, k_mean={config['k_mean']}: each must be in [0, {total}], "
+                         "and at least one positive")
+    return config
+
+
+def level_channels(config):
+    dims = dict(zip(config["layers"], config["afs_dims"]))
+    return [sum(dims[layer] for layer in group) for group in config["levels"]]
+
+
+# ----------------------------------------------------------------------------------------
+# Building blocks of the reconstruction UNet (facts §4)
+# ----------------------------------------------------------------------------------------
+
+def group_count(channels, most=32):
+    """GroupNorm(32) as the authors use; for small (demo) widths the largest divisor <= 32."""
+    return max(g for g in range(1, min(most, channels) + 1) if channels % g == 0)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 (as guided-diffusion does, for mixed precision)."""
+
+    def __init__(self, channels):
+        super().__init__(group_count(channels), channels)
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def zero_module(module):
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """h = conv3x3(SiLU(GN(x))) [resampled before the conv]; out = skip(x) + h.
+    The authors' reconstruction ResBlock has a single conv (no second norm/conv, no dropout)."""
+
+    def __init__(self, channels, out_channels=None, down=False, up=False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.norm = GroupNorm32(channels)
+        self.down, self.up = down, up
+        if down:  # average pooling on both paths
+            self.h_resample = self.x_resample = nn.AvgPool2d(2)
+        elif up:  # two separate transposed convs, one per path
+            self.h_resample = nn.ConvTranspose2d(channels, channels, 4, 2, 1)
+            self.x_resample = nn.ConvTranspose2d(channels, channels, 4, 2, 1)
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x):
+        h = F.silu(self.norm(x))
+        if self.down or self.up:
+            h, x = self.h_resample(h), self.x_resample(x)
+        return self.skip(x) + self.conv(h)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over positions, 64 channels per head, residual; proj_out starts at 0
+    so the block starts as the identity. q, k, v are laid out per head as in
+    guided-diffusion's QKVAttentionLegacy; softmax(q k^T / sqrt(c)) v is exactly what it
+    computes (it scales q and k by c^-1/4 each)."""
+
+    def __init__(self, channels, head_channels=64):
+        super().__init__()
+        heads = max(1, channels // head_channels)
+        while channels % heads:
+            heads -= 1
+        self.heads = heads
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x).reshape(b, c, h * w))
+        q, k, v = qkv.reshape(b * self.heads, 3 * c // self.heads, h * w).chunk(3, dim=1)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        a = a.transpose(1, 2).reshape(b, c, h * w)
+        return x + self.proj_out(a).reshape(b, c, h, w)
+
+
+class ReconstructionUNet(nn.Module):
+    """G_k: features (B, C, h, w) -> reconstructed features of the same shape.
+
+    Width = ratio x C at level 0, x channel_mult per level (1, 2, 4); num_res_blocks
+    ResBlocks per level; attention on levels 1 and 2 and in the middle; the decoder takes
+    one skip connection per encoder block (num_res_blocks + 1 per level)."""
+
+    def __init__(self, channels, width_ratio=0.5, channel_mult=(1, 2, 4), num_res_blocks=2,
+                 attention_levels=(1, 2), head_channels=64):
+        super().__init__()
+        base = max(1, int(width_ratio * channels))
+        self.downsamplings = len(channel_mult) - 1
+        self.encoder = nn.ModuleList([nn.Conv2d(channels, base, 3, padding=1)])
+        skip_channels, ch = [base], base
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                blocks = [ResBlock(ch, base * mult)]
+                ch = base * mult
+                if level in attention_levels:
+                    blocks.append(AttentionBlock(ch, head_channels))
+                self.encoder.append(nn.Sequential(*blocks))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.encoder.append(ResBlock(ch, down=True))
+                skip_channels.append(ch)
+        self.middle = nn.Sequential(ResBlock(ch), AttentionBlock(ch, head_channels), ResBlock(ch))
+        self.decoder = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                blocks = [ResBlock(ch + skip_channels.pop(), base * mult)]
+                ch = base * mult
+                if level in attention_levels:
+                    blocks.append(AttentionBlock(ch, head_channels))
+                if level and i == num_res_blocks:
+                    blocks.append(ResBlock(ch, up=True))
+                self.decoder.append(nn.Sequential(*blocks))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, channels, 3, padding=1)))
+
+    def forward(self, x):
+        if x.shape[-1] % 2 ** self.downsamplings or x.shape[-2] % 2 ** self.downsamplings:
+            raise ValueError(f"a reconstruction level of size {tuple(x.shape[-2:])} cannot be halved "
+                             f"{self.downsamplings} times; use a larger input size")
+        skips, h = [], x
+        for block in self.encoder:
+            h = block(h)
+            skips.append(h)
+        h = self.middle(h)
+        for block in self.decoder:
+            h = block(torch.cat([h, skips.pop()], dim=1))
+        return self.out(h)
+
+
+# ----------------------------------------------------------------------------------------
+# RRS and the discriminator (facts §5)
+# ----------------------------------------------------------------------------------------
+
+class ResidualSelection(nn.Module):
+    """RRS: keep, per image, the k_max residual channels with the largest spatial max and
+    the k_mean with the largest spatial mean of the BatchNorm-normalised residual (the
+    normalisation only ranks; the kept values are the raw residuals). See realnet.ops."""
+
+    def __init__(self, channels, k_max, k_mean, momentum=0.9, eps=1e-5):
+        super().__init__()
+        self.k_max, self.k_mean, self.momentum, self.eps = k_max, k_mean, momentum, eps
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, features, reconstructions, process_group=None):
+        return ops.rrs_select(features, reconstructions, self.k_max, self.k_mean,
+                              self.running_mean, self.running_var, self.training,
+                              self.momentum, self.eps, process_group=process_group)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training under DDP (`process_group` set), normalises with the
+    statistics of the global batch, so that W processes with B/W images each train the
+    same model as one process with B (nn.SyncBatchNorm does the same but runs on CUDA only).
+    The sums go through torch.distributed.nn's differentiable all_reduce: the gradient
+    reaches every rank's inputs as it would in one process."""
+
+    process_group = None
+
+    def forward(self, x):
+        if not self.training or self.process_group is None:
+            return super().forward(x)
+        shape = (1, -1, 1, 1)
+        local_count = x.new_tensor([x.numel() // x.shape[1]], dtype=torch.float32)
+        sums = dist_fn.all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), local_count]), group=self.process_group)
+        count = sums[-1]
+        mean = sums[:-1] / count
+        var = dist_fn.all_reduce(((x - mean.view(shape)) ** 2).sum(dim=(0, 2, 3)), group=self.process_group) / count
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+class Residual(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                   nn.ReLU(), nn.Conv2d(channels, channels, 1, bias=False))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class Discriminator(nn.Module):
+    """Selected residuals (B, k, H/4, W/4) -> 2-class logits at image size."""
+
+    def __init__(self, channels, residual_layers=2):
+        super().__init__()
+        self.residuals = nn.Sequential(*[Residual(channels) for _ in range(residual_layers)], nn.ReLU())
+        self.decoder1 = nn.Sequential(nn.Conv2d(channels, 128, 3, padding=1), GlobalBatchNorm2d(128), nn.ReLU())
+        self.decoder2 = nn.Sequential(nn.Conv2d(128, 32, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(32, 8, 3, padding=1), nn.ReLU())
+        self.decoder3 = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+
+    def forward(self, selected, image_size):
+        h = self.decoder2(self.decoder1(self.residuals(selected)))
+        h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=True)
+        logits = self.decoder3(h)
+        return F.interpolate(logits, size=image_size, mode="bilinear", align_corners=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The whole model
+# ----------------------------------------------------------------------------------------
+
+class RealNet(nn.Module):
+    """Everything trained on top of the frozen backbone (which is kept outside: its
+    weights are reloaded, never stored in RealNet checkpoints)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        for layer, indices in zip(config["layers"], config["afs_indices"]):
+            # part of the config, not of the state_dict
+            self.register_buffer(f"afs_indices_{layer}", torch.tensor(indices, dtype=torch.long), persistent=False)
+        channels = level_channels(config)
+        self.reconstruction = nn.ModuleList(
+            ReconstructionUNet(c, config["width_ratio"], tuple(config["channel_mult"]), config["num_res_blocks"],
+                               tuple(config["attention_levels"]), config["head_channels"])
+            for c in channels)
+        self.rrs = ResidualSelection(sum(channels), config["k_max"], config["k_mean"],
+                                     config["rrs_momentum"], config["rrs_eps"])
+        self.discriminator = Discriminator(config["k_max"] + config["k_mean"], config["residual_layers"])
+        self.process_group = None
+
+    def set_process_group(self, group):
+        """Under DDP: RRS ranks and the discriminator's BatchNorm normalises with the
+        statistics of the global batch."""
+        self.process_group = group
+        for module in self.modules():
+            if isinstance(module, GlobalBatchNorm2d):
+                module.process_group = group
+
+    @torch.no_grad()
+    def select_features(self, backbone_features):
+        """AFS: backbone layers (a list in config order) -> one tensor per level. Layers
+        of a level (architecture C) are upsampled to its finest layer and concatenated."""
+        by_layer = {}
+        for layer, f in zip(self.config["layers"], backbone_features):
+            by_layer[layer] = f.index_select(1, getattr(self, f"afs_indices_{layer}"))
+        levels = []
+        for group in self.config["levels"]:
+            size = by_layer[group[0]].shape[-2:]
+            parts = [by_layer[layer] if by_layer[layer].shape[-2:] == size else
+                     F.interpolate(by_layer[layer], size=size, mode="bilinear", align_corners=True)
+                     for layer in group]
+            levels.append(torch.cat(parts, dim=1))
+        return levels
+
+    def forward(self, features, image_size):
+        """features: the AFS-selected features of the (possibly anomalous) images, one
+        tensor per level. Returns reconstructions, selected residuals, logits, anomaly map."""
+        reconstructions = [g(f) for g, f in zip(self.reconstruction, features)]
+        selected, indices = self.rrs(features, reconstructions, self.process_group)
+        logits = self.discriminator(selected, image_size)
+        return {"reconstructions": reconstructions, "selected": selected, "rrs_indices": indices,
+                "logits": logits, "anomaly_map": torch.softmax(logits.float(), dim=1)[:, 1]}
+
+
+def realnet_loss(output, clean_features, mask):
+    """SPEC §5: CE(logits, mask) + sum over levels of MSE(G_k(phi_k(A)), phi_k(I)).
+    The segmentation loss reaches the reconstruction nets through the selected residuals."""
+    segmentation = F.cross_entropy(output["logits"].float(), mask[:, 0].long())
+    reconstruction = sum(F.mse_loss(r.float(), c.float()) for r, c in zip(output["reconstructions"], clean_features))
+    return segmentation + reconstruction, {"segmentation": segmentation.detach(), "reconstruction": reconstruction.detach()}
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(config):
+    """One line: what this model is."""
+    widths = [max(1, int(config["width_ratio"] * c)) for c in level_channels(config)]
+    return (f"RealNet arch {config['arch']}: levels {config['levels']} with {level_channels(config)} channels "
+            f"(UNet widths {widths}), RRS keeps {config['k_max']}+{config['k_mean']} of "
+            f"{sum(level_channels(config))}, input {config['input_size']}")
+

@@ -1,0 +1,235 @@
+"""Stage 3: anomaly-aware feature selection, AFS (paper §3.2, eq. 4; SPEC §4).
+
+Which backbone channels see anomalies? Make images with synthetic anomalies A and keep
+their clean originals I. For every layer k and channel i of the frozen backbone, the squared
+feature difference d = (phi_k,i(A) - phi_k,i(I))^2, min-max normalised over the batch,
+should look like the anomaly mask M (resized, nearest, to the feature map):
+
+    loss_k,i = mean over the batch and positions of (d_norm - M)^2
+
+summed over 64 batches of 16. A channel with a low loss lights up where the anomaly is and
+stays dark elsewhere: RealNet keeps the dims[k] lowest-loss channels of each layer
+(default 256, 512, 512, 256 of WideResNet50's 256, 512, 1024, 2048: so layers 1 and 2 are
+kept whole, as in the authors' configuration) and reconstructs only those.
+
+    python3 -m realnet.demo_data --out data/demo --dtd-out data/demo_dtd
+    python3 select_features.py --data data/demo --category washer --dtd data/demo_dtd \\
+        --out runs/washer/afs.pt
+    # smoke run without ImageNet weights (about a minute on 2 CPU cores):
+    python3 select_features.py --data data/demo --category washer --dtd data/demo_dtd \\
+        --input-size 128 --batches 16 --backbone-weights random --out runs/smoke/afs.pt
+
+Writes, next to --out: the AFS file (read by train_realnet.py), <name>_scores.png (the
+per-channel losses, kept channels in red), <name>_args.json, and with --dump N the folder
+<name>_examples/ with N of the synthetic anomalies AFS looked at. One backbone pass per
+batch serves all layers (anomalous and clean images concatenated); the authors run the
+whole backbone once per layer, four times the work. An interrupted run continues from
+<name>.partial when started again with the same settings.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from realnet import anomaly, cli, data
+from realnet.backbone import Backbone, load_backbone
+from realnet.files import atomic_save_image, atomic_torch_save, load_checkpoint
+from realnet.progress import Progress
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="AFS: choose the backbone channels that see anomalies (SPEC §4).")
+    p.add_argument("--data", default="data/demo", help="data set root (default data/demo, the embedded demo)")
+    p.add_argument("--format", default="auto", help="auto | mvtec | mpdd | btad | visa | visa_csv | folder")
+    p.add_argument("--category", default=None, help="category to select for (default: the only one)")
+    p.add_argument("--sdas", default=None, help="folder of SDAS images of this category (synthesize.py)")
+    p.add_argument("--dtd", default=None, help="DTD folder (images/<texture>/*); with --sdas: half each")
+    p.add_argument("--foreground", default="category", choices=anomaly.FOREGROUND_MODES,
+                   help="where anomalies may go: the authors' rule per category (default), auto, none")
+    p.add_argument("--input-size", type=int, default=256, help="image side (default 256, the paper's)")
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3, 4], help="backbone layers (default 1 2 3 4)")
+    p.add_argument("--dims", type=int, nargs="+", default=[256, 512, 512, 256],
+                   help="channels kept per layer (default 256 512 512 256, the authors')")
+    p.add_argument("--batches", type=int, default=64, help="batches of synthetic anomalies (default 64, the authors')")
+    p.add_argument("--batch-size", type=int, default=16, help="anomalous images per batch (default 16, the authors')")
+    p.add_argument("--backbone-weights", default="imagenet",
+                   help="imagenet (torchvision, default) | PATH.pth (e.g. timm's racm file) | random (smoke only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic anomalies (default 0)")
+    p.add_argument("--out", default=None, help="AFS file to write (default runs/<category>/afs.pt)")
+    p.add_argument("--dump", type=int, default=0, help="also write N synthetic anomalies as PNGs (default 0)")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2; 0 = in-process)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
+    p.add_argument("--save-every", type=int, default=8, help="batches between resumable partial states (default 8)")
+    return p.parse_args(argv)
+
+
+def check_dims(layers, dims):
+    if len(dims) != len(layers):
+        raise cli.UserError(f"--dims has {len(dims)} values but --layers has {len(layers)}; give one per layer")
+    for layer, dim in zip(layers, dims):
+        if layer not in (1, 2, 3, 4):
+            raise cli.UserError(f"--layers: {layer} is not a WideResNet50 layer (1-4)")
+        channels = Backbone.channels[layer - 1]
+        if not 1 <= dim <= channels:
+            raise cli.UserError(f"--dims: {dim} channels for layer{layer}, which has {channels}")
+
+
+def channel_scores(backbone, loader, device, batches, start_batch=0, sums=None, on_batch=None):
+    """Sum over batches of the per-channel AFS loss of every layer, one backbone pass per
+    batch. Returns (sums: list of float64 (C_k,), timing: seconds spent per part)."""
+    from realnet.ops import afs_channel_loss   # falls back to the reference (one warning) if unbuilt
+    sums = sums or [torch.zeros(c, dtype=torch.float64) for c in backbone.out_channels]
+    timing = {"data": 0.0, "backbone": 0.0, "loss": 0.0}
+    progress = Progress(batches, "afs", unit="img", every=1, start_step=start_batch)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tick = time.perf_counter()
+    for step, batch in enumerate(loader, start=start_batch + 1):
+        anomalous, clean = batch["image"].to(device), batch["clean"].to(device)
+        mask = batch["mask"].to(device)
+        t_data = time.perf_counter()
+        features = backbone(torch.cat([anomalous, clean]))    # one pass: both halves, all layers
+        sync()
+        t_backbone = time.perf_counter()
+        b = anomalous.shape[0]
+        losses = [afs_channel_loss(f[:b], f[b:], mask).double().cpu() for f in features]
+        for total, loss in zip(sums, losses):
+            total += loss
+        t_loss = time.perf_counter()
+        timing["data"] += t_data - tick
+        timing["backbone"] += t_backbone - t_data
+        timing["loss"] += t_loss - t_backbone
+        tick = t_loss
+        progress.update(step, items=b, **{f"layer{l}": float(x.mean()) for l, x in zip(backbone.layers, losses)})
+        if on_batch:
+            on_batch(step, sums)
+    return sums, timing
+
+
+def select_channels(score, dim):
+    """The dim channels with the lowest loss, as ascending indices. A NaN loss (a channel
+    that never varies) becomes the largest finite loss, so it is picked last."""
+    score = score.clone()
+    finite = torch.isfinite(score)
+    score[~finite] = score[finite].max() if finite.any() else 0.0
+    order = torch.sort(score, stable=True).indices       # ties: the lower channel first
+    return torch.sort(order[:dim]).values, score
+
+
+def draw_scores(scores, indices, layers, width=1024, height=150):
+    """One panel per layer: each channel's summed loss (x: channel, y: loss, low = bottom);
+    kept channels red, dropped grey, the cut as a blue line."""
+    panels = []
+    for layer, score, kept in zip(layers, scores, indices):
+        s = score.numpy()
+        low, high = float(s.min()), float(s.max())
+        canvas = Image.new("RGB", (width, height + 20), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        keep = np.zeros(len(s), bool)
+        keep[kept.numpy()] = True
+        cut = float(s[keep].max())
+        draw.text((4, 3), f"layer{layer}: kept {keep.sum()} of {len(s)} channels (loss <= {cut:.4g}); "
+                          f"loss {low:.4g} .. {high:.4g}", fill=(0, 0, 0))
+        y = lambda v: 20 + (height - 4) - int((v - low) / (high - low + 1e-12) * (height - 8))
+        draw.line([(0, y(cut)), (width, y(cut))], fill=(60, 90, 230))
+        for i in np.argsort(keep, kind="stable"):   # red dots on top
+            x = int(i * (width - 2) / max(1, len(s) - 1))
+            draw.rectangle([x, y(s[i]) - 1, x + 1, y(s[i])], fill=(220, 40, 40) if keep[i] else (150, 150, 150))
+        panels.append(np.asarray(canvas))
+    return Image.fromarray(np.concatenate(panels, axis=0))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_dims(args.layers, args.dims)
+    if args.batches < 1 or args.batch_size < 1:
+        raise cli.UserError("--batches and --batch-size must be at least 1")
+    if args.input_size < 32:
+        raise cli.UserError(f"--input-size must be at least 32 (the backbone's stride), got {args.input_size}")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise cli.UserError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise cli.UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dataset = data.open_dataset(args.data, args.format)
+    category = args.category
+    if category is None:
+        if len(dataset.categories) != 1:
+            raise cli.UserError(f"--category is needed: {args.data!r} has {', '.join(dataset.categories)}")
+        category = dataset.categories[0]
+    train = dataset.train(category)
+    synthesizer = anomaly.AnomalySynthesizer(category, dataset.format, args.input_size, args.sdas, args.dtd,
+                                             args.foreground)
+    # AFS looks at synthetic anomalies only (the authors switch the 'normal' type off)
+    stream = anomaly.AnomalyStream(train, args.input_size, synthesizer, seed=args.seed, normal_ratio=0.0)
+
+    out = args.out or os.path.join("runs", category, "afs.pt")
+    stem = os.path.splitext(out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    cli.save_args(args, os.path.dirname(os.path.abspath(out)), os.path.basename(stem) + "_args.json")
+    if args.dump:
+        written = anomaly.dump_examples(stream, args.dump, stem + "_examples")
+        print(f"wrote {args.dump} synthetic anomalies to {stem}_examples/ (contact sheet: {written[-1]})")
+
+    backbone = load_backbone(args.backbone_weights, args.layers).to(device)
+    cli.seed_everything(args.seed)
+
+    # Resume: the stream is a pure function of (seed, g), so continuing a partial sum gives
+    # exactly the result of an uninterrupted run.
+    settings = {"data": os.path.abspath(args.data), "format": dataset.format, "category": category,
+                "input_size": args.input_size, "layers": args.layers, "batch_size": args.batch_size,
+                "seed": args.seed, "foreground": args.foreground, "source": synthesizer.source.describe(),
+                "backbone": backbone.identity}
+    partial_path = stem + ".partial"
+    start, sums = 0, None
+    if os.path.isfile(partial_path):
+        partial = load_checkpoint(partial_path, "partial AFS state", kind="afs_partial")
+        if partial["settings"] == settings and partial["batches_done"] <= args.batches:
+            start, sums = partial["batches_done"], partial["sums"]
+            print(f"resuming from {partial_path}: {start} of {args.batches} batches done")
+        else:
+            print(f"ignoring {partial_path}: made with other settings")
+
+    def save_partial(step, sums):
+        if step % args.save_every == 0 and step < args.batches:
+            atomic_torch_save({"kind": "afs_partial", "settings": settings, "batches_done": step, "sums": sums},
+                              partial_path)
+
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
+        sampler=anomaly.StreamSampler(start, args.batches, args.batch_size))
+    print(f"AFS on {category!r} ({dataset.format}, {len(train)} training images), {args.batches} batches of "
+          f"{args.batch_size} at {args.input_size}px, backbone {backbone.identity['weights']}, device {device}")
+    started = time.time()
+    with torch.inference_mode():
+        sums, timing = channel_scores(backbone, loader, device, args.batches, start, sums, save_partial)
+
+    indices, scores = [], []
+    for dim, total in zip(args.dims, sums):
+        kept, score = select_channels(total.float(), dim)
+        indices.append(kept)
+        scores.append(score)
+    afs = {"kind": "afs", "version": 1, "layers": list(args.layers), "dims": list(args.dims),
+           "indices": indices, "scores": scores, "backbone": backbone.identity, "input_size": args.input_size,
+           "category": category, "dataset": {**dataset.describe(), "category": category,
+                                             "class_id": dataset.class_id(category), "train_images": len(train)},
+           "anomaly_source": synthesizer.describe(), "batches": args.batches, "batch_size": args.batch_size,
+           "seed": args.seed, "timing_s": {k: round(v, 3) for k, v in timing.items()},
+           "args": cli.args_to_dict(args)}
+    atomic_torch_save(afs, out)
+    atomic_save_image(draw_scores(scores, indices, args.layers), stem + "_scores.png")
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
+    elapsed = time.time() - started
+    print(f"wrote {out} and {stem}_scores.png in {elapsed:.1f} s "
+          f"(data {timing['data']:.1f} s, backbone {timing['backbone']:.1f} s, AFS loss {timing['loss']:.1f} s)")
+    for layer, dim, kept, score in zip(args.layers, args.dims, indices, scores):
+        print(f"  layer{layer}: kept {dim} of {len(score)} channels, mean loss kept "
+              f"{score[kept].mean():.4f} vs all {score.mean():.4f}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,274 @@
+"""train_realnet.py and evaluate.py end to end on a tiny demo data set (64 px, random
+backbone, layers 1-2): the loss falls, a killed run resumes to the same weights, two DDP
+processes train the same model as one, and bad inputs get one-line errors."""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from realnet.demo_data import make_demo_dataset, make_demo_textures
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 64
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def run(script, *args, check=True, env=ENV, launcher=None):
+    command = (launcher or [sys.executable]) + [os.path.join(REPO, script), *map(str, args)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def one_line_error(result):
+    """Exit code 2, a single 'error: ...' line on stderr (warnings aside), no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def random_backbone_identity():
+    from realnet.backbone import load_backbone
+    return load_backbone("random", (1,)).identity
+
+
+def write_afs(path, category="washer", input_size=SIZE, backbone=None, layers=(1, 2), dims=(8, 16)):
+    """An AFS file in the format select_features.py writes (API_DATA.md)."""
+    channels = {1: 256, 2: 512, 3: 1024, 4: 2048}
+    g = torch.Generator().manual_seed(0)
+    torch.save({"kind": "afs", "version": 1, "layers": list(layers), "dims": list(dims),
+                "indices": [torch.sort(torch.randperm(channels[l], generator=g)[:d]).values for l, d in zip(layers, dims)],
+                "scores": [torch.rand(channels[l], generator=g) for l in layers],
+                "backbone": backbone or random_backbone_identity(), "input_size": input_size,
+                "category": category}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    data = make_demo_dataset(str(root / "data"), categories=["tablet", "washer"], image_size=SIZE, n_train=8,
+                             n_test_good=3, n_test_defect=4)
+    dtd = make_demo_textures(str(root / "dtd"), n=1)
+    identity = random_backbone_identity()
+    afs = write_afs(str(root / "afs.pt"), backbone=identity)
+    return {"root": root, "data": data, "dtd": dtd, "afs": afs, "identity": identity}
+
+
+def train_args(demo, out, *extra, steps=6):
+    return ["--data", demo["data"], "--category", "washer", "--dtd", demo["dtd"], "--afs", demo["afs"],
+            "--width-ratio", "0.5", "--batch", "4", "--steps", steps, "--lr", "1e-3", "--workers", "0",
+            "--log-every", "1", "--out", out, *extra]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def state_dict(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+# ----------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------
+
+def test_training_loss_falls_then_evaluation_reports_everything(demo):
+    out = str(demo["root"] / "run")
+    result = run("train_realnet.py", *train_args(demo, out, "--val-fraction", "0.25", "--val-every", "10",
+                                                 "--dump", "2", steps=30))
+    assert "img/s" in result.stdout and "left" in result.stdout  # progress lines
+    losses = [entry["loss"] for entry in read_jsonl(os.path.join(out, "loss.jsonl"))]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    for name in ("model.pt", "state.pt", "best.pt", "args.json", "val.jsonl", "examples/contact_sheet.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    model = torch.load(os.path.join(out, "model.pt"), weights_only=False)
+    assert model["kind"] == "realnet" and model["step"] == 30
+    assert not any(k.startswith(("conv1", "layer", "bn1")) for k in model["state_dict"])  # no backbone weights
+    best = torch.load(os.path.join(out, "best.pt"), weights_only=False)
+    assert "held-out TRAINING images" in best["selected_on"]["rule"]
+    held_out = best["selected_on"]["held_out_images"]
+    assert len(held_out) == 2 and all(os.sep + os.path.join("washer", "train", "good") in p for p in held_out)
+    assert len(read_jsonl(os.path.join(out, "val.jsonl"))) == 3
+
+    result = run("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"), "--workers", "0", "--batch", "8",
+                 "--throughput-repeats", "1")
+    report = json.load(open(os.path.join(out, "eval", "metrics.json")))
+    washer = report["categories"]["washer"]
+    for name in ("image_auroc", "pixel_auroc", "au_pro"):
+        assert 0.0 <= washer[name] <= 1.0
+    assert washer["images"] == 7 and washer["anomalous"] == 4
+    assert set(washer["per_defect"]) == {"bent", "chip", "rust", "scratch"}
+    assert "FOR THE PICTURES ONLY" in washer["picture_threshold"]["chosen_on"]
+    assert report["protocol"]["auroc_flipped"] is False
+    assert report["throughput"]["images_per_s"] > 0 and report["throughput"]["batch"] == 7
+    with open(os.path.join(out, "eval", "scores.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 and {r["label"] for r in rows} == {"0", "1"}
+    assert len(os.listdir(os.path.join(out, "eval", "panels", "washer"))) == 7
+    assert "washer" in result.stdout and "throughput" in result.stdout
+
+    predict_dir = os.path.join(out, "unlabeled")
+    os.makedirs(predict_dir)
+    for defect, name in (("chip", "000.png"), ("good", "001.png")):
+        shutil.copy(os.path.join(demo["data"], "washer", "test", defect, "000.png"), os.path.join(predict_dir, name))
+    run("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"), "--predict", predict_dir, "--workers", "0",
+        "--threshold", "0.5", "--out", os.path.join(out, "predicted"), "--throughput-repeats", "1")
+    with open(os.path.join(out, "predicted", "predictions.csv")) as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert sorted(os.listdir(os.path.join(out, "predicted", "predict"))) == ["000.png", "001.png"]
+
+
+def test_untrained_model_and_unified_run(demo):
+    out = str(demo["root"] / "unified")
+    run("train_realnet.py", *[a for a in train_args(demo, out, steps=0) if a not in ("--category", "washer")],
+        "--categories", "tablet,washer")
+    model = torch.load(os.path.join(out, "model.pt"), weights_only=False)
+    assert model["step"] == 0 and model["unified"] and model["categories"] == ["tablet", "washer"]
+    result = run("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"), "--workers", "0", "--panels", "0",
+                 "--throughput-repeats", "1")
+    report = json.load(open(os.path.join(out, "eval", "metrics.json")))
+    assert set(report["categories"]) == {"tablet", "washer"}
+    assert report["mean"]["image_auroc"] == pytest.approx(
+        (report["categories"]["tablet"]["image_auroc"] + report["categories"]["washer"]["image_auroc"]) / 2)
+    assert "mean" in result.stdout
+
+
+def test_resume_after_a_kill_gives_the_same_model(demo):
+    reference = str(demo["root"] / "uninterrupted")
+    run("train_realnet.py", *train_args(demo, reference, "--save-every", "2", steps=24))
+
+    out = str(demo["root"] / "killed")
+    command = [sys.executable, os.path.join(REPO, "train_realnet.py"),
+               *map(str, train_args(demo, out, "--save-every", "2", steps=24))]
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = os.path.join(out, "loss.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if os.path.isfile(log) and len(open(log).readlines()) >= 7:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(os.path.join(out, "state.pt"), weights_only=False)["step"]
+    assert 0 < killed_at < 24
+
+    result = run("train_realnet.py", *train_args(demo, out, "--save-every", "2", "--resume", steps=24))
+    assert "done: 24 steps" in result.stdout
+    a, b = state_dict(os.path.join(reference, "model.pt")), state_dict(os.path.join(out, "model.pt"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the loss log holds each step once, with the values of the uninterrupted run
+    assert [e["loss"] for e in read_jsonl(log)] == [e["loss"] for e in read_jsonl(os.path.join(reference, "loss.jsonl"))]
+
+
+def test_two_ddp_processes_train_the_same_model_as_one(demo):
+    single = str(demo["root"] / "single")
+    run("train_realnet.py", *train_args(demo, single, steps=3))
+    ddp = str(demo["root"] / "ddp")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run("train_realnet.py", *train_args(demo, ddp, steps=3), launcher=launcher)
+    assert "2 process(es)" in result.stdout
+    la, lb = read_jsonl(os.path.join(single, "loss.jsonl")), read_jsonl(os.path.join(ddp, "loss.jsonl"))
+    assert [e["loss"] for e in la] == pytest.approx([e["loss"] for e in lb], rel=1e-5)
+    # the same function: the same outputs on the same features. The parameters themselves are
+    # compared through the outputs: in the first steps some gradients are at rounding-noise
+    # level (the zero-initialised output convs block them; a bias before a per-channel
+    # GroupNorm has gradient 0 in exact arithmetic), and Adam turns noise into steps of size
+    # lr that differ from run to run. tests/test_model.py compares the gradients themselves.
+    from realnet.model import RealNet
+    models = []
+    for folder in (single, ddp):
+        ckpt = torch.load(os.path.join(folder, "model.pt"), weights_only=False)
+        model = RealNet(ckpt["config"])
+        model.load_state_dict(ckpt["state_dict"])
+        models.append(model.eval())
+    a, b = models[0].state_dict(), models[1].state_dict()
+    for key in ("rrs.running_mean", "rrs.running_var", "discriminator.decoder1.1.running_mean",
+                "discriminator.decoder1.1.running_var"):  # statistics of the global batch in both
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(3, 8, 16, 16, generator=g), torch.randn(3, 16, 8, 8, generator=g)]
+    with torch.no_grad():
+        out_a, out_b = models[0](features, (SIZE, SIZE)), models[1](features, (SIZE, SIZE))
+    assert torch.allclose(out_a["anomaly_map"], out_b["anomaly_map"], atol=1e-4)
+    for ra, rb in zip(out_a["reconstructions"], out_b["reconstructions"]):
+        assert torch.allclose(ra, rb, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# Bad inputs: one line, exit code 2
+# ----------------------------------------------------------------------------------------
+
+def test_afs_for_another_category_size_or_backbone_is_refused(demo):
+    root = demo["root"]
+    out = str(root / "refused")
+    other = write_afs(str(root / "afs_tablet.pt"), category="tablet", backbone=demo["identity"])
+    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--afs", other), check=False))
+    assert "afs_tablet.pt" in line and "'tablet'" in line
+    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--input-size", "128"), check=False))
+    assert "input size 64" in line
+    imagenet = write_afs(str(root / "afs_imagenet.pt"), backbone={"arch": "wide_resnet50_2", "weights": "imagenet",
+                                                                  "digest": "0123456789abcdef"})
+    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--afs", imagenet,
+                                                              "--backbone-weights", "random"), check=False))
+    assert "afs_imagenet.pt" in line and "backbone" in line
+    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--afs", str(root / "missing.pt")),
+                              check=False))
+    assert "missing.pt" in line
+
+
+def test_resume_with_another_configuration_is_refused(demo):
+    out = str(demo["root"] / "reconfigured")
+    run("train_realnet.py", *train_args(demo, out, steps=1))
+    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--arch", "C", "--resume"), check=False))
+    assert "another model configuration" in line and "arch" in line
+    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--batch", "2", "--resume"), check=False))
+    assert "another training settings" in line or "training" in line
+    line = one_line_error(run("train_realnet.py", *train_args(demo, out), check=False))
+    assert "--resume" in line  # never overwrite a training state silently
+
+
+def test_evaluate_refuses_foreign_files_and_another_backbone(demo):
+    out = str(demo["root"] / "for_eval")
+    run("train_realnet.py", *train_args(demo, out, steps=0))
+    line = one_line_error(run("evaluate.py", "--checkpoint", demo["afs"], check=False))
+    assert "expected a realnet checkpoint" in line
+    ckpt = torch.load(os.path.join(out, "model.pt"), weights_only=False)
+    ckpt["config"]["backbone"] = {"arch": "wide_resnet50_2", "weights": "imagenet", "digest": "0123456789abcdef"}
+    torch.save(ckpt, os.path.join(out, "other_backbone.pt"))
+    line = one_line_error(run("evaluate.py", "--checkpoint", os.path.join(out, "other_backbone.pt"),
+                              "--backbone-weights", "random", check=False))
+    assert "0123456789abcdef" in line and "--backbone-weights" in line
+
+
+def test_a_test_split_without_anomalies_reports_what_it_can(demo):
+    out = str(demo["root"] / "no_anomalies")
+    run("train_realnet.py", *train_args(demo, out, steps=0))
+    only_good = demo["root"] / "only_good"
+    shutil.copytree(os.path.join(demo["data"], "washer", "train"), only_good / "washer" / "train")
+    shutil.copytree(os.path.join(demo["data"], "washer", "test", "good"), only_good / "washer" / "test" / "good")
+    result = run("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"), "--data", str(only_good),
+                 "--workers", "0", "--panels", "0", "--throughput-repeats", "1")
+    assert "pixel metrics need" in result.stdout and "masks" in result.stdout
+    report = json.load(open(os.path.join(out, "eval", "metrics.json")))
+    washer = report["categories"]["washer"]
+    assert washer["image_auroc"] is None and washer["pixel_auroc"] is None and washer["au_pro"] is None
+    assert "needs good and anomalous images" in washer["not_computed"]["image_auroc"]
+    assert "masks" in washer["not_computed"]["au_pro"]
+    with open(os.path.join(out, "eval", "scores.csv")) as f:
+        assert len(list(csv.DictReader(f))) == 3  # the scores are still written
