@@ -11,6 +11,8 @@ normal training images (train_realnet.py).
 Run (the default output folder is data/sdas/<category>):
     python3 synthesize.py --checkpoint runs/diffusion/model.pt --category bottle --count 10000
     torchrun --nproc_per_node 4 synthesize.py --checkpoint runs/diffusion/model.pt --category bottle --count 10000
+Demo scale (a tiny model from train_diffusion.py; 64 images at 64 px take ~50 s on one CPU core):
+    python3 synthesize.py --checkpoint runs/diffusion_washer/model.pt --category washer --count 64
 Normal images for comparison:        --strength 0 0 --out data/sdas_normal/bottle
 The DDIM variant (appendix, alg. S1): --sampler ddim --strength 0.01 0.03
 
