@@ -1,0 +1,210 @@
+"""Stage 2 of RealNet: SDAS, strength-controllable diffusion anomaly synthesis (paper §3.1, algorithm 1).
+
+Start from x_T ~ N(0, I) and run the trained model's reverse chain, 20 respaced steps
+(timesteps 950, 900, ..., 0), but draw every step but the last from a wider Gaussian:
+    x_{t-1} ~ N(mu_theta(x_t, t), (1 + s) Sigma_theta(x_t, t)),   s ~ U(0.1, 0.2) per image.
+The extra variance s Sigma_theta pushes the chain off the normal images into their
+low-density neighbourhood: images of the category with realistic-looking defects.
+s = 0 gives normal images. RealNet later pastes Perlin-shaped pieces of these images into
+normal training images (train_realnet.py).
+
+Run (the default output folder is data/sdas/<category>):
+    python3 synthesize.py --checkpoint runs/diffusion/model.pt --category bottle --count 10000
+    torchrun --nproc_per_node 4 synthesize.py --checkpoint runs/diffusion/model.pt --category bottle --count 10000
+Demo scale (a tiny model from train_diffusion.py; 64 images at 64 px take ~50 s on one CPU core):
+    python3 synthesize.py --checkpoint runs/diffusion_washer/model.pt --category washer --count 64
+Normal images for comparison:        --strength 0 0 --out data/sdas_normal/bottle
+The DDIM variant (appendix, alg. S1): --sampler ddim --strength 0.01 0.03
+
+Every image has its own seed, derived from --seed, the category and the image number i,
+so the images do not depend on --batch-size or on the number of ranks, and a second run
+skips the files already there (resumable). Writes <category>_<i:05d>.png, manifest.json
+(strength and seed per image, settings, the checkpoint's digest) and preview/contact_sheet.png
+(in a sub-folder, so that readers of "every image in the folder" never take it for a sample).
+"""
+import argparse
+import glob
+import json
+import os
+import time
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+from realnet import adm, cli, distributed, viz
+from realnet.diffusion import GaussianDiffusion
+from realnet.files import atomic_save_image, atomic_write_json, file_digest, load_checkpoint
+from realnet.progress import Progress
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--checkpoint", default="runs/diffusion/model.pt", help="model.pt written by train_diffusion.py")
+parser.add_argument("--category", default=None, help="category to synthesise (default: the checkpoint's only one)")
+parser.add_argument("--count", type=int, default=256, help="images to make (authors' config: 256; their release: 10000)")
+parser.add_argument("--out", default=None, help="output folder (default: data/sdas/<category>)")
+parser.add_argument("--steps", type=int, default=20, help="respaced reverse steps (paper: 20, timesteps 0, 50, ..., 950)")
+parser.add_argument("--strength", type=float, nargs=2, default=[0.1, 0.2], metavar=("A", "B"),
+                    help="s ~ U(A, B) per image (paper: 0.1 0.2; 0 0 gives normal images)")
+parser.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
+                    help="ancestral: IDDPM, algorithm 1 (the paper's); ddim: algorithm S1 (authors suggest s in 0.01-0.03)")
+parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (only with --sampler ddim)")
+parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass on each rank")
+parser.add_argument("--seed", type=int, default=0, help="base seed of every image's noise and strength")
+parser.add_argument("--sheet-count", type=int, default=32, help="images on contact_sheet.png (the first ones)")
+parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+
+
+def image_plan(seed, category, i, strength_range):
+    """Strength and RNG seeds of image i: a function of (seed, category, i) only."""
+    ss = np.random.SeedSequence([seed, zlib.crc32(category.encode()), i])
+    noise_seed, step_seed, strength_seed = (int(v) for v in ss.generate_state(3, dtype=np.uint64) % (2**63))
+    a, b = strength_range
+    s = float(np.random.default_rng(strength_seed).uniform(a, b)) if b > a else float(a)
+    return {"index": i, "strength": s, "noise_seed": noise_seed, "step_seed": step_seed}
+
+
+def image_name(category, i):
+    return f"{category}_{i:05d}.png"
+
+
+def to_uint8(x):
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8: (x + 1) * 127.5, rounded and clipped (the authors truncate)."""
+    return ((x.float().cpu().permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def synthesize(model, sampling, plans, class_id, size, args, device):
+    """SDAS for a batch of planned images -> uint8 images."""
+    x_T = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(p["noise_seed"]))
+                       for p in plans]).to(device)
+    generators = [torch.Generator().manual_seed(p["step_seed"]) for p in plans]
+    strength = torch.tensor([p["strength"] for p in plans])
+    y = torch.full((len(plans),), class_id, dtype=torch.long, device=device)
+    x0 = sampling.sample(model, x_T, y, strength=strength, sampler=args.sampler, eta=args.eta, generators=generators)
+    return [to_uint8(x) for x in x0]
+
+
+def sheet_path(out_dir):
+    return os.path.join(out_dir, "preview", "contact_sheet.png")
+
+
+def contact_sheet(out_dir, records, count, columns=8):
+    """The first `count` images in a grid, each captioned with its strength (small images
+    are enlarged, nearest-neighbour, to at least 96 px so they and their captions are legible)."""
+    tiles = []
+    for r in records[:count]:
+        with Image.open(os.path.join(out_dir, r["file"])) as im:
+            zoom = -(-96 // im.width)
+            image = np.asarray(im.convert("RGB").resize((im.width * zoom, im.height * zoom), Image.NEAREST))
+        tiles.append(viz.labelled(image, f"{r['index']} s={r['strength']:.3f}", height=12))
+    if tiles:
+        atomic_save_image(viz.to_pil(viz.grid(tiles, min(columns, len(tiles)))), sheet_path(out_dir))
+
+
+def check_previous(out_dir, settings):
+    """Refuse to add to a folder made with other settings (mixed images would be mislabelled)."""
+    for path in sorted(glob.glob(os.path.join(out_dir, "manifest*.json"))):
+        try:
+            with open(path) as f:
+                previous = json.load(f).get("settings")
+        except (OSError, ValueError):
+            continue  # a stale, unreadable part: it is rewritten below
+        if previous is not None and previous != settings:
+            changed = [f"{k}: {previous.get(k)!r} there, {settings[k]!r} now" for k in settings if previous.get(k) != settings[k]]
+            raise cli.UserError(f"{out_dir!r} holds images made with other settings ({'; '.join(changed)}); "
+                                "choose another --out or delete the folder")
+
+
+def main():
+    args = parser.parse_args()
+    a, b = args.strength
+    if a < 0 or b < 0:
+        raise cli.UserError(f"--strength {a} {b}: the anomaly strength s must be >= 0 (s = 0 gives normal images)")
+    if a > b:
+        raise cli.UserError(f"--strength {a} {b}: expected A <= B (s ~ U(A, B))")
+    for name in ("count", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise cli.UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.eta < 0:
+        raise cli.UserError(f"--eta must be >= 0 (got {args.eta})")
+
+    ckpt = load_checkpoint(args.checkpoint, "--checkpoint", kind="diffusion")
+    classes = ckpt["classes"]
+    if args.category is None:
+        if len(classes) != 1:
+            raise cli.UserError(f"--category is needed: {args.checkpoint!r} knows {len(classes)} categories: {', '.join(classes)}")
+        args.category = classes[0]
+    if args.category not in classes:
+        raise cli.UserError(f"--category {args.category!r}: {args.checkpoint!r} was trained on {', '.join(classes)}")
+    out_dir = args.out or os.path.join("data", "sdas", args.category)
+    dist = distributed.setup(args.device)
+    log = print if dist.is_main else (lambda *a, **k: None)
+
+    settings = {"checkpoint_digest": file_digest(args.checkpoint), "category": args.category,
+                "class_id": classes.index(args.category), "steps": args.steps, "sampler": args.sampler,
+                "eta": args.eta, "strength": [a, b], "seed": args.seed, "image_size": ckpt["image_size"]}
+    os.makedirs(out_dir, exist_ok=True)
+    check_previous(out_dir, settings)
+
+    model = adm.build_unet(ckpt["arch"])
+    model.load_state_dict(ckpt["ema"])
+    model.to(dist.device).eval()
+    sampling = GaussianDiffusion.from_schedule(ckpt["schedule"], args.steps)
+    log(f"checkpoint {args.checkpoint} (step {ckpt['step']}, {ckpt['arch']['preset']} preset, "
+        f"{ckpt['image_size']}px, categories {', '.join(classes)}); timesteps {sampling.timestep_map.tolist()[::-1][:3]}..., "
+        f"{args.sampler} sampler, s ~ U({a}, {b})")
+
+    # This rank's images: i = rank, rank + W, ...; the ones already on disk are skipped.
+    mine = list(range(dist.rank, args.count, dist.world_size))
+    todo = [i for i in mine if not os.path.isfile(os.path.join(out_dir, image_name(args.category, i)))]
+    log(f"{args.count} images to {out_dir}: {len(mine) - len(todo)} already there on rank {dist.rank}, "
+        f"{len(todo)} to make ({dist.world_size} rank(s), batch {args.batch_size})")
+    part_path = os.path.join(out_dir, f"manifest.rank{dist.rank}.json")
+    records = []
+    progress = Progress(len(todo), "sdas", unit="img", every=1, enabled=dist.is_main)
+    start = time.time()
+    for n, first in enumerate(range(0, len(todo), args.batch_size)):
+        plans = [image_plan(args.seed, args.category, i, (a, b)) for i in todo[first:first + args.batch_size]]
+        images = synthesize(model, sampling, plans, settings["class_id"], ckpt["image_size"], args, dist.device)
+        for plan, image in zip(plans, images):
+            name = image_name(args.category, plan["index"])
+            atomic_save_image(viz.to_pil(image), os.path.join(out_dir, name))
+            records.append({"file": name, **plan})
+        atomic_write_json(part_path, {"settings": settings, "images": records})
+        progress.update(min(first + args.batch_size, len(todo)), items=len(plans))
+    if todo:
+        log(f"rank {dist.rank}: {len(todo)} images in {time.time() - start:.1f} s")
+
+    distributed.barrier(dist)
+    if dist.is_main:
+        # Merge: every image's record (recomputed for files made by an earlier run: a
+        # record is a function of the seed and the image number), strengths summarised.
+        by_index = {}
+        for path in sorted(glob.glob(os.path.join(out_dir, "manifest.rank*.json"))):
+            with open(path) as f:
+                for r in json.load(f)["images"]:
+                    by_index[r["index"]] = r
+        merged = []
+        for i in range(args.count):
+            name = image_name(args.category, i)
+            if not os.path.isfile(os.path.join(out_dir, name)):
+                raise cli.UserError(f"{os.path.join(out_dir, name)!r} is missing after synthesis (a rank failed?)")
+            merged.append(by_index.get(i) or {"file": name, **image_plan(args.seed, args.category, i, (a, b))})
+        s = np.array([r["strength"] for r in merged])
+        atomic_write_json(os.path.join(out_dir, "manifest.json"), {
+            "kind": "sdas", "settings": settings, "checkpoint": os.path.abspath(args.checkpoint),
+            "checkpoint_step": ckpt["step"], "count": args.count,
+            "strength_stats": {"min": float(s.min()), "mean": float(s.mean()), "max": float(s.max())},
+            "args": cli.args_to_dict(args), "images": merged})
+        for path in glob.glob(os.path.join(out_dir, "manifest.rank*.json")):
+            os.unlink(path)
+        contact_sheet(out_dir, merged, args.sheet_count)
+        log(f"done: {args.count} images, {os.path.join(out_dir, 'manifest.json')}, "
+            f"{sheet_path(out_dir)} (look at it: objects, or noise?)")
+    distributed.barrier(dist)
+    distributed.cleanup(dist)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,237 @@
+"""train_diffusion.py and synthesize.py end to end on a toy data set (16 px, tiny UNet)."""
+import contextlib
+import io
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "tiny", "--image-size", "16", "--workers", "0", "--sample-steps", "4", "--sheet-columns", "4"]
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run(script, *args, check=True):
+    """Run a stage script in this process (as `python3 script args`, minus the start-up cost
+    of a new interpreter); exit code, stdout and stderr as a subprocess would give them."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [script, *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    if check and code != 0:
+        raise AssertionError(f"{script} failed ({code}):\n{out.getvalue()}\n{err.getvalue()}")
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def run_process(script, *args):
+    """A real `python3 script args` process (for the exit code and stderr of an error)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def make_toy_dataset(root, categories=("disc", "square"), n=8, size=24):
+    """An MVTec-like tree: a coloured disc / square on a dark, slightly noisy background."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for c, category in enumerate(categories):
+        for split, count in (("train/good", n), ("test/good", 1)):
+            folder = os.path.join(root, category, split)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                image = (20 + rng.integers(0, 12, (size, size, 3))).astype(np.uint8)
+                cy, cx = size // 2 + rng.integers(-2, 3, 2)
+                inside = ((yy - cy) ** 2 + (xx - cx) ** 2 < (size // 3) ** 2) if c % 2 == 0 else \
+                    ((abs(yy - cy) < size // 4) & (abs(xx - cx) < size // 4))
+                image[inside] = (230, 180, 40) if c % 2 == 0 else (40, 160, 230)
+                Image.fromarray(image).save(os.path.join(folder, f"{i:03d}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy_dataset(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):
+    """A short run (its weights are not meant to be good, only to exist)."""
+    out = str(tmp_path_factory.mktemp("diffusion"))
+    run("train_diffusion.py", "--data", toy, "--out", out, "--steps", 2, "--batch-size", 4, "--log-every", 1, *TINY)
+    return out
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- train_diffusion.py
+def test_checkpoint_holds_everything_synthesis_needs(trained, toy):
+    ckpt = load(os.path.join(trained, "model.pt"))
+    assert ckpt["kind"] == "diffusion" and ckpt["classes"] == ["disc", "square"]
+    assert ckpt["arch"]["preset"] == "tiny" and ckpt["arch"]["kwargs"]["num_classes"] == 2
+    assert ckpt["arch"]["kwargs"]["image_size"] == 16 and ckpt["image_size"] == 16
+    assert ckpt["schedule"] == {"kind": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+    assert ckpt["step"] == 2
+    # round trip: the architecture rebuilds the net and the EMA weights load strictly
+    from realnet import adm
+    model = adm.build_unet(ckpt["arch"])
+    model.load_state_dict(ckpt["ema"])
+    state = load(os.path.join(trained, "train_state.pt"))
+    assert state["kind"] == "diffusion_train_state" and state["step"] == 2
+    assert set(state) >= {"model", "ema", "optimizer", "rng", "args", "config"}
+    # EMA differs from the raw weights after 2 updates with warm-up (decay 1/10, 2/11)
+    assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
+    sheets = os.listdir(os.path.join(trained, "samples"))
+    assert sheets == ["step_0000002.png"]
+    with Image.open(os.path.join(trained, "samples", sheets[0])) as sheet:
+        assert sheet.width >= 4 * 96  # 4 columns of 16 px images, enlarged to 96 px
+    log = json.load(open(os.path.join(trained, "train_log.json")))
+    assert [r["step"] for r in log] == [1, 2]
+
+
+def test_training_loss_falls(toy, tmp_path):
+    out = str(tmp_path / "run")
+    run("train_diffusion.py", "--data", toy, "--categories", "disc", "--out", out, "--steps", 40, "--batch-size", 8,
+        "--lr", "2e-3", "--log-every", 10, "--sample-every", 0, "--save-every", 1000, *TINY)
+    log = json.load(open(os.path.join(out, "train_log.json")))
+    losses = [r["loss"] for r in log]
+    assert len(losses) == 4
+    assert losses[-1] < 0.6 * losses[0], losses  # starts near 1 (eps-MSE of a zero output)
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(toy, tmp_path):
+    common = ["--data", toy, "--batch-size", 4, "--accumulate", 2, "--lr", "1e-3", "--log-every", 1,
+              "--sample-every", 0, "--save-every", 2, *TINY]
+    run("train_diffusion.py", "--out", tmp_path / "straight", "--steps", 4, *common)
+    run("train_diffusion.py", "--out", tmp_path / "resumed", "--steps", 2, *common)
+    proc = run("train_diffusion.py", "--out", tmp_path / "resumed", "--steps", 4, "--resume", *common)
+    assert "resumed" in proc.stdout
+    a = load(tmp_path / "straight" / "train_state.pt")
+    b = load(tmp_path / "resumed" / "train_state.pt")
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    la = json.load(open(tmp_path / "straight" / "train_log.json"))
+    lb = json.load(open(tmp_path / "resumed" / "train_log.json"))
+    assert la == lb
+
+
+def test_training_refuses_other_configuration_and_existing_runs(trained, toy):
+    proc = run("train_diffusion.py", "--data", toy, "--out", trained, "--steps", 4, "--batch-size", 4, "--lr", "5e-4",
+               "--resume", *TINY, check=False)
+    assert_one_line_error(proc, "another configuration", "--lr")
+    proc = run("train_diffusion.py", "--data", toy, "--out", trained, "--steps", 4, "--batch-size", 4, *TINY, check=False)
+    assert_one_line_error(proc, "already holds a training run", "--resume")
+
+
+def test_training_bad_inputs_are_one_line_errors(toy, tmp_path):
+    proc = run_process("train_diffusion.py", "--data", toy, "--out", tmp_path / "x", "--init-weights",
+                       tmp_path / "256x256_diffusion.pt", *TINY)
+    assert_one_line_error(proc, "256x256_diffusion.pt", "download")
+    proc = run("train_diffusion.py", "--data", tmp_path / "nowhere", "--out", tmp_path / "x", *TINY, check=False)
+    assert_one_line_error(proc, "nowhere")
+    proc = run("train_diffusion.py", "--data", toy, "--categories", "nope", "--out", tmp_path / "x", *TINY, check=False)
+    assert_one_line_error(proc, "nope", "disc")
+    proc = run("train_diffusion.py", "--data", toy, "--out", tmp_path / "x", "--preset", "tiny", "--image-size", "20",
+               check=False)
+    assert_one_line_error(proc, "--image-size 20")
+
+
+def test_init_weights_from_a_checkpoint_reports_what_did_not_load(trained, toy, tmp_path):
+    proc = run("train_diffusion.py", "--data", toy, "--categories", "disc", "--out", tmp_path / "ft", "--steps", 1,
+               "--batch-size", 2, "--sample-every", 0, "--init-weights", os.path.join(trained, "model.pt"), *TINY)
+    assert "label_emb.weight (2, 128) (model: (1, 128))" in proc.stdout  # 2-class embedding into a 1-class model
+
+
+# ----------------------------------------------------------------------------- synthesize.py
+def test_synthesize_writes_images_manifest_and_sheet(trained, tmp_path):
+    out = tmp_path / "sdas"
+    proc = run("synthesize.py", "--checkpoint", os.path.join(trained, "model.pt"), "--category", "square",
+               "--count", 5, "--batch-size", 2, "--steps", 5, "--out", out, "--seed", 3)
+    names = sorted(os.listdir(out))
+    assert names == ["manifest.json", "preview"] + [f"square_{i:05d}.png" for i in range(5)]  # only samples are PNGs here
+    with Image.open(out / "preview" / "contact_sheet.png") as sheet:
+        assert sheet.width > 5 * 96
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["settings"]["steps"] == 5 and manifest["settings"]["sampler"] == "ancestral"
+    assert manifest["settings"]["class_id"] == 1 and manifest["settings"]["seed"] == 3
+    from realnet.files import file_digest
+    assert manifest["settings"]["checkpoint_digest"] == file_digest(os.path.join(trained, "model.pt"))
+    strengths = [r["strength"] for r in manifest["images"]]
+    assert len(strengths) == 5 and all(0.1 <= s <= 0.2 for s in strengths) and len(set(strengths)) == 5
+    with Image.open(out / "square_00000.png") as im:
+        assert im.size == (16, 16) and im.mode == "RGB"
+    assert "done" in proc.stdout
+
+
+def pixels(path):
+    with Image.open(path) as im:
+        return np.asarray(im).astype(int)
+
+
+def test_synthesize_is_seeded_per_image_and_resumable(trained, tmp_path):
+    ckpt = os.path.join(trained, "model.pt")
+    common = ["--checkpoint", ckpt, "--category", "disc", "--steps", 4]
+    run("synthesize.py", *common, "--count", 4, "--batch-size", 4, "--out", tmp_path / "a")
+    run("synthesize.py", *common, "--count", 4, "--batch-size", 1, "--out", tmp_path / "b")
+    for i in range(4):  # the batch size does not change the images (up to float rounding)
+        assert np.abs(pixels(tmp_path / "a" / f"disc_{i:05d}.png") - pixels(tmp_path / "b" / f"disc_{i:05d}.png")).max() <= 1
+    before = pixels(tmp_path / "a" / "disc_00002.png")
+    os.unlink(tmp_path / "a" / "disc_00002.png")
+    proc = run("synthesize.py", *common, "--count", 4, "--batch-size", 4, "--out", tmp_path / "a")
+    assert "3 already there" in proc.stdout and "1 to make" in proc.stdout
+    assert np.abs(pixels(tmp_path / "a" / "disc_00002.png") - before).max() <= 1
+    m = json.load(open(tmp_path / "a" / "manifest.json"))
+    assert [r["index"] for r in m["images"]] == [0, 1, 2, 3]
+    # strength 0 (normal images) and the DDIM variant run; s differs per image only when A < B
+    run("synthesize.py", *common, "--count", 2, "--strength", 0, 0, "--out", tmp_path / "normal")
+    assert {r["strength"] for r in json.load(open(tmp_path / "normal" / "manifest.json"))["images"]} == {0.0}
+    run("synthesize.py", *common, "--count", 2, "--sampler", "ddim", "--strength", 0.01, 0.03, "--out", tmp_path / "ddim")
+    # settings changed for an existing folder: refused
+    proc = run("synthesize.py", *common, "--count", 4, "--strength", 0.2, 0.3, "--out", tmp_path / "a", check=False)
+    assert_one_line_error(proc, "other settings", "strength")
+
+
+def test_synthesize_bad_inputs_are_one_line_errors(trained, tmp_path):
+    ckpt = os.path.join(trained, "model.pt")
+    proc = run_process("synthesize.py", "--checkpoint", ckpt, "--category", "bottle")  # a real process: exit 2, one line
+    assert_one_line_error(proc, "'bottle'", "disc, square")
+    proc = run("synthesize.py", "--checkpoint", ckpt, check=False)
+    assert_one_line_error(proc, "--category", "disc, square")
+    proc = run("synthesize.py", "--checkpoint", ckpt, "--category", "disc", "--strength", -0.1, 0.2, check=False)
+    assert_one_line_error(proc, "--strength", ">= 0")
+    proc = run("synthesize.py", "--checkpoint", tmp_path / "missing.pt", "--category", "disc", check=False)
+    assert_one_line_error(proc, "missing.pt", "does not exist")
+    proc = run("synthesize.py", "--checkpoint", os.path.join(trained, "train_state.pt"), "--category", "disc", check=False)
+    assert_one_line_error(proc, "train_state.pt", "expected a diffusion checkpoint")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 10)
+    proc = run("synthesize.py", "--checkpoint", garbage, "--category", "disc", check=False)
+    assert_one_line_error(proc, "garbage.pt", "not a readable")
+
