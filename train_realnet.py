@@ -354,7 +354,9 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     start_step, best = 0, {"value": None, "step": None}
     state_path = os.path.join(out, "state.pt")
-    if args.resume:
+    if args.resume and not os.path.isfile(state_path):
+        print(f"--resume: no {state_path} yet, starting from step 0")
+    elif args.resume:
         state = load_checkpoint(state_path, "--resume", kind="realnet_state")
         for key, what in (("config", "model configuration"), ("run", "training settings")):
             before, now = state[key], config if key == "config" else run
