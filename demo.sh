@@ -7,12 +7,12 @@
 #
 # It installs the dependencies (requirements.txt: torch and torchvision from the registry,
 # ~5.5 GB), builds the fused-op extension in place, draws the demo data set, and runs the
-# stages exactly as a user would by hand, at demo scale for a 2-core CPU (~10 minutes after
+# stages exactly as a user would by hand, at demo scale for a 2-core CPU (~8 minutes after
 # the set-up):
 #   1 train_diffusion.py   tiny class-conditional diffusion model, 64 px, 300 steps
 #   2 synthesize.py        64 SDAS anomaly images, s ~ U(0.1, 0.2)
 #   3 select_features.py   AFS on a RANDOM backbone (no ImageNet weights offline), layers 1-2, 128 px
-#   4 train_realnet.py     300 steps, anomalies pasted from the SDAS images and the demo DTD textures
+#   4 train_realnet.py     600 steps, anomalies pasted from the SDAS images and the demo DTD textures
 #   5 evaluate.py          image AUROC, pixel AUROC, AU-PRO, heatmap panels
 # A stage that already finished is resumed (--resume), so a second run costs little.
 # The paper-scale commands are in the README and in each script's docstring.
@@ -34,7 +34,7 @@ DIFFUSION_SIZE=${DIFFUSION_SIZE:-64} # diffusion model side (paper: 256)
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-300}
 SDAS_COUNT=${SDAS_COUNT:-64}
 AFS_BATCHES=${AFS_BATCHES:-4}        # batches of 16 synthetic anomalies (paper: 64)
-TRAIN_STEPS=${TRAIN_STEPS:-300}
+TRAIN_STEPS=${TRAIN_STEPS:-600}
 PYTHON=${PYTHON:-python3}
 TIMES=()
 
