@@ -49,7 +49,9 @@ stage() {  # stage NAME COMMAND...: run it, print and remember its wall time
 }
 
 install() {
+    echo "pip: requirements.txt (on a fresh machine torch and torchvision, ~5.5 GB: a minute or two)"
     "$PYTHON" -m pip install --progress-bar off -q -r requirements.txt
+    echo "pip: building the extension realnet._C (C++ and, with nvcc, CUDA: one to two minutes)"
     # Against the installed torch (no isolated build env); CPU kernels always, CUDA ones
     # whenever nvcc is present (for the visible GPU, or sm_90 when there is none).
     "$PYTHON" -m pip install --progress-bar off -q --no-build-isolation -e .
