@@ -289,8 +289,7 @@ def main(argv=None):
         raise cli.UserError("--batch and --throughput-repeats must be at least 1")
     if not 0 < args.fpr_limit <= 1:
         raise cli.UserError(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = cli.resolve_device(args.device)
     model, backbone, ckpt = load_model(args.checkpoint, args.backbone_weights, device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     os.makedirs(out, exist_ok=True)

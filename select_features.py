@@ -148,12 +148,7 @@ def main(argv=None):
         raise cli.UserError("--batches and --batch-size must be at least 1")
     if args.input_size < 32:
         raise cli.UserError(f"--input-size must be at least 32 (the backbone's stride), got {args.input_size}")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise cli.UserError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise cli.UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = cli.resolve_device(args.device)
     dataset = data.open_dataset(args.data, args.format)
     category = args.category
     if category is None:

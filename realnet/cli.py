@@ -17,6 +17,18 @@ class UserError(Exception):
     """A problem with the user's input or files. Printed as one line, exit code 2."""
 
 
+def resolve_device(arg):
+    """--device auto | cpu | cuda | cuda:N -> torch.device; a clear error for anything else
+    or for CUDA on a machine without it. auto: CUDA when available."""
+    if arg not in ("auto", "cpu", "cuda") and not arg.startswith("cuda:"):
+        raise UserError(f"--device {arg!r}: expected auto, cpu, cuda or cuda:N")
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {arg}: CUDA is not available on this machine (use --device cpu)")
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(arg)
+
+
 def run(main):
     """Call `main()`; print a `UserError` as one line and exit 2 instead of a traceback."""
     try:

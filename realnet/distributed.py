@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .cli import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -30,12 +32,13 @@ class DistInfo:
 def setup(device_arg="auto"):
     """Initialise from torchrun's environment variables (if any) and pick the device.
 
-    device_arg: "auto" (CUDA if available), "cpu" or "cuda".
+    device_arg: "auto" (CUDA if available), "cpu" or "cuda" (checked by cli.resolve_device);
+    under torchrun each process takes the GPU of its LOCAL_RANK.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
+    use_cuda = resolve_device(device_arg).type == "cuda"
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
