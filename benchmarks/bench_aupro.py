@@ -8,7 +8,7 @@ Three implementations on the same synthetic maps (smooth noise, blob-shaped defe
   ours      realnet.metrics.au_pro: value sort of the top 30 % + searchsorted (exact)
   mvtec     MVTec AD's compute_pro + trapezoid (exact; an argsort of all 113 M pixels),
             transcribed in tests/test_metrics.py
-  authors   the RealNet/UniAD loop (official_implementation_facts.md §7): 1000 thresholds,
+  authors   the RealNet/UniAD loop (docs/method.md, section 7): 1000 thresholds,
             each relabelling every mask and measuring every region (with scipy instead of
             skimage); timed over --authors-steps thresholds and extrapolated to 1000.
 Also times pixel AUROC (ours vs sklearn's roc_auc_score) on the same pixels.

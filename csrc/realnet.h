@@ -1,7 +1,7 @@
 // Shared by the op registration (realnet.cpp), the CPU kernels (cpu/realnet_cpu.cpp) and
 // the CUDA kernels (cuda/realnet_cuda.cu): input checks and the bilinear geometry.
 //
-// The ops (schemas in realnet.cpp, semantics in realnet/ops.py and SPEC §4-§5):
+// The ops (schemas in realnet.cpp, semantics in realnet/ops.py and docs/method.md):
 //   rrs_stats(feats[], recons[]) -> stats (3, B, M) float64: per sample and channel the
 //       spatial max, mean and biased variance of E = upsample((feats - recons)^2)
 //   rrs_rank(stats, spatial, k_max, k_mean, running_mean!, running_var!, training,

@@ -3,7 +3,7 @@
 SDAS (RealNet §3.1) samples anomalies from a diffusion model that was fine-tuned from
 OpenAI's class-conditional ImageNet model `256x256_diffusion.pt`. This file is that
 network, written out here so that its state_dict has exactly OpenAI's key names and
-shapes (`build_unet("paper", num_classes=1000)` equals `shared/data/adm256_cond_state_dict.json`)
+shapes (`build_unet("paper", num_classes=1000)` equals `tests/data/adm256_cond_state_dict.json`)
 and the file loads with `load_pretrained`.
 
 Shape of the network (paper preset, 256x256 input):
@@ -27,7 +27,7 @@ from .cli import UserError
 
 PRESETS = {
     # OpenAI's 256x256 class-conditional model (guided-diffusion `256x256_diffusion.pt`), as
-    # the authors use it (facts §8.1).
+    # the authors use it (552.8M parameters with 15 classes).
     "paper": dict(image_size=256, in_channels=3, model_channels=256, channel_mult=(1, 1, 2, 2, 4, 4),
                   num_res_blocks=2, attention_resolutions=(32, 16, 8), num_head_channels=64,
                   use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, learn_sigma=True),

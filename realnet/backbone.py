@@ -1,4 +1,4 @@
-"""The frozen feature extractor: WideResNet50-2, layers 1-4 (facts §3.1, SPEC §4).
+"""The frozen backbone: WideResNet50-2, layers 1-4 (docs/method.md, section 5).
 
 Weights (`--backbone-weights`):
   imagenet  torchvision's Wide_ResNet50_2_Weights.IMAGENET1K_V1 (default). Read from the

@@ -7,7 +7,7 @@ between its two natural bounds in log space (IDDPM "learned range", RealNet eq. 
     log Sigma_theta = frac log beta_t + (1 - frac) log beta~_t,   frac = (v + 1) / 2,
     beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)   (the posterior variance).
 Training minimises L_simple + L_vlb, the VLB term with the mean detached so that it only
-trains the variance (RealNet eq. S2; guided-diffusion's hybrid loss, facts §8.4).
+trains the variance (RealNet eq. S2; guided-diffusion's hybrid loss, docs/method.md).
 
 SDAS (RealNet algorithm 1): at every reverse step but the last,
     x_{t-1} = mu_theta(x_t, t) + sqrt(1 + s) * Sigma_theta(x_t, t)^(1/2) * z,   z ~ N(0, I),
@@ -195,7 +195,7 @@ class GaussianDiffusion:
         predicted mean detached (so L_vlb trains only the variance; RealNet eq. S2).
 
         The VLB weight is 1 per sampled step, i.e. lambda = 1/T = 0.001 on the sum over all
-        T steps in the paper's notation (facts §8.4)."""
+        T steps in the paper's notation (docs/method.md, section 3)."""
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
         output = self.model_output(model, x_t, t, y)
@@ -222,7 +222,7 @@ class GaussianDiffusion:
     def ddim_sample(self, model, x, t, y, strength, z, eta=0.0):
         """One DDIM step (eta = 0: deterministic) with the SDAS perturbation of the appendix's
         algorithm S1 as the authors' code does it: an extra sqrt(s) Sigma_theta^(1/2) z on top
-        of the eta-noise sigma_eta z, the same z (facts §8.7)."""
+        of the eta-noise sigma_eta z, the same z (as the authors' ddim_sample)."""
         out = self.p_mean_variance(model, x, t, y, clip_denoised=True)
         eps = (self._at("sqrt_recip_alphas_cumprod", t, x) * x - out["pred_x0"]) / self._at("sqrt_recipm1_alphas_cumprod", t, x)
         abar = self._at("alphas_cumprod", t, x)
@@ -272,5 +272,5 @@ class GaussianDiffusion:
 
 
 def default_schedule(num_timesteps=1000):
-    """The schedule entry a diffusion checkpoint stores (facts §8.3)."""
+    """The schedule entry a diffusion checkpoint stores (T = 1000, linear betas 1e-4 to 0.02)."""
     return {"kind": "linear", "num_timesteps": num_timesteps, "beta_start": 1e-4, "beta_end": 0.02}

@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics, computed exactly and never flipped (SPEC §7).
+"""Anomaly-detection metrics, computed exactly and never flipped (docs/method.md, section 7).
 
     image_auroc(labels, scores)          sklearn's ROC AUC of per-image scores
     pixel_auroc(maps, masks)             ROC AUC over all pixels of all images

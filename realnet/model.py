@@ -1,4 +1,4 @@
-"""The RealNet model (paper §3.3-3.4, SPEC §5): what sits on top of the frozen backbone.
+"""The RealNet model (paper §3.3-3.4, eq. 5-6): what sits on top of the frozen backbone.
 
     features (frozen WideResNet50 layers)
       -> AFS: keep the anomaly-aware channels chosen by select_features.py (index_select)
@@ -8,7 +8,7 @@
 
     loss = CE(logits, mask) + sum_k MSE(G_k(phi_k(A)), phi_k(I))     A anomalous, I clean
 
-The architecture follows the authors' code (official_implementation_facts.md §4-5): their
+The architecture follows the authors' code (docs/method.md, section 6): their
 "ResBlock" has a single conv, down-sampling is average pooling, up-sampling two separate
 transposed convs, attention sits on levels 1 and 2 and in the middle, and the output conv
 is zero-initialised so that every reconstruction starts at exactly 0.
@@ -36,7 +36,8 @@ ARCHITECTURES = {
 
 def level_layers(arch, layers):
     """Which backbone layers feed each reconstruction level. A: [[1], [2], [3], [4]];
-    C: [[1, 2], [3, 4]] (facts §3.2: block1 = layer1 + up(layer2), block2 = layer3 + up(layer4))."""
+    C: [[1, 2], [3, 4]] (the authors' commented alternative: block1 = layer1 + up(layer2),
+    block2 = layer3 + up(layer4))."""
     if arch == "A":
         return [[layer] for layer in layers]
     if arch == "C":
@@ -90,7 +91,7 @@ def level_channels(config):
 
 
 # ----------------------------------------------------------------------------------------
-# Building blocks of the reconstruction UNet (facts §4)
+# Building blocks of the reconstruction UNet (as the authors': docs/method.md, section 6)
 # ----------------------------------------------------------------------------------------
 
 def group_count(channels, most=32):
@@ -216,7 +217,7 @@ class ReconstructionUNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# RRS and the discriminator (facts §5)
+# RRS and the discriminator (paper §3.3, appendix B)
 # ----------------------------------------------------------------------------------------
 
 class ResidualSelection(nn.Module):
@@ -349,7 +350,7 @@ class RealNet(nn.Module):
 
 
 def realnet_loss(output, clean_features, mask):
-    """SPEC §5: CE(logits, mask) + sum over levels of MSE(G_k(phi_k(A)), phi_k(I)).
+    """Paper eq. 6: CE(logits, mask) + sum over levels of MSE(G_k(phi_k(A)), phi_k(I)) (eq. 5).
     The segmentation loss reaches the reconstruction nets through the selected residuals."""
     segmentation = F.cross_entropy(output["logits"].float(), mask[:, 0].long())
     reconstruction = sum(F.mse_loss(r.float(), c.float()) for r, c in zip(output["reconstructions"], clean_features))

@@ -8,7 +8,7 @@ The `*_reference` functions say what the operators compute in the most direct Py
 the tests hold the fused C++/CUDA kernels (csrc/) to them. When the compiled extension
 `realnet._C` is missing, the public functions fall back to the references (one warning).
 
-How the fused RRS works (SPEC §5). The reference materialises the upsampled residual
+How the fused RRS works (docs/method.md, section 6). The reference materialises the upsampled residual
 E (B, M, H, W), its BatchNorm-normalised copy, and the gather. The fused path never
 builds either:
   1. `rrs_stats` makes one pass over feats/recons and returns, per sample and channel,
@@ -106,7 +106,7 @@ def afs_channel_loss_reference(anomalous, normal, mask):
 
 def rrs_select(feats, recons, k_max, k_mean, running_mean, running_var, training,
                momentum=0.9, eps=1e-5, *, process_group=None):
-    """Reconstruction Residual Selection (SPEC §5).
+    """Reconstruction Residual Selection (paper §3.3).
 
     feats, recons: lists of (B, m_k, h_k, w_k), finest level first.
     running_mean, running_var: (M,) float32, M = sum m_k; updated in place when training.

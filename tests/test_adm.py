@@ -9,7 +9,7 @@ import torch
 from realnet import adm
 from realnet.cli import UserError
 
-# Key -> shape of OpenAI's guided-diffusion 256x256 checkpoints (copied from shared/data).
+# Key -> shape of OpenAI's guided-diffusion 256x256 checkpoints (tests/data/, read from the files).
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
@@ -40,7 +40,7 @@ def test_paper_preset_unconditional_equals_openai_unconditional_state_dict():
 def test_paper_preset_parameter_count_with_15_classes():
     with torch.device("meta"):
         model = adm.build_unet("paper", num_classes=15)
-    assert adm.count_parameters(model) == 552_829_446  # facts §8.1: 552.8M
+    assert adm.count_parameters(model) == 552_829_446  # the authors' model: 552.8M
 
 
 def legacy_attention(qkv, n_heads):

@@ -28,7 +28,7 @@ def test_ddim20_respacing_timesteps_and_betas():
     assert D.respaced_timesteps(1000, 20) == list(range(0, 1000, 50))
     d = ddim20()
     assert d.timestep_map.tolist() == list(range(0, 1000, 50))
-    # facts §8.3 (from running the authors' code): 1e-4, 0.02995..., ..., 0.6076
+    # from running the authors' code: 1e-4, 0.02995..., ..., 0.6076
     assert d.betas[0].item() == pytest.approx(1e-4, rel=1e-12)
     assert d.betas[1].item() == pytest.approx(0.0299515, rel=1e-5)
     assert d.betas[-1].item() == pytest.approx(0.6076078, rel=1e-6)

@@ -34,7 +34,7 @@ def fake_backbone_features(batch, channels=(12, 20, 24), input_size=64, strides=
 
 
 def test_architecture_matches_the_authors_parameter_counts():
-    # facts §4/§5: block1 (256 ch) 51.85M, block2 (512 ch) 207.27M, RRS/discriminator 5.87M
+    # the authors' code: block1 (256 ch) 51.85M, block2 (512 ch) 207.27M, RRS/discriminator 5.87M
     assert M.count_parameters(M.ReconstructionUNet(256)) == 51_846_144
     assert M.count_parameters(M.ReconstructionUNet(512)) == 207_271_936
     assert M.count_parameters(M.Discriminator(512)) == 5_872_662
