@@ -26,7 +26,7 @@ cd "$(dirname "$0")"
 # Knobs (environment variables); the defaults are the demo scale described above.
 CATEGORY=${CATEGORY:-weave}          # weave does best on a random backbone; also washer, tablet, granite
 OUT=${OUT:-runs/demo/$CATEGORY}      # every output of the five stages
-DATA=${DATA:-data/demo}              # drawn by realnet.demo_data unless set to an existing data set
+DATA=${DATA:-data/demo}              # drawn by demo_data.py unless set to an existing data set
 DTD=${DTD:-${DATA}_dtd}              # DTD-style textures, the second anomaly source
 SETUP=${SETUP:-1}                    # 0: skip the pip installs and the extension build
 SIZE=${SIZE:-128}                    # RealNet input side (paper: 256)
@@ -63,7 +63,7 @@ if [ "$SETUP" = 1 ]; then
 fi
 
 if [ "$DATA" = data/demo ]; then  # seconds; categories already written with these settings are kept
-    stage "demo data" "$PYTHON" -m realnet.demo_data --out data/demo --dtd-out data/demo_dtd
+    stage "demo data" "$PYTHON" -m demo_data --out data/demo --dtd-out data/demo_dtd
 fi
 
 stage "1 diffusion" "$PYTHON" train_diffusion.py --data "$DATA" --categories "$CATEGORY" \
@@ -79,11 +79,11 @@ select_features() {  # AFS is a pure function of its inputs: a finished file is 
 }
 stage "3 select features" select_features select_features.py --data "$DATA" --category "$CATEGORY" \
     --sdas "$OUT/sdas" --dtd "$DTD" --backbone-weights random \
-    --input-size "$SIZE" --layers 1 2 --dims 32 64 --batches "$AFS_BATCHES" --out "$OUT/afs.pt"
+    --input-size "$SIZE" --layers 1 2 --dims 32 64 --batches "$AFS_BATCHES" --out "$OUT"
 
 stage "4 train RealNet" "$PYTHON" train_realnet.py --data "$DATA" --category "$CATEGORY" \
     --sdas "$OUT/sdas" --dtd "$DTD" --afs "$OUT/afs.pt" \
-    --width-ratio 0.25 --batch 8 --steps "$TRAIN_STEPS" --lr 1e-3 --out "$OUT/realnet" --resume
+    --width-ratio 0.25 --batch-size 8 --steps "$TRAIN_STEPS" --lr 1e-3 --out "$OUT/realnet" --resume
 
 stage "5 evaluate" "$PYTHON" evaluate.py --checkpoint "$OUT/realnet/model.pt" --out "$OUT/eval"
 

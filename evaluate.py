@@ -1,4 +1,4 @@
-"""Stage 5: evaluate a RealNet checkpoint, honestly (SPEC §7).
+"""Stage 5: evaluate a RealNet checkpoint, honestly (docs/method.md, "Evaluation").
 
     python3 evaluate.py --checkpoint runs/bottle/realnet/model.pt --data data/mvtec
     python3 evaluate.py --checkpoint runs/demo/realnet/model.pt       # on the data it was trained for
@@ -29,19 +29,18 @@ import time
 import numpy as np
 import torch
 
-from realnet import cli, data, metrics, viz
-from realnet.backbone import load_backbone
+from realnet import cli, data, metrics, runs, viz
+from realnet.features import FeatureExtractor
 from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest, load_checkpoint
 from realnet.model import RealNet, describe
 from realnet.progress import Progress
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate RealNet (SPEC §7).",
+    p = argparse.ArgumentParser(description="Stage 5: evaluate RealNet (image/pixel AUROC, exact AU-PRO).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model.pt or best.pt from train_realnet.py")
-    p.add_argument("--data", default=None, help="data set root (default: the one the checkpoint was trained on)")
-    p.add_argument("--format", default="auto", help="auto | mvtec | mpdd | btad | visa | visa_csv | folder")
+    cli.add_data_args(p, default=None, help="data set root (default: the one the checkpoint was trained on)")
     p.add_argument("--categories", default=None, help="comma-separated (default: the checkpoint's)")
     p.add_argument("--backbone-weights", default=None,
                    help="imagenet | PATH.pth | random (default: the weights the checkpoint was trained with)")
@@ -49,13 +48,13 @@ def parse_args(argv=None):
                    help="avgpool: max of the pooled map (authors); max: max of the map (MVTec's script)")
     p.add_argument("--pool", type=int, default=16, help="average-pooling window of --image-score avgpool")
     p.add_argument("--fpr-limit", type=float, default=0.3, help="AU-PRO integration limit (MVTec AD)")
-    p.add_argument("--batch", type=int, default=16, help="test batch size, also the throughput batch")
+    p.add_argument("--batch-size", type=int, default=16, help="test batch size, also the throughput batch")
     p.add_argument("--throughput-repeats", type=int, default=5, help="timed forward passes (after 2 warm-up)")
     p.add_argument("--panels", type=int, default=-1, help="heatmap panels per category (-1 all, 0 none)")
     p.add_argument("--predict", default=None, help="score the images of this folder (no labels needed)")
     p.add_argument("--threshold", type=float, default=None, help="with --predict: draw the contour map >= T")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes (0 = in-process)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
+    cli.add_workers_arg(p)
+    cli.add_device_arg(p)
     p.add_argument("--out", default=None, help="output folder (default <checkpoint folder>/eval)")
     return p.parse_args(argv)
 
@@ -66,23 +65,20 @@ def parse_args(argv=None):
 
 def load_model(path, backbone_weights, device):
     """Rebuild the model from its checkpoint and reload the frozen backbone it was trained
-    with (the checkpoint stores its identity, not its weights); refuse another backbone."""
+    with (the checkpoint stores its identity, not its weights); refuse another backbone.
+    Returns (model, features: image -> AFS features, checkpoint)."""
     ckpt = load_checkpoint(path, "--checkpoint", kind="realnet")
     config = ckpt["config"]
-    trained_with = config.get("backbone") or {}
-    backbone = load_backbone(backbone_weights or trained_with.get("weights", "imagenet"), config["layers"]).to(device)
-    if (backbone.identity.get("arch"), backbone.identity.get("digest")) != \
-            (trained_with.get("arch"), trained_with.get("digest")):
-        raise cli.UserError(f"--checkpoint {path!r} was trained on backbone weights {trained_with.get('weights')!r} "
-                            f"(digest {trained_with.get('digest')}), not {backbone.identity.get('weights')!r} "
-                            f"(digest {backbone.identity.get('digest')}): give the same --backbone-weights")
+    backbone = runs.load_recorded_backbone(config.get("backbone"), backbone_weights, config["layers"],
+                                           f"--checkpoint {path!r}")
     model = RealNet(config)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         raise cli.UserError(f"--checkpoint {path!r}: its weights do not fit its configuration "
                             f"({str(e).splitlines()[0]})")
-    return model.to(device).eval(), backbone, ckpt
+    model = model.to(device).eval()
+    return model, FeatureExtractor(backbone.to(device), model), ckpt
 
 
 def sync(device):
@@ -91,17 +87,17 @@ def sync(device):
 
 
 @torch.no_grad()
-def forward(model, backbone, images):
+def forward(model, features, images):
     """Images (B, 3, S, S), ImageNet-normalised -> anomaly maps (B, S, S) in [0, 1]."""
-    return model(model.select_features(backbone(images)), images.shape[-2:])["anomaly_map"]
+    return model(features(images), images.shape[-2:])["anomaly_map"]
 
 
-def anomaly_maps(model, backbone, dataset, device, batch, workers, label):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
+def anomaly_maps(model, features, dataset, device, batch_size, workers, label):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     progress = Progress(len(loader), label, unit="img", every=max(1, len(loader) // 10))
     maps, masks = [], []
     for step, b in enumerate(loader, start=1):
-        maps.append(forward(model, backbone, b["image"].to(device)).float().cpu())
+        maps.append(forward(model, features, b["image"].to(device)).float().cpu())
         if "mask" in b:
             masks.append(b["mask"][:, 0])
         progress.update(step, items=len(b["image"]))
@@ -109,14 +105,14 @@ def anomaly_maps(model, backbone, dataset, device, batch, workers, label):
 
 
 @torch.no_grad()
-def throughput(model, backbone, images, device, repeats):
+def throughput(model, features, images, device, repeats):
     """Images/s of the forward pass alone, the device synchronised around the timed loop."""
     for _ in range(2):  # warm-up: allocator, kernel selection
-        forward(model, backbone, images)
+        forward(model, features, images)
     sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
-        forward(model, backbone, images)
+        forward(model, features, images)
     sync(device)
     seconds = time.perf_counter() - start
     return {"images_per_s": round(len(images) * repeats / seconds, 3), "batch": len(images), "repeats": repeats,
@@ -129,8 +125,9 @@ def throughput(model, backbone, images, device, repeats):
 # Metrics
 # ----------------------------------------------------------------------------------------
 
-def score_images(maps, args):
-    return metrics.image_scores(maps, pool="max" if args.image_score == "max" else args.pool)
+def score_images(maps, image_score, pool):
+    """--image-score avgpool (max of the pool x pool average-pooled map) or max."""
+    return metrics.image_scores(maps, pool="max" if image_score == "max" else pool)
 
 
 def compute_metrics(maps, masks, labels, has_masks, scores, fpr_limit):
@@ -159,26 +156,27 @@ def compute_metrics(maps, masks, labels, has_masks, scores, fpr_limit):
     return result, missing
 
 
-def evaluate_category(model, backbone, dataset, category, args, device, out):
+def evaluate_category(model, features, dataset, category, device, out, batch_size, workers, image_score, pool,
+                      fpr_limit, panels):
     samples = dataset.test(category)
     if not samples:
         raise cli.UserError(f"{dataset.root!r}: category {category!r} has no test images")
     size = model.config["input_size"]
-    maps, masks = anomaly_maps(model, backbone, data.TestSet(samples, size), device, args.batch, args.workers,
+    maps, masks = anomaly_maps(model, features, data.TestSet(samples, size), device, batch_size, workers,
                                f"eval {category}")
     labels = np.array([s.label for s in samples], dtype=bool)
     has_masks = np.array([s.mask is not None for s in samples if s.label == 1], dtype=bool)
     defects = np.array([s.defect for s in samples])
-    scores = score_images(maps, args)
+    scores = score_images(maps, image_score, pool)
 
-    result, missing = compute_metrics(maps, masks, labels, has_masks, scores, args.fpr_limit)
+    result, missing = compute_metrics(maps, masks, labels, has_masks, scores, fpr_limit)
     per_defect = {}
     good = ~labels
     for defect in sorted(set(defects[labels])):
         rows = (defects == defect) | good
         sub_has_masks = np.array([s.mask is not None for s in samples if s.label == 1 and s.defect == defect])
         numbers, why = compute_metrics(maps[rows], masks[rows], labels[rows], sub_has_masks, scores[rows],
-                                       args.fpr_limit)
+                                       fpr_limit)
         per_defect[defect] = {**numbers, "images": int((defects == defect).sum())}
         if why:
             per_defect[defect]["not_computed"] = why
@@ -196,9 +194,8 @@ def evaluate_category(model, backbone, dataset, category, args, device, out):
             print(f"{category}: {name} not computed: {why}")
 
     rows_csv = [(category, s.image, s.defect, s.label, float(sc)) for s, sc in zip(samples, scores)]
-    if args.panels:
-        write_panels(samples, maps, masks, scores, threshold, size, os.path.join(out, "panels", category),
-                     args.panels)
+    if panels:
+        write_panels(samples, maps, masks, scores, threshold, size, os.path.join(out, "panels", category), panels)
     return result, rows_csv
 
 
@@ -257,20 +254,20 @@ class FolderImages(torch.utils.data.Dataset):
         return {"image": data.to_tensor(data.load_image(self.paths[i], self.size)), "path": self.paths[i]}
 
 
-def predict(model, backbone, args, device, out):
-    folder = cli.require_dir(args.predict, "--predict")
+def predict(model, features, folder, device, out, batch_size, workers, image_score, pool, threshold):
+    folder = cli.require_dir(folder, "--predict")
     paths = data.list_images(folder)
     if not paths:
         raise cli.UserError(f"--predict: folder {folder!r} has no images ({', '.join(data.IMAGE_EXTENSIONS)})")
     size = model.config["input_size"]
-    maps, _ = anomaly_maps(model, backbone, FolderImages(paths, size), device, args.batch, args.workers, "predict")
-    scores = score_images(maps, args)
+    maps, _ = anomaly_maps(model, features, FolderImages(paths, size), device, batch_size, workers, "predict")
+    scores = score_images(maps, image_score, pool)
     write_csv(os.path.join(out, "predictions.csv"), ["path", "score"], [(p, float(s)) for p, s in zip(paths, scores)])
-    note = f"contour: map >= {args.threshold} (--threshold)" if args.threshold is not None else "no threshold given"
+    note = f"contour: map >= {threshold} (--threshold)" if threshold is not None else "no threshold given"
     for path, anomaly_map, score in zip(paths, maps, scores):
         image = data.load_image(path, size)
         row = viz.hstack([viz.labelled(image, "image"),
-                          viz.labelled(heat_panel(image, anomaly_map, args.threshold), f"score {score:.3f}")])
+                          viz.labelled(heat_panel(image, anomaly_map, threshold), f"score {score:.3f}")])
         name = os.path.splitext(os.path.basename(path))[0] + ".png"
         atomic_save_image(viz.to_pil(viz.labelled(row, f"{os.path.basename(path)} | {note}")),
                           os.path.join(out, "predict", name))
@@ -280,69 +277,85 @@ def predict(model, backbone, args, device, out):
 
 
 # ----------------------------------------------------------------------------------------
-# Main
+# The report
 # ----------------------------------------------------------------------------------------
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.batch < 1 or args.throughput_repeats < 1:
-        raise cli.UserError("--batch and --throughput-repeats must be at least 1")
-    if not 0 < args.fpr_limit <= 1:
-        raise cli.UserError(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
-    device = cli.resolve_device(args.device)
-    model, backbone, ckpt = load_model(args.checkpoint, args.backbone_weights, device)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    os.makedirs(out, exist_ok=True)
-    cli.save_args(args, out)
-    print(describe(model.config))
+def protocol(image_score, pool, fpr_limit, input_size):
+    """How every number in metrics.json was computed, in words."""
+    return {"image_score": f"max of the {pool}x{pool} average-pooled map (stride 1, no padding)"
+            if image_score == "avgpool" else "max of the map",
+            "resolution": f"{input_size}x{input_size} (the input size; masks resized with nearest)",
+            "au_pro": f"MVTec AD definition, exact, FPR limit {fpr_limit}",
+            "auroc_flipped": False,
+            "image_labels": "from the test folders (good vs a defect type)",
+            "per_defect": "each defect type's images together with all good images"}
 
-    if args.predict:
-        paths, _ = predict(model, backbone, args, device, out)
-        sample = torch.stack([data.to_tensor(data.load_image(p, model.config["input_size"]))
-                              for p in paths[:args.batch]]).to(device)
-        speed = throughput(model, backbone, sample, device, args.throughput_repeats)
-        atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
-        return
 
-    root = args.data or ckpt["dataset"]["root"]
-    dataset = data.open_dataset(root, args.format if args.data else ckpt["dataset"].get("format", "auto"))
-    categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
-    results, rows = {}, []
-    for category in categories:
-        results[category], category_rows = evaluate_category(model, backbone, dataset, category, args, device, out)
-        rows += category_rows
-
-    first = data.TestSet(dataset.test(categories[0])[:args.batch], model.config["input_size"])
-    images = torch.stack([first[i]["image"] for i in range(len(first))]).to(device)
-    speed = throughput(model, backbone, images, device, args.throughput_repeats)
-
+def mean_over_categories(results):
+    """Each metric's mean over the categories (None when a category lacks it)."""
     summary = {}
     for name in ("image_auroc", "pixel_auroc", "au_pro"):
         values = [r[name] for r in results.values()]
         summary[name] = float(np.mean(values)) if values and all(v is not None for v in values) else None
-    report = {
-        "checkpoint": {"path": os.path.abspath(args.checkpoint), "digest": file_digest(args.checkpoint),
-                       "step": ckpt.get("step"), "selected_on": ckpt.get("selected_on"),
-                       "unified": ckpt.get("unified", False)},
-        "data": dataset.describe(), "categories": results, "mean": summary, "throughput": speed,
-        "protocol": {"image_score": f"max of the {args.pool}x{args.pool} average-pooled map (stride 1, no padding)"
-                     if args.image_score == "avgpool" else "max of the map",
-                     "resolution": f"{model.config['input_size']}x{model.config['input_size']} (the input size; "
-                                   "masks resized with nearest)",
-                     "au_pro": f"MVTec AD definition, exact, FPR limit {args.fpr_limit}",
-                     "auroc_flipped": False,
-                     "image_labels": "from the test folders (good vs a defect type)",
-                     "per_defect": "each defect type's images together with all good images"},
-        "args": cli.args_to_dict(args)}
-    atomic_write_json(os.path.join(out, "metrics.json"), report)
-    write_csv(os.path.join(out, "scores.csv"), ["category", "path", "defect", "label", "score"], rows)
+    return summary
 
+
+def print_table(results, summary):
     fmt = lambda v: "  n/a " if v is None else f"{100 * v:6.2f}"
     print(f"{'category':<16} {'image':>6} {'pixel':>6} {'AU-PRO':>6}")
     for category, r in results.items():
         print(f"{category:<16} {fmt(r['image_auroc'])} {fmt(r['pixel_auroc'])} {fmt(r['au_pro'])}")
     if len(results) > 1:
         print(f"{'mean':<16} {fmt(summary['image_auroc'])} {fmt(summary['pixel_auroc'])} {fmt(summary['au_pro'])}")
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    cli.require_positive(batch_size=args.batch_size, throughput_repeats=args.throughput_repeats)
+    if not 0 < args.fpr_limit <= 1:
+        raise cli.UserError(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
+    device = cli.resolve_device(args.device)
+    model, features, ckpt = load_model(args.checkpoint, args.backbone_weights, device)
+    size = model.config["input_size"]
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    os.makedirs(out, exist_ok=True)
+    runs.save_args(args, out)
+    print(describe(model.config))
+
+    if args.predict:
+        paths, _ = predict(model, features, args.predict, device, out, args.batch_size, args.workers,
+                           args.image_score, args.pool, args.threshold)
+        sample = torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths[:args.batch_size]])
+        speed = throughput(model, features, sample.to(device), device, args.throughput_repeats)
+        atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
+        return
+
+    dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"), f"--checkpoint {args.checkpoint!r}")
+    categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
+    results, rows = {}, []
+    for category in categories:
+        results[category], category_rows = evaluate_category(
+            model, features, dataset, category, device, out, args.batch_size, args.workers, args.image_score,
+            args.pool, args.fpr_limit, args.panels)
+        rows += category_rows
+
+    first = data.TestSet(dataset.test(categories[0])[:args.batch_size], size)
+    images = torch.stack([first[i]["image"] for i in range(len(first))]).to(device)
+    speed = throughput(model, features, images, device, args.throughput_repeats)
+
+    summary = mean_over_categories(results)
+    atomic_write_json(os.path.join(out, "metrics.json"), {
+        "checkpoint": {"path": os.path.abspath(args.checkpoint), "digest": file_digest(args.checkpoint),
+                       "step": ckpt.get("step"), "selected_on": ckpt.get("selected_on"),
+                       "unified": ckpt.get("unified", False)},
+        "data": dataset.describe(), "categories": results, "mean": summary, "throughput": speed,
+        "protocol": protocol(args.image_score, args.pool, args.fpr_limit, size), "args": cli.args_to_dict(args)})
+    write_csv(os.path.join(out, "scores.csv"), ["category", "path", "defect", "label", "score"], rows)
+    print_table(results, summary)
     print(f"throughput {speed['images_per_s']} images/s (batch {speed['batch']}, {speed['device']}); "
           f"wrote {os.path.join(out, 'metrics.json')}, scores.csv, panels/")
 

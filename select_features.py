@@ -1,4 +1,4 @@
-"""Stage 3: anomaly-aware feature selection, AFS (paper §3.2, eq. 4; SPEC §4).
+"""Stage 3: anomaly-aware feature selection, AFS (paper §3.2, eq. 4).
 
 Which backbone channels see anomalies? Make images with synthetic anomalies A and keep
 their clean originals I. For every layer k and channel i of the frozen backbone, the squared
@@ -12,19 +12,20 @@ stays dark elsewhere: RealNet keeps the dims[k] lowest-loss channels of each lay
 (default 256, 512, 512, 256 of WideResNet50's 256, 512, 1024, 2048: so layers 1 and 2 are
 kept whole, as in the authors' configuration) and reconstructs only those.
 
-    python3 -m realnet.demo_data --out data/demo --dtd-out data/demo_dtd
+    python3 -m demo_data --out data/demo --dtd-out data/demo_dtd
     python3 select_features.py --data data/demo --category washer --dtd data/demo_dtd \\
-        --out runs/washer/afs.pt
+        --out runs/washer
     # smoke run without ImageNet weights (about a minute on 2 CPU cores):
     python3 select_features.py --data data/demo --category washer --dtd data/demo_dtd \\
-        --input-size 128 --batches 16 --backbone-weights random --out runs/smoke/afs.pt
+        --input-size 128 --batches 16 --backbone-weights random --out runs/smoke
 
-Writes, next to --out: the AFS file (read by train_realnet.py), <name>_scores.png (the
-per-channel losses, kept channels in red), <name>_args.json, and with --dump N the folder
-<name>_examples/ with N of the synthetic anomalies AFS looked at. One backbone pass per
+Writes to the folder --out: afs.pt (the AFS file, read by train_realnet.py, which takes
+its data set, anomaly source, input size and backbone from it), afs_scores.png (the
+per-channel losses, kept channels in red), afs_args.json, and with --dump N the folder
+afs_examples/ with N of the synthetic anomalies AFS looked at. One backbone pass per
 batch serves all layers (anomalous and clean images concatenated); the authors run the
 whole backbone once per layer, four times the work. An interrupted run continues from
-<name>.partial when started again with the same settings.
+afs.partial when started again with the same settings.
 """
 import argparse
 import os
@@ -34,35 +35,34 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from realnet import anomaly, cli, data
+from realnet import cli, data, runs
 from realnet.backbone import Backbone, load_backbone
 from realnet.files import atomic_save_image, atomic_torch_save, load_checkpoint
 from realnet.progress import Progress
+from realnet.stream import AnomalyStream, StreamSampler, dump_examples
+from realnet.synthesis import synthesizers_for
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="AFS: choose the backbone channels that see anomalies (SPEC §4).")
-    p.add_argument("--data", default="data/demo", help="data set root (default data/demo, the embedded demo)")
-    p.add_argument("--format", default="auto", help="auto | mvtec | mpdd | btad | visa | visa_csv | folder")
+    p = argparse.ArgumentParser(description="Stage 3: AFS, choose the backbone channels that see anomalies.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_data_args(p)
     p.add_argument("--category", default=None, help="category to select for (default: the only one)")
-    p.add_argument("--sdas", default=None, help="folder of SDAS images of this category (synthesize.py)")
-    p.add_argument("--dtd", default=None, help="DTD folder (images/<texture>/*); with --sdas: half each")
-    p.add_argument("--foreground", default="category", choices=anomaly.FOREGROUND_MODES,
-                   help="where anomalies may go: the authors' rule per category (default), auto, none")
-    p.add_argument("--input-size", type=int, default=256, help="image side (default 256, the paper's)")
-    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3, 4], help="backbone layers (default 1 2 3 4)")
+    cli.add_anomaly_source_args(p)
+    p.add_argument("--input-size", type=int, default=256, help="image side (the paper's)")
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3, 4], help="backbone layers")
     p.add_argument("--dims", type=int, nargs="+", default=[256, 512, 512, 256],
-                   help="channels kept per layer (default 256 512 512 256, the authors')")
-    p.add_argument("--batches", type=int, default=64, help="batches of synthetic anomalies (default 64, the authors')")
-    p.add_argument("--batch-size", type=int, default=16, help="anomalous images per batch (default 16, the authors')")
+                   help="channels kept per layer (the authors')")
+    p.add_argument("--batches", type=int, default=64, help="batches of synthetic anomalies (the authors')")
+    p.add_argument("--batch-size", type=int, default=16, help="anomalous images per batch (the authors')")
     p.add_argument("--backbone-weights", default="imagenet",
-                   help="imagenet (torchvision, default) | PATH.pth (e.g. timm's racm file) | random (smoke only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic anomalies (default 0)")
-    p.add_argument("--out", default=None, help="AFS file to write (default runs/<category>/afs.pt)")
-    p.add_argument("--dump", type=int, default=0, help="also write N synthetic anomalies as PNGs (default 0)")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2; 0 = in-process)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
-    p.add_argument("--save-every", type=int, default=8, help="batches between resumable partial states (default 8)")
+                   help="imagenet (torchvision) | PATH.pth (e.g. timm's racm file) | random (smoke only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic anomalies")
+    p.add_argument("--out", default=None, help="output folder for afs.pt and its pictures (default runs/<category>)")
+    p.add_argument("--dump", type=int, default=0, help="also write N synthetic anomalies as PNGs")
+    cli.add_workers_arg(p)
+    cli.add_device_arg(p)
+    p.add_argument("--save-every", type=int, default=8, help="batches between resumable partial states")
     return p.parse_args(argv)
 
 
@@ -144,8 +144,7 @@ def draw_scores(scores, indices, layers, width=1024, height=150):
 def main(argv=None):
     args = parse_args(argv)
     check_dims(args.layers, args.dims)
-    if args.batches < 1 or args.batch_size < 1:
-        raise cli.UserError("--batches and --batch-size must be at least 1")
+    cli.require_positive(batches=args.batches, batch_size=args.batch_size)
     if args.input_size < 32:
         raise cli.UserError(f"--input-size must be at least 32 (the backbone's stride), got {args.input_size}")
     device = cli.resolve_device(args.device)
@@ -156,17 +155,17 @@ def main(argv=None):
             raise cli.UserError(f"--category is needed: {args.data!r} has {', '.join(dataset.categories)}")
         category = dataset.categories[0]
     train = dataset.train(category)
-    synthesizer = anomaly.AnomalySynthesizer(category, dataset.format, args.input_size, args.sdas, args.dtd,
-                                             args.foreground)
+    synthesizers = synthesizers_for([category], dataset.format, args.input_size, args.sdas, args.dtd,
+                                    args.foreground)
     # AFS looks at synthetic anomalies only (the authors switch the 'normal' type off)
-    stream = anomaly.AnomalyStream(train, args.input_size, synthesizer, seed=args.seed, normal_ratio=0.0)
+    stream = AnomalyStream(train, args.input_size, synthesizers, seed=args.seed, normal_ratio=0.0)
 
-    out = args.out or os.path.join("runs", category, "afs.pt")
-    stem = os.path.splitext(out)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    cli.save_args(args, os.path.dirname(os.path.abspath(out)), os.path.basename(stem) + "_args.json")
+    folder = args.out or os.path.join("runs", category)
+    out, stem = os.path.join(folder, "afs.pt"), os.path.join(folder, "afs")
+    os.makedirs(folder, exist_ok=True)
+    runs.save_args(args, folder, "afs_args.json")
     if args.dump:
-        written = anomaly.dump_examples(stream, args.dump, stem + "_examples")
+        written = dump_examples(stream, args.dump, stem + "_examples")
         print(f"wrote {args.dump} synthetic anomalies to {stem}_examples/ (contact sheet: {written[-1]})")
 
     backbone = load_backbone(args.backbone_weights, args.layers).to(device)
@@ -176,17 +175,19 @@ def main(argv=None):
     # exactly the result of an uninterrupted run.
     settings = {"data": os.path.abspath(args.data), "format": dataset.format, "category": category,
                 "input_size": args.input_size, "layers": args.layers, "batch_size": args.batch_size,
-                "seed": args.seed, "foreground": args.foreground, "source": synthesizer.source.describe(),
+                "seed": args.seed, "foreground": args.foreground, "source": synthesizers[category].source.describe(),
                 "backbone": backbone.identity}
     partial_path = stem + ".partial"
     start, sums = 0, None
     if os.path.isfile(partial_path):
         partial = load_checkpoint(partial_path, "partial AFS state", kind="afs_partial")
-        if partial["settings"] == settings and partial["batches_done"] <= args.batches:
+        changed = runs.differences(partial["settings"], settings)
+        if not changed and partial["batches_done"] <= args.batches:
             start, sums = partial["batches_done"], partial["sums"]
             print(f"resuming from {partial_path}: {start} of {args.batches} batches done")
         else:
-            print(f"ignoring {partial_path}: made with other settings")
+            why = "; ".join(changed) or f"{partial['batches_done']} batches done, --batches {args.batches} now"
+            print(f"starting afresh: {partial_path} was made with other settings ({why})")
 
     def save_partial(step, sums):
         if step % args.save_every == 0 and step < args.batches:
@@ -195,7 +196,7 @@ def main(argv=None):
 
     loader = torch.utils.data.DataLoader(
         stream, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
-        sampler=anomaly.StreamSampler(start, args.batches, args.batch_size))
+        sampler=StreamSampler(start, args.batches, args.batch_size))
     print(f"AFS on {category!r} ({dataset.format}, {len(train)} training images), {args.batches} batches of "
           f"{args.batch_size} at {args.input_size}px, backbone {backbone.identity['weights']}, device {device}")
     started = time.time()
@@ -211,7 +212,7 @@ def main(argv=None):
            "indices": indices, "scores": scores, "backbone": backbone.identity, "input_size": args.input_size,
            "category": category, "dataset": {**dataset.describe(), "category": category,
                                              "class_id": dataset.class_id(category), "train_images": len(train)},
-           "anomaly_source": synthesizer.describe(), "batches": args.batches, "batch_size": args.batch_size,
+           "anomaly_source": synthesizers[category].describe(), "batches": args.batches, "batch_size": args.batch_size,
            "seed": args.seed, "timing_s": {k: round(v, 3) for k, v in timing.items()},
            "args": cli.args_to_dict(args)}
     atomic_torch_save(afs, out)

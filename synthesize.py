@@ -33,26 +33,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from realnet import adm, cli, distributed, viz
+from realnet import adm, cli, distributed, runs, viz
 from realnet.diffusion import GaussianDiffusion
 from realnet.files import atomic_save_image, atomic_write_json, file_digest, load_checkpoint
 from realnet.progress import Progress
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--checkpoint", default="runs/diffusion/model.pt", help="model.pt written by train_diffusion.py")
-parser.add_argument("--category", default=None, help="category to synthesise (default: the checkpoint's only one)")
-parser.add_argument("--count", type=int, default=256, help="images to make (authors' config: 256; their release: 10000)")
-parser.add_argument("--out", default=None, help="output folder (default: data/sdas/<category>)")
-parser.add_argument("--steps", type=int, default=20, help="respaced reverse steps (paper: 20, timesteps 0, 50, ..., 950)")
-parser.add_argument("--strength", type=float, nargs=2, default=[0.1, 0.2], metavar=("A", "B"),
-                    help="s ~ U(A, B) per image (paper: 0.1 0.2; 0 0 gives normal images)")
-parser.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
-                    help="ancestral: IDDPM, algorithm 1 (the paper's); ddim: algorithm S1 (authors suggest s in 0.01-0.03)")
-parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (only with --sampler ddim)")
-parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass on each rank")
-parser.add_argument("--seed", type=int, default=0, help="base seed of every image's noise and strength")
-parser.add_argument("--sheet-count", type=int, default=32, help="images on contact_sheet.png (the first ones)")
-parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/diffusion/model.pt", help="model.pt written by train_diffusion.py")
+    p.add_argument("--category", default=None, help="category to synthesise (default: the checkpoint's only one)")
+    p.add_argument("--count", type=int, default=256,
+                   help="images to make (authors' config: 256; their release: 10000)")
+    p.add_argument("--out", default=None, help="output folder (default: data/sdas/<category>)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="respaced reverse steps (paper: 20, timesteps 0, 50, ..., 950)")
+    p.add_argument("--strength", type=float, nargs=2, default=[0.1, 0.2], metavar=("A", "B"),
+                   help="s ~ U(A, B) per image (paper: 0.1 0.2; 0 0 gives normal images)")
+    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
+                   help="ancestral: IDDPM, algorithm 1 (the paper's); ddim: algorithm S1 (s in 0.01-0.03)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (only with --sampler ddim)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass on each rank")
+    p.add_argument("--seed", type=int, default=0, help="base seed of every image's noise and strength")
+    p.add_argument("--sheet-count", type=int, default=32, help="images on contact_sheet.png (the first ones)")
+    cli.add_device_arg(p)
+    return p.parse_args(argv)
 
 
 def image_plan(seed, category, i, strength_range):
@@ -74,14 +79,14 @@ def to_uint8(x):
 
 
 @torch.no_grad()
-def synthesize(model, sampling, plans, class_id, size, args, device):
+def synthesize(model, sampling, plans, class_id, size, device, sampler="ancestral", eta=0.0):
     """SDAS for a batch of planned images -> uint8 images."""
     x_T = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(p["noise_seed"]))
                        for p in plans]).to(device)
     generators = [torch.Generator().manual_seed(p["step_seed"]) for p in plans]
     strength = torch.tensor([p["strength"] for p in plans])
     y = torch.full((len(plans),), class_id, dtype=torch.long, device=device)
-    x0 = sampling.sample(model, x_T, y, strength=strength, sampler=args.sampler, eta=args.eta, generators=generators)
+    x0 = sampling.sample(model, x_T, y, strength=strength, sampler=sampler, eta=eta, generators=generators)
     return [to_uint8(x) for x in x0]
 
 
@@ -110,22 +115,37 @@ def check_previous(out_dir, settings):
                 previous = json.load(f).get("settings")
         except (OSError, ValueError):
             continue  # a stale, unreadable part: it is rewritten below
-        if previous is not None and previous != settings:
-            changed = [f"{k}: {previous.get(k)!r} there, {settings[k]!r} now" for k in settings if previous.get(k) != settings[k]]
-            raise cli.UserError(f"{out_dir!r} holds images made with other settings ({'; '.join(changed)}); "
-                                "choose another --out or delete the folder")
+        if previous is not None:
+            runs.require_same_settings(previous, settings, f"{out_dir!r} holds images made with other settings",
+                                       "choose another --out or delete the folder")
 
 
-def main():
-    args = parser.parse_args()
+def merge_manifests(out_dir, category, count, seed, strength_range):
+    """Every image's record from the ranks' partial manifests, recomputed for files made by
+    an earlier run: a record is a function of the seed and the image number."""
+    by_index = {}
+    parts = sorted(glob.glob(os.path.join(out_dir, "manifest.rank*.json")))
+    for path in parts:
+        with open(path) as f:
+            for r in json.load(f)["images"]:
+                by_index[r["index"]] = r
+    merged = []
+    for i in range(count):
+        name = image_name(category, i)
+        if not os.path.isfile(os.path.join(out_dir, name)):
+            raise cli.UserError(f"{os.path.join(out_dir, name)!r} is missing after synthesis (a rank failed?)")
+        merged.append(by_index.get(i) or {"file": name, **image_plan(seed, category, i, strength_range)})
+    return merged
+
+
+def main(argv=None):
+    args = parse_args(argv)
     a, b = args.strength
     if a < 0 or b < 0:
         raise cli.UserError(f"--strength {a} {b}: the anomaly strength s must be >= 0 (s = 0 gives normal images)")
     if a > b:
         raise cli.UserError(f"--strength {a} {b}: expected A <= B (s ~ U(A, B))")
-    for name in ("count", "batch_size", "steps"):
-        if getattr(args, name) < 1:
-            raise cli.UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    cli.require_positive(count=args.count, batch_size=args.batch_size, steps=args.steps)
     if args.eta < 0:
         raise cli.UserError(f"--eta must be >= 0 (got {args.eta})")
 
@@ -138,8 +158,8 @@ def main():
     if args.category not in classes:
         raise cli.UserError(f"--category {args.category!r}: {args.checkpoint!r} was trained on {', '.join(classes)}")
     out_dir = args.out or os.path.join("data", "sdas", args.category)
-    dist = distributed.setup(args.device)
-    log = print if dist.is_main else (lambda *a, **k: None)
+    ddp = distributed.setup(args.device)
+    log = print if ddp.is_main else (lambda *a, **k: None)
 
     settings = {"checkpoint_digest": file_digest(args.checkpoint), "category": args.category,
                 "class_id": classes.index(args.category), "steps": args.steps, "sampler": args.sampler,
@@ -149,24 +169,25 @@ def main():
 
     model = adm.build_unet(ckpt["arch"])
     model.load_state_dict(ckpt["ema"])
-    model.to(dist.device).eval()
+    model.to(ddp.device).eval()
     sampling = GaussianDiffusion.from_schedule(ckpt["schedule"], args.steps)
     log(f"checkpoint {args.checkpoint} (step {ckpt['step']}, {ckpt['arch']['preset']} preset, "
         f"{ckpt['image_size']}px, categories {', '.join(classes)}); timesteps {sampling.timestep_map.tolist()[::-1][:3]}..., "
         f"{args.sampler} sampler, s ~ U({a}, {b})")
 
     # This rank's images: i = rank, rank + W, ...; the ones already on disk are skipped.
-    mine = list(range(dist.rank, args.count, dist.world_size))
+    mine = list(range(ddp.rank, args.count, ddp.world_size))
     todo = [i for i in mine if not os.path.isfile(os.path.join(out_dir, image_name(args.category, i)))]
-    log(f"{args.count} images to {out_dir}: {len(mine) - len(todo)} already there on rank {dist.rank}, "
-        f"{len(todo)} to make ({dist.world_size} rank(s), batch {args.batch_size})")
-    part_path = os.path.join(out_dir, f"manifest.rank{dist.rank}.json")
+    log(f"{args.count} images to {out_dir}: {len(mine) - len(todo)} already there on rank {ddp.rank}, "
+        f"{len(todo)} to make ({ddp.world_size} rank(s), batch {args.batch_size})")
+    part_path = os.path.join(out_dir, f"manifest.rank{ddp.rank}.json")
     records = []
-    progress = Progress(len(todo), "sdas", unit="img", every=1, enabled=dist.is_main)
+    progress = Progress(len(todo), "sdas", unit="img", every=1, enabled=ddp.is_main)
     start = time.time()
     for n, first in enumerate(range(0, len(todo), args.batch_size)):
         plans = [image_plan(args.seed, args.category, i, (a, b)) for i in todo[first:first + args.batch_size]]
-        images = synthesize(model, sampling, plans, settings["class_id"], ckpt["image_size"], args, dist.device)
+        images = synthesize(model, sampling, plans, settings["class_id"], ckpt["image_size"], ddp.device,
+                            args.sampler, args.eta)
         for plan, image in zip(plans, images):
             name = image_name(args.category, plan["index"])
             atomic_save_image(viz.to_pil(image), os.path.join(out_dir, name))
@@ -174,23 +195,11 @@ def main():
         atomic_write_json(part_path, {"settings": settings, "images": records})
         progress.update(min(first + args.batch_size, len(todo)), items=len(plans))
     if todo:
-        log(f"rank {dist.rank}: {len(todo)} images in {time.time() - start:.1f} s")
+        log(f"rank {ddp.rank}: {len(todo)} images in {time.time() - start:.1f} s")
 
-    distributed.barrier(dist)
-    if dist.is_main:
-        # Merge: every image's record (recomputed for files made by an earlier run: a
-        # record is a function of the seed and the image number), strengths summarised.
-        by_index = {}
-        for path in sorted(glob.glob(os.path.join(out_dir, "manifest.rank*.json"))):
-            with open(path) as f:
-                for r in json.load(f)["images"]:
-                    by_index[r["index"]] = r
-        merged = []
-        for i in range(args.count):
-            name = image_name(args.category, i)
-            if not os.path.isfile(os.path.join(out_dir, name)):
-                raise cli.UserError(f"{os.path.join(out_dir, name)!r} is missing after synthesis (a rank failed?)")
-            merged.append(by_index.get(i) or {"file": name, **image_plan(args.seed, args.category, i, (a, b))})
+    distributed.barrier(ddp)
+    if ddp.is_main:
+        merged = merge_manifests(out_dir, args.category, args.count, args.seed, (a, b))
         s = np.array([r["strength"] for r in merged])
         atomic_write_json(os.path.join(out_dir, "manifest.json"), {
             "kind": "sdas", "settings": settings, "checkpoint": os.path.abspath(args.checkpoint),
@@ -202,8 +211,8 @@ def main():
         contact_sheet(out_dir, merged, args.sheet_count)
         log(f"done: {args.count} images, {os.path.join(out_dir, 'manifest.json')}, "
             f"{sheet_path(out_dir)} (look at it: objects, or noise?)")
-    distributed.barrier(dist)
-    distributed.cleanup(dist)
+    distributed.barrier(ddp)
+    distributed.cleanup(ddp)
 
 
 if __name__ == "__main__":

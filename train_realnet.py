@@ -1,31 +1,25 @@
-"""Stage 4: train RealNet (paper §3.3-3.4, SPEC §5) on one category's normal images.
+"""Stage 4: train RealNet (paper §3.3-3.4) on one category's normal images.
 
 Each step: half the batch are normal training images, half get a synthetic anomaly
-(SDAS and/or DTD, SPEC §3). The frozen backbone gives features, AFS keeps the channels
+(SDAS and/or DTD, paper eq. 3). The frozen backbone gives features, AFS keeps the channels
 chosen by select_features.py, one UNet per level reconstructs them, RRS keeps the residual
-channels that carry the anomaly and a small discriminator segments it:
+channels that carry the anomaly and a small discriminator segments it (docs/method.md):
 
     loss = CE(logits, mask) + sum_k MSE(G_k(phi_k(A)), phi_k(I))
 
-The paper's setting (one model per category, batch 16, Adam 1e-4, 1000 epochs):
+The AFS file of stage 3 already says which data set, category, anomaly source, input size
+and backbone the model is for: they are its defaults (a flag overrides; a flag that would
+not fit the AFS file is refused). The paper's setting (one model per category, batch 16,
+Adam 1e-4, 1000 epochs):
 
-    python3 train_realnet.py --data data/mvtec --category bottle --sdas data/sdas/bottle \\
-        --afs runs/bottle/afs.pt --out runs/bottle/realnet
+    python3 train_realnet.py --afs runs/bottle/afs.pt --out runs/bottle/realnet
 
 The demo at small scale (random backbone, layers 1-2 at 128 px; about 2-4 minutes on 2 CPU
-cores; weave reaches image AUROC 0.98, pixel AUROC 0.99):
+cores; weave reaches image AUROC 0.98, pixel AUROC 0.99), after demo.sh's stages 1-3:
 
-    python3 -m realnet.demo_data --out data/demo --dtd-out data/demo_dtd
-    python3 select_features.py --data data/demo --category weave --dtd data/demo_dtd \\
-        --input-size 128 --layers 1 2 --dims 32 64 --batches 4 --backbone-weights random \\
-        --out runs/demo/afs.pt
-    python3 train_realnet.py --data data/demo --category weave --dtd data/demo_dtd \\
-        --afs runs/demo/afs.pt --width-ratio 0.25 --batch 8 --steps 300 --lr 1e-3 --out runs/demo/realnet
-    python3 evaluate.py --checkpoint runs/demo/realnet/model.pt
-
-Several processes (DDP; the same model as one process with the same global --batch):
-
-    torchrun --nproc_per_node 2 train_realnet.py ...same arguments...
+    python3 train_realnet.py --afs runs/demo/weave/afs.pt --width-ratio 0.25 --batch-size 8 \\
+        --steps 300 --lr 1e-3 --out runs/demo/weave/realnet
+    torchrun --nproc_per_node 2 train_realnet.py ...   # DDP: the same model as one process
 
 Writes to --out: model.pt (what evaluate.py reads), state.pt (everything needed to
 continue: --resume), loss.jsonl, args.json, and with --val-fraction best.pt and val.jsonl.
@@ -33,442 +27,323 @@ One model over several categories (`--categories a,b,c`, "unified") is an option
 paper, which trains one model per category.
 """
 import argparse
-import json
 import math
 import os
-import random
 import time
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from realnet import anomaly, cli, data, distributed, metrics
-from realnet.backbone import load_backbone
-from realnet.files import atomic_torch_save, atomic_write_text, file_digest, load_checkpoint
-from realnet.model import ARCHITECTURES, RealNet, build_config, count_parameters, describe, realnet_loss
+from realnet import cli, distributed, runs
+from realnet.features import FeatureExtractor, make_cache, pair_features
+from realnet.files import atomic_torch_save, file_digest, load_checkpoint
+from realnet.model import ARCHITECTURES, RealNet, build_config, count_parameters, describe
+from realnet.model import realnet_loss
 from realnet.progress import Progress
+from realnet.stream import AnomalyStream, StreamSampler, dump_examples
+from realnet.synthesis import synthesizers_for
+from realnet.validation import make_validation_set, split_validation, validate
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train RealNet (SPEC §5).",
+    p = argparse.ArgumentParser(description="Stage 4: train RealNet (paper §3.3-3.4).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="data/demo", help="data set root (the embedded demo by default)")
-    p.add_argument("--format", default="auto", help="auto | mvtec | mpdd | btad | visa | visa_csv | folder")
-    p.add_argument("--category", default=None, help="the category (one model per category, as the paper)")
-    p.add_argument("--categories", default=None,
-                   help="UNIFIED option beyond the paper: one model over these comma-separated categories "
-                        "(the --afs file may be made for any one of them)")
-    p.add_argument("--afs", required=True, help="AFS file from select_features.py (the kept backbone channels)")
-    p.add_argument("--sdas", default=None, help="SDAS images (synthesize.py); with --categories: DIR/<category>")
-    p.add_argument("--dtd", default=None, help="DTD folder (images/<texture>/*); with --sdas: half each")
-    p.add_argument("--foreground", default="category", choices=anomaly.FOREGROUND_MODES,
-                   help="where anomalies may go: the authors' rule per category, auto (Otsu) or none")
-    p.add_argument("--normal-ratio", type=float, default=0.5, help="share of normal samples per batch (paper)")
-    p.add_argument("--backbone-weights", default=None,
-                   help="imagenet | PATH.pth | random; default: the weights the AFS file was made with")
-    p.add_argument("--input-size", type=int, default=None, help="image side; default: the AFS file's")
-    p.add_argument("--arch", default="A", choices=sorted(ARCHITECTURES), help="A: one UNet per layer (paper)")
-    p.add_argument("--width-ratio", type=float, default=0.5, help="UNet width / input channels (paper 0.5)")
-    p.add_argument("--retention", type=float, default=1 / 3, help="share of residual channels RRS keeps (paper)")
-    p.add_argument("--k-max", type=int, default=None, help="RRS channels ranked by max (default M*retention/2)")
-    p.add_argument("--k-mean", type=int, default=None, help="RRS channels ranked by mean (default M*retention/2)")
-    p.add_argument("--batch", type=int, default=16, help="global batch size (paper)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper)")
-    p.add_argument("--epochs", type=int, default=1000, help="passes over the training images (paper)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps; overrides --epochs (short runs)")
-    p.add_argument("--seed", type=int, default=0, help="model init, data order and synthetic anomalies")
-    p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="hold out this share of the TRAINING images to choose the checkpoint on (0 = last step)")
-    p.add_argument("--val-every", type=int, default=500, help="steps between validations (with --val-fraction)")
-    p.add_argument("--val-metric", default="pixel_auroc", choices=["pixel_auroc", "au_pro", "image_auroc"],
-                   help="what best.pt maximises on the held-out training images")
-    p.add_argument("--cache-features", default="auto", choices=["auto", "on", "off"],
-                   help="keep the clean images' features (frozen backbone, no augmentation: exact); "
-                        "auto = on when they take under 4 GiB")
-    p.add_argument("--save-every", type=int, default=500, help="steps between resumable states")
-    p.add_argument("--log-every", type=int, default=10, help="steps between progress lines / loss log entries")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes (0 = in-process)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
-    p.add_argument("--out", default=None, help="output folder (default runs/<category>/realnet)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
-    p.add_argument("--dump", type=int, default=0, help="write N example training pairs to OUT/examples")
+    add = p.add_argument
+    add("--afs", required=True, help="AFS file from select_features.py (the kept channels)")
+    cli.add_data_args(p, default=None, help="data set root (default: the AFS file's)")
+    add("--category", default=None, help="the category (default: the AFS file's)")
+    add("--categories", default=None,
+        help="UNIFIED, beyond the paper: one model over these comma-separated categories (the "
+             "AFS file made for any one of them; --sdas is then DIR/<category>)")
+    cli.add_anomaly_source_args(p, from_afs=True)
+    add("--normal-ratio", type=float, default=0.5, help="normal share of every batch (paper)")
+    add("--backbone-weights", default=None,
+        help="imagenet | PATH.pth | random; default: the weights the AFS file was made with")
+    add("--input-size", type=int, default=None, help="image side; default: the AFS file's")
+    add("--arch", default="A", choices=sorted(ARCHITECTURES), help="A: one UNet per layer (paper)")
+    add("--width-ratio", type=float, default=0.5, help="UNet width / input channels (paper)")
+    add("--retention", type=float, default=1 / 3, help="residual channels RRS keeps (paper)")
+    add("--k-max", type=int, default=None, help="RRS channels ranked by max (M*retention/2)")
+    add("--k-mean", type=int, default=None, help="RRS channels ranked by mean (M*retention/2)")
+    add("--batch-size", type=int, default=16, help="global batch size (paper)")
+    add("--lr", type=float, default=1e-4, help="Adam learning rate (paper)")
+    add("--epochs", type=int, default=1000, help="passes over the training images (paper)")
+    add("--steps", type=int, default=None, help="optimiser steps; overrides --epochs")
+    add("--seed", type=int, default=0, help="model init, data order and synthetic anomalies")
+    add("--val-fraction", type=float, default=0.0,
+        help="hold out this share of the TRAINING images to choose the checkpoint on (0: last)")
+    add("--val-every", type=int, default=500, help="steps between validations (--val-fraction)")
+    add("--val-metric", default="pixel_auroc", choices=["pixel_auroc", "au_pro", "image_auroc"],
+        help="what best.pt maximises on the held-out training images")
+    add("--cache-features", default="auto", choices=["auto", "on", "off"],
+        help="keep the clean images' features (frozen backbone, no augmentation: exact); "
+             "auto = on when they take under 4 GiB")
+    add("--save-every", type=int, default=500, help="steps between resumable states")
+    add("--log-every", type=int, default=10, help="steps between progress lines / log entries")
+    cli.add_workers_arg(p)
+    cli.add_device_arg(p)
+    add("--out", default=None, help="output folder (default runs/<category>/realnet)")
+    add("--resume", action="store_true", help="continue from OUT/state.pt")
+    add("--dump", type=int, default=0, help="write N example training pairs to OUT/examples")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------
-# Inputs: categories, AFS file, training stream
+# Inputs: what the AFS file decided
 # ----------------------------------------------------------------------------------------
 
-def chosen_categories(args, dataset):
-    if args.category and args.categories:
-        raise cli.UserError("give --category (one model per category) or --categories (unified), not both")
-    if args.categories:
-        names = cli.parse_list(args.categories)
-        for name in names:
-            dataset.class_id(name)  # UserError if missing
-        return names
-    if args.category:
-        dataset.class_id(args.category)
-        return [args.category]
-    if len(dataset.categories) == 1:
-        return list(dataset.categories)
-    raise cli.UserError(f"--category is needed: {args.data!r} has {', '.join(dataset.categories)}")
+def fill_from_afs(args, afs):
+    """Stage 3 chose the anomaly source and input size: take them from the AFS file where
+    no flag is given. A flag that differs is used, with a note (AFS chose its channels with
+    the file's settings); another --input-size is refused."""
+    source = afs.get("anomaly_source") or {}
+    recorded = {"sdas": None if args.categories else source.get("sdas_dir"),   # unified: DIR/<c>
+                "dtd": source.get("dtd_dir"), "foreground": source.get("foreground", "category")}
+    for name, value in recorded.items():
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, value)
+        elif value is not None and given != value and os.path.abspath(str(given)) != value:
+            print(f"note: {cli.flag(name)} {given} differs from the AFS file's {value}")
+    if args.input_size not in (None, afs["input_size"]):
+        raise cli.UserError(f"--afs {args.afs!r} was made at input size {afs['input_size']}, not "
+                            f"--input-size {args.input_size}: run select_features.py with "
+                            f"--input-size {args.input_size}")
+    args.input_size = afs["input_size"]
 
 
-def load_afs(path, categories, input_size, backbone_identity):
-    """The AFS file, refused (one line) when made for another category, size or backbone."""
-    afs = load_checkpoint(path, "--afs", kind="afs")
-    if afs.get("category") not in categories:
-        raise cli.UserError(f"--afs {path!r} was made for category {afs.get('category')!r}, not "
-                            f"{' / '.join(categories)}: run select_features.py for this category")
-    if input_size is not None and afs["input_size"] != input_size:
-        raise cli.UserError(f"--afs {path!r} was made at input size {afs['input_size']}, not --input-size "
-                            f"{input_size}: run select_features.py with --input-size {input_size}")
-    if backbone_identity is not None and not same_backbone(afs.get("backbone"), backbone_identity):
-        raise cli.UserError(f"--afs {path!r} was made with backbone {describe_backbone(afs.get('backbone'))}, not "
-                            f"{describe_backbone(backbone_identity)}: give the same --backbone-weights")
-    return afs
+def chosen_categories(category, categories, afs_category, dataset, afs_path):
+    """--category (one model, the paper) or --categories (unified); default the AFS file's."""
+    if category and categories:
+        raise cli.UserError("give --category (one model per category) or --categories "
+                            "(unified), not both")
+    names = cli.parse_list(categories) if categories else [category or afs_category]
+    for name in names:
+        dataset.class_id(name)   # UserError if missing
+    if afs_category not in names:
+        raise cli.UserError(f"--afs {afs_path!r} was made for category {afs_category!r}, not "
+                            f"{' / '.join(names)}: run select_features.py for this category")
+    return names
 
 
-def same_backbone(a, b):
-    return bool(a) and bool(b) and a.get("arch") == b.get("arch") and a.get("digest") == b.get("digest")
+def open_inputs(args, device):
+    """Read the AFS file once; from it (and the flags): the data set, the categories, the
+    frozen backbone and the model configuration. `args` is completed with the values taken
+    from the AFS file, so that args.json says what the run used."""
+    afs = load_checkpoint(args.afs, "--afs", kind="afs")
+    fill_from_afs(args, afs)
+    what = f"--afs {args.afs!r}"
+    dataset = runs.open_recorded_dataset(args.data, args.format, afs.get("dataset"), what)
+    args.data, args.format = dataset.root, dataset.format
+    categories = chosen_categories(args.category, args.categories, afs.get("category"), dataset,
+                                   args.afs)
+    backbone = runs.load_recorded_backbone(afs.get("backbone"), args.backbone_weights,
+                                           afs["layers"], what)
+    config = build_config(afs, args.arch, args.width_ratio, args.retention, args.k_max,
+                          args.k_mean, args.input_size, strides=backbone.strides)
+    return afs, dataset, categories, backbone.to(device), config | {"backbone": backbone.identity}
 
 
-def describe_backbone(identity):
-    if not identity:
-        return "an unknown backbone"
-    return f"{identity.get('arch')} weights {identity.get('weights')!r} (digest {identity.get('digest')})"
-
-
-class UnifiedStream(anomaly.AnomalyStream):
-    """AnomalyStream over several categories: each image gets its own category's
-    synthesizer (foreground rule, SDAS folder). Same determinism: sample g is a pure
-    function of (seed, g)."""
-
-    def __init__(self, samples, size, synthesizers, seed=0, normal_ratio=0.5):
-        super().__init__(samples, size, None, seed, normal_ratio)
-        self.synthesizers = synthesizers
-
-    def raw(self, g):
-        self.synthesizer = self.synthesizers[self.samples[self.image_index(g)].category]
-        return super().raw(g)
-
-
-def make_stream(samples, categories, dataset, args, size, seed):
-    def synthesizer(category):
-        sdas = os.path.join(args.sdas, category) if args.sdas and len(categories) > 1 else args.sdas
-        return anomaly.AnomalySynthesizer(category, dataset.format, size, sdas, args.dtd, args.foreground)
-    if len(categories) == 1:
-        return anomaly.AnomalyStream(samples, size, synthesizer(categories[0]), seed, args.normal_ratio)
-    return UnifiedStream(samples, size, {c: synthesizer(c) for c in categories}, seed, args.normal_ratio)
-
-
-def split_validation(samples, fraction, seed):
-    """Hold out a share of the training images (never test images) for checkpoint choice."""
-    if fraction <= 0:
-        return samples, []
-    if fraction >= 1:
-        raise cli.UserError(f"--val-fraction must be below 1, got {fraction}")
-    n_val = max(1, int(round(fraction * len(samples))))
-    if n_val >= len(samples):
-        raise cli.UserError(f"--val-fraction {fraction} leaves no training images ({len(samples)} in all)")
-    held_out = set(np.random.default_rng([seed, 7]).choice(len(samples), n_val, replace=False).tolist())
-    return ([s for i, s in enumerate(samples) if i not in held_out],
-            [s for i, s in enumerate(samples) if i in held_out])
+def run_settings(args, afs, dataset, categories, train_images):
+    """The settings a resumed run must share with the run it continues."""
+    path = lambda folder: folder and os.path.abspath(folder)
+    return {"categories": categories, "unified": len(categories) > 1,
+            "dataset": dataset.describe(),
+            "afs": {"digest": file_digest(args.afs), "category": afs["category"]},
+            "anomaly_source": {"sdas": path(args.sdas), "dtd": path(args.dtd),
+                               "foreground": args.foreground, "normal_ratio": args.normal_ratio},
+            "training": {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                         "train_images": train_images, "val_fraction": args.val_fraction,
+                         "val_metric": args.val_metric}}
 
 
 # ----------------------------------------------------------------------------------------
-# Features
+# The model, its checkpoints and resuming
 # ----------------------------------------------------------------------------------------
 
-class FeatureCache:
-    """AFS features of every clean training image, computed once in fixed chunks.
-
-    Exact, not an approximation: the backbone is frozen (eval mode) and the training images
-    are not augmented, so phi(I) is the same every epoch. Normal samples (half the batch)
-    and every reconstruction target then cost nothing; only the synthetic anomalies go
-    through the backbone. Computing it in fixed chunks at start-up keeps a resumed run
-    bit-identical to an uninterrupted one."""
-
-    def __init__(self, stream, backbone, model, device, chunk=16):
-        self.levels = None
-        n = len(stream.samples)
-        for start in range(0, n, chunk):
-            images = torch.stack([data.to_tensor(stream.clean_image(i)) for i in range(start, min(n, start + chunk))])
-            feats = model.select_features(backbone(images.to(device)))
-            if self.levels is None:
-                self.levels = [torch.empty((n, *f.shape[1:]), dtype=f.dtype, device=device) for f in feats]
-            for cache, f in zip(self.levels, feats):
-                cache[start:start + len(f)] = f
-
-    def __call__(self, index):
-        return [cache[index] for cache in self.levels]
+def build_model(config, lr, seed, resume_flag, run, out, ddp):
+    """The model (seeded), its optimiser, where a resumed run left off, and the model the
+    loop calls (DDP-wrapped under torchrun): (model, ddp_model, optimizer, step, best)."""
+    cli.seed_everything(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    model = RealNet(config).to(ddp.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    state = runs.load_state(out, resume_flag, "realnet_state")
+    step, best = resume(state, model, optimizer, run, out)
+    ddp_model = model
+    if ddp.enabled:
+        model.set_process_group(torch.distributed.group.WORLD)   # RRS, BatchNorm: global batch
+        device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
+        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
+    return model, ddp_model, optimizer, step, best
 
 
-def cache_bytes(config, n_images):
-    size = config["input_size"]
-    strides = dict(zip(config["layers"], config["layer_strides"]))
-    dims = dict(zip(config["layers"], config["afs_dims"]))
-    per_image = sum(sum(dims[l] for l in group) * (size // strides[group[0]]) ** 2 for group in config["levels"])
-    return 4 * per_image * n_images
+def training_loader(stream, start_step, total_steps, batch_size, workers, ddp):
+    """This process's share (batch_size / processes) of each global batch, from start_step."""
+    sampler = StreamSampler(start_step, total_steps, batch_size, ddp.rank, ddp.world_size)
+    return torch.utils.data.DataLoader(stream, batch_size=batch_size // ddp.world_size,
+                                       num_workers=workers, sampler=sampler,
+                                       pin_memory=ddp.device.type == "cuda")
 
 
-@torch.no_grad()
-def batch_features(batch, backbone, model, cache, device):
-    """(input features of the possibly anomalous images, features of their clean originals),
-    one tensor per level. A normal sample's clean image is its input: its features are
-    computed once, and the backbone only sees the anomalous half twice (or, with the
-    cache, only once)."""
-    images = batch["image"].to(device, non_blocking=True)
-    anomalous = batch["anomalous"].to(device)
-    rows = anomalous.nonzero()[:, 0]
-    if cache is not None:
-        clean = cache(batch["index"].to(device))
-        inputs = [c.clone() for c in clean]
-        if len(rows):
-            for f, a in zip(inputs, model.select_features(backbone(images[rows]))):
-                f[rows] = a
-        return inputs, clean
-    inputs = model.select_features(backbone(images))
-    clean = [f.clone() for f in inputs]
-    if len(rows):
-        for c, f in zip(clean, model.select_features(backbone(batch["clean"].to(device)[rows]))):
-            c[rows] = f
-    return inputs, clean
+def resume(state, model, optimizer, run, out):
+    """Continue from a state made with the same model and training settings: (step, best)."""
+    if state is None:
+        return 0, {"value": None, "step": None}
+    path = os.path.join(out, runs.STATE_FILE)
+    for saved, now, what in ((state["config"], model.config, "model configuration"),
+                             (state["run"], run, "training settings")):
+        runs.require_same_settings(saved, now, f"--resume: {path!r} was made with another {what}",
+                                   "use the same arguments or another --out")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    runs.restore_rng(state["rng"])
+    return state["step"], state["best"]
 
 
-# ----------------------------------------------------------------------------------------
-# Validation on held-out training images (never the test set)
-# ----------------------------------------------------------------------------------------
-
-def make_validation_set(stream, n_images):
-    """Fixed samples: every held-out image once normal and once with a synthetic anomaly."""
-    items = [stream[g] for g in range(2 * n_images)]
-    return {key: torch.stack([it[key] for it in items]) for key in ("image", "mask")} | \
-        {"anomalous": torch.tensor([it["anomalous"] for it in items])}
-
-
-@torch.no_grad()
-def validate(model, backbone, val, device, batch_size):
-    was_training = model.training
-    model.eval()
-    maps = []
-    for start in range(0, len(val["image"]), batch_size):
-        images = val["image"][start:start + batch_size].to(device)
-        out = model(model.select_features(backbone(images)), images.shape[-2:])
-        maps.append(out["anomaly_map"].float().cpu())
-    model.train(was_training)
-    maps = torch.cat(maps).numpy()
-    masks = val["mask"][:, 0].numpy()
-    labels = masks.reshape(len(masks), -1).max(axis=1) > 0
-    return {"pixel_auroc": metrics.pixel_auroc(maps, masks), "au_pro": metrics.au_pro(maps, masks),
-            "image_auroc": metrics.image_auroc(labels, metrics.image_scores(maps))}
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------
-
-def rng_states():
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def model_file(model, run, step, selected_on, extra=None):
+def model_file(model, run, step, selected_on, extra):
     """What evaluate.py reads: everything needed to rebuild the model, no backbone weights
     (they are reloaded from --backbone-weights and checked against `backbone`)."""
-    return {"kind": "realnet", "version": 1, "config": model.config, "state_dict": model.state_dict(),
-            "step": step, "selected_on": selected_on, "backbone": model.config["backbone"], **run, **(extra or {})}
+    return {"kind": "realnet", "version": 1, "config": model.config, "step": step,
+            "state_dict": model.state_dict(), "selected_on": selected_on,
+            "backbone": model.config["backbone"], **run, **extra}
 
 
-def read_log(path, last_step):
-    """Loss-log lines up to last_step (a resumed run rewrites what came after its state)."""
-    if not os.path.isfile(path):
-        return []
-    lines = []
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line cut by a kill
-                continue
-            if entry.get("step", 0) <= last_step:
-                lines.append(json.dumps(entry, sort_keys=True))
-    return lines
+def save_run(out, model, optimizer, run, step, best, extra):
+    """model.pt (the last step) and state.pt (everything --resume needs), both atomic."""
+    last = {"rule": "last step", "step": step}
+    atomic_torch_save(model_file(model, run, step, last, extra), os.path.join(out, "model.pt"))
+    atomic_torch_save({"kind": "realnet_state", "version": 1, "config": model.config, "run": run,
+                       "step": step, "model": model.state_dict(), "best": best,
+                       "optimizer": optimizer.state_dict(), "rng": runs.rng_state()},
+                      os.path.join(out, runs.STATE_FILE))
+
+
+def validate_and_keep_best(model, features, val, held_out, step, best, metric, batch_size, run,
+                           extra, out):
+    """Validate on the held-out training images, log to val.jsonl; best.pt: the best step."""
+    scores = validate(model, features, val, next(model.parameters()).device, batch_size)
+    with open(os.path.join(out, "val.jsonl"), "a") as f:
+        runs.log_line(f, {"step": step, **scores})
+    print(f"validation on {len(held_out)} held-out training images at step {step}: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
+    value = scores[metric]
+    if value is None or (best["value"] is not None and value <= best["value"]):
+        return best
+    selected_on = {"rule": f"best {metric} on held-out TRAINING images with synthetic anomalies "
+                           "(never the test set)", "step": step, "scores": scores,
+                   "held_out_images": [s.image for s in held_out]}
+    best_file = model_file(model, run, step, selected_on, extra)
+    atomic_torch_save(best_file, os.path.join(out, "best.pt"))
+    return {"value": value, "step": step}
 
 
 # ----------------------------------------------------------------------------------------
-# Main
+# What the loop prints
+# ----------------------------------------------------------------------------------------
+
+def print_plan(config, model, categories, n_images, held_out, total_steps, batch_size, ddp, cache):
+    epochs = total_steps / math.ceil(n_images / batch_size)
+    unified = " (UNIFIED: one model for all)" if len(categories) > 1 else ""
+    held = f", {len(held_out)} held out for checkpoint choice" if held_out else ""
+    print(f"{describe(config)}; {count_parameters(model) / 1e6:.2f} M trainable parameters")
+    print(f"training on {n_images} images of {', '.join(categories)}{unified}{held}; "
+          f"{total_steps} steps of {batch_size} ({epochs:.1f} epochs), {ddp.world_size} "
+          f"process(es) on {ddp.device}, clean-image features {'cached' if cache else 'computed'}")
+
+
+def print_done(step, started, out, best, metric):
+    note = ""
+    if best["step"]:
+        note = f", best.pt from step {best['step']} ({metric} {best['value']:.4f})"
+    print(f"done: {step} steps in {time.time() - started:.0f} s; model "
+          f"{os.path.join(out, 'model.pt')}{note}")
+
+
+def write_examples(stream, n, folder):
+    """--dump N: the first N training pairs as pictures (what the model learns from)."""
+    if n:
+        written = dump_examples(stream, n, folder)
+        print(f"wrote {n} example training pairs to {folder} ({written[-1]})")
+
+
+def log_losses(log, progress, step, batch_size, loss, parts, ddp, started):
+    """The losses averaged over the processes: a progress line and a loss.jsonl entry."""
+    values = torch.stack([loss.detach(), parts["segmentation"], parts["reconstruction"]])
+    loss, seg, rec = distributed.all_reduce_mean(values, ddp).tolist()
+    progress.update(step, items=batch_size, loss=loss, seg=seg, rec=rec)
+    runs.log_line(log, {"step": step, "loss": loss, "segmentation": seg, "reconstruction": rec,
+                        "elapsed_s": round(time.time() - started, 2)})
+
+
+# ----------------------------------------------------------------------------------------
+# Main: set-up, then the loop (step, log, validate, save)
 # ----------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
-    info = distributed.setup(args.device)
-    device = info.device
-    if args.batch < 1 or args.batch % info.world_size:
-        raise cli.UserError(f"--batch {args.batch} must be a positive multiple of the {info.world_size} processes")
-    dataset = data.open_dataset(args.data, args.format)
-    categories = chosen_categories(args, dataset)
-    out = args.out or os.path.join("runs", "_".join(categories), "realnet")
-
-    # what the model is built from: the AFS file and the backbone it was made with
-    afs_preview = load_checkpoint(args.afs, "--afs", kind="afs")
-    weights = args.backbone_weights or (afs_preview.get("backbone") or {}).get("weights", "imagenet")
-    backbone = load_backbone(weights, afs_preview["layers"]).to(device)
-    afs = load_afs(args.afs, categories, args.input_size, backbone.identity)
-    size = afs["input_size"]
-    config = build_config(afs, args.arch, args.width_ratio, args.retention, args.k_max, args.k_mean, size,
-                          strides=backbone.strides)
-    config["backbone"] = backbone.identity
-
-    samples = [s for c in categories for s in dataset.train(c)]
-    samples, held_out = split_validation(samples, args.val_fraction, args.seed)
-    stream = make_stream(samples, categories, dataset, args, size, args.seed)
-    steps_per_epoch = math.ceil(len(samples) / args.batch)
+    ddp = distributed.setup(args.device)
+    distributed.require_divisible_batch(args.batch_size, ddp)
+    afs, dataset, categories, backbone, config = open_inputs(args, ddp.device)
+    samples, held_out = split_validation([s for c in categories for s in dataset.train(c)],
+                                         args.val_fraction, args.seed)
+    synthesizers = synthesizers_for(categories, dataset.format, args.input_size, args.sdas,
+                                    args.dtd, args.foreground)
+    stream = AnomalyStream(samples, args.input_size, synthesizers, args.seed, args.normal_ratio)
+    steps_per_epoch = math.ceil(len(samples) / args.batch_size)
     total_steps = args.steps if args.steps is not None else args.epochs * steps_per_epoch
-    # the settings a resumed run must share with the run it continues
-    run = {"categories": categories, "dataset": dataset.describe(), "unified": len(categories) > 1,
-           "afs": {"digest": file_digest(args.afs), "category": afs["category"]},
-           "anomaly_source": {"sdas": args.sdas and os.path.abspath(args.sdas),
-                              "dtd": args.dtd and os.path.abspath(args.dtd), "foreground": args.foreground,
-                              "normal_ratio": args.normal_ratio},
-           "training": {"batch": args.batch, "lr": args.lr, "seed": args.seed, "train_images": len(samples),
-                        "val_fraction": args.val_fraction, "val_metric": args.val_metric}}
-
-    cli.seed_everything(args.seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    model = RealNet(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    start_step, best = 0, {"value": None, "step": None}
-    state_path = os.path.join(out, "state.pt")
-    if args.resume and not os.path.isfile(state_path):
-        print(f"--resume: no {state_path} yet, starting from step 0")
-    elif args.resume:
-        state = load_checkpoint(state_path, "--resume", kind="realnet_state")
-        for key, what in (("config", "model configuration"), ("run", "training settings")):
-            before, now = state[key], config if key == "config" else run
-            if before != now:
-                diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-                raise cli.UserError(f"--resume: {state_path!r} was made with another {what} "
-                                    f"(differs in {', '.join(diff)}); use the same arguments or another --out")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_states(state["rng"])
-        start_step, best = state["step"], state["best"]
-    elif os.path.exists(state_path):
-        raise cli.UserError(f"{out!r} already holds a training state (state.pt); pass --resume to continue it "
-                            "or choose another --out")
-    if info.is_main:
-        os.makedirs(out, exist_ok=True)
-        cli.save_args(args, out)
-    distributed.barrier(info)
-
-    ddp_model = model
-    if info.enabled:
-        model.set_process_group(dist.group.WORLD)  # RRS and BatchNorm see the global batch
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    use_cache = args.cache_features == "on" or (args.cache_features == "auto" and
-                                                cache_bytes(config, len(samples)) < 4 * 2 ** 30)
-    cache = FeatureCache(stream, backbone, model, device) if use_cache else None
-    val = make_validation_set(make_stream(held_out, categories, dataset, args, size, args.seed + 1),
-                              len(held_out)) if held_out and info.is_main else None
-
-    if info.is_main:
-        print(f"{describe(config)}; {count_parameters(model) / 1e6:.2f} M trainable parameters")
-        print(f"training on {len(samples)} images of {', '.join(categories)}"
-              f"{' (UNIFIED: one model for all)' if len(categories) > 1 else ''}"
-              f"{f', {len(held_out)} held out for checkpoint choice' if held_out else ''}; "
-              f"{total_steps} steps of {args.batch} ({total_steps / steps_per_epoch:.1f} epochs), "
-              f"{info.world_size} process(es) on {device}, clean-image features {'cached' if cache else 'computed'}")
-        if args.dump and start_step == 0:
-            written = anomaly.dump_examples(stream, args.dump, os.path.join(out, "examples"))
-            print(f"wrote {args.dump} example training pairs to {os.path.join(out, 'examples')} ({written[-1]})")
-
-    log_path = os.path.join(out, "loss.jsonl")
-    if info.is_main:
-        kept = read_log(log_path, start_step)
-        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=args.batch // info.world_size, num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-        sampler=anomaly.StreamSampler(start_step, total_steps, args.batch, info.rank, info.world_size))
-    progress = Progress(total_steps, "train", unit="img", every=args.log_every, start_step=start_step,
-                        enabled=info.is_main)
-
+    out = args.out or os.path.join("runs", "_".join(categories), "realnet")
+    run = run_settings(args, afs, dataset, categories, len(samples))
     extra = {"args": cli.args_to_dict(args), "afs_path": os.path.abspath(args.afs)}
-    last_saved = {"step": None}
-
-    def save(step):
-        last_saved["step"] = step
-        if not info.is_main:
-            return
-        selected_on = {"rule": "last step", "step": step}
-        atomic_torch_save(model_file(model, run, step, selected_on, extra), os.path.join(out, "model.pt"))
-        atomic_torch_save({"kind": "realnet_state", "version": 1, "config": config, "run": run, "step": step,
-                           "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_states(),
-                           "best": best}, state_path)
+    model, ddp_model, optimizer, start_step, best = build_model(config, args.lr, args.seed,
+                                                                args.resume, run, out, ddp)
+    log_path = runs.start_outputs(out, args, start_step) if ddp.is_main else os.devnull
+    distributed.barrier(ddp)
+    features = FeatureExtractor(backbone, model)
+    cache = make_cache(args.cache_features, config, stream, features, ddp.device)
+    val = make_validation_set(AnomalyStream(held_out, args.input_size, synthesizers, args.seed + 1,
+                                            args.normal_ratio), len(held_out)) \
+        if held_out and ddp.is_main else None
+    loader = training_loader(stream, start_step, total_steps, args.batch_size, args.workers, ddp)
+    progress = Progress(total_steps, "train", unit="img", every=args.log_every,
+                        start_step=start_step, enabled=ddp.is_main)
+    if ddp.is_main:
+        print_plan(config, model, categories, len(samples), held_out, total_steps,
+                   args.batch_size, ddp, cache)
+        write_examples(stream, args.dump if start_step == 0 else 0, os.path.join(out, "examples"))
 
     model.train()
-    step = start_step
-    started = time.time()
-    with open(log_path, "a") if info.is_main else open(os.devnull, "w") as log:
+    step, saved_step, started = start_step, None, time.time()
+    with open(log_path, "a") as log:
         for batch in loader:
-            inputs, clean = batch_features(batch, backbone, model, cache, device)
+            # one step: half normal, half synthetic anomalies; reconstruct, segment, learn
+            inputs, clean = pair_features(batch, features, cache, ddp.device)
             output = ddp_model(inputs, tuple(batch["image"].shape[-2:]))
-            loss, parts = realnet_loss(output, clean, batch["mask"].to(device))
+            loss, parts = realnet_loss(output, clean, batch["mask"].to(ddp.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
+            last = step == total_steps
 
-            if step % args.log_every == 0 or step == total_steps:
-                values = torch.stack([loss.detach(), parts["segmentation"], parts["reconstruction"]])
-                values = distributed.all_reduce_mean(values, info).tolist()
-                progress.update(step, items=args.batch, loss=values[0], seg=values[1], rec=values[2])
-                log.write(json.dumps({"step": step, "loss": values[0], "segmentation": values[1],
-                                      "reconstruction": values[2], "elapsed_s": round(time.time() - started, 2)},
-                                     sort_keys=True) + "\n")
-                log.flush()
+            if step % args.log_every == 0 or last:
+                log_losses(log, progress, step, args.batch_size, loss, parts, ddp, started)
             else:
-                progress.update(step, items=args.batch)
-
-            if val is not None and (step % args.val_every == 0 or step == total_steps):
-                scores = validate(model, backbone, val, device, args.batch)
-                value = scores[args.val_metric]
-                with open(os.path.join(out, "val.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, **scores}, sort_keys=True) + "\n")
-                print(f"validation on {len(held_out)} held-out training images at step {step}: "
-                      + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
-                if value is not None and (best["value"] is None or value > best["value"]):
-                    best = {"value": value, "step": step}
-                    selected_on = {"rule": f"best {args.val_metric} on held-out TRAINING images with synthetic "
-                                           "anomalies (never the test set)", "step": step, "scores": scores,
-                                   "held_out_images": [s.image for s in held_out]}
-                    atomic_torch_save(model_file(model, run, step, selected_on, extra), os.path.join(out, "best.pt"))
-            if step % args.save_every == 0 or step == total_steps:
-                save(step)
-    if last_saved["step"] != step:  # e.g. --steps 0: the untrained model, for comparison
-        save(step)
-    distributed.barrier(info)
-    if info.is_main:
-        print(f"done: {step} steps in {time.time() - started:.0f} s; model {os.path.join(out, 'model.pt')}"
-              + (f", best.pt from step {best['step']} ({args.val_metric} {best['value']:.4f})"
-                 if best["step"] else ""))
-    distributed.cleanup(info)
+                progress.update(step, items=args.batch_size)
+            if val is not None and (step % args.val_every == 0 or last):
+                best = validate_and_keep_best(model, features, val, held_out, step, best,
+                                              args.val_metric, args.batch_size, run, extra, out)
+            if step % args.save_every == 0 or last:
+                if ddp.is_main:
+                    save_run(out, model, optimizer, run, step, best, extra)
+                saved_step = step
+    if saved_step != step and ddp.is_main:   # e.g. --steps 0: the untrained model, for comparison
+        save_run(out, model, optimizer, run, step, best, extra)
+    distributed.barrier(ddp)
+    if ddp.is_main:
+        print_done(step, started, out, best, args.val_metric)
+    distributed.cleanup(ddp)
 
 
 if __name__ == "__main__":

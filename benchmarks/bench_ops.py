@@ -1,10 +1,10 @@
 """Fused RRS/AFS operators vs the plain-PyTorch reference (and torch.compile of it).
 
     python3 benchmarks/bench_ops.py                  # CPU: batch 4; GPU (if any): batch 16
-    python3 benchmarks/bench_ops.py --device cpu --batch 16
+    python3 benchmarks/bench_ops.py --device cpu --batch-size 16
     python3 benchmarks/bench_ops.py --device cuda --peak-bandwidth 4.8e12 --json out.json
 
-Shapes are the paper's (SPEC §5): residual levels 256@64², 512@32², 512@16², 256@8²,
+Shapes are the paper's (docs/method.md, section 6): residual levels 256@64², 512@32², 512@16², 256@8²,
 k_max = k_mean = 256; AFS on WideResNet50 layer3, 1024@16², mask 256², batch 16.
 Each variant runs in its own process, so one's memory cannot inflate another's:
   time      median of --repeats runs after warm-up (CUDA synchronised)
@@ -135,7 +135,7 @@ def measure(spec):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch", type=int, default=None, help="default: 16 on CUDA (the paper's), 4 on the CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CUDA (the paper's), 4 on the CPU")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
@@ -149,7 +149,7 @@ def main():
     import torch
     from realnet import ops
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    batch = args.batch or (16 if device == "cuda" else 4)
+    batch = args.batch_size or (16 if device == "cuda" else 4)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name} | torch {torch.__version__} | extension: {ops.HAS_EXTENSION} | batch {batch} | "
           f"{args.dtype} | median of {args.repeats}")

@@ -1,8 +1,12 @@
-"""What every stage script shares at its edges: one-line errors, saved arguments, seeds.
+"""What every stage script shares at its edges: one-line errors, the shared flags, seeds.
 
 A stage raises `UserError` for anything the user can fix (a missing folder, a checkpoint
 made for another configuration, ...). `run(main)` turns it into one line on stderr and
 exit code 2, so nobody has to read a traceback to learn that a file is missing.
+
+Every stage has the same shape: `parse_args(argv)` builds its argparse parser (the flags
+several stages share come from the `add_*` helpers here, so they have one name and one
+meaning everywhere) and `main(argv=None)` runs it; `cli.run(main)` is the entry point.
 """
 import json
 import os
@@ -27,6 +31,51 @@ def resolve_device(arg):
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(arg)
+
+
+def flag(name):
+    """argparse destination -> the flag the user typed: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def require_positive(**values):
+    """Each named value must be >= 1: require_positive(steps=args.steps, ...)."""
+    for name, value in values.items():
+        if value < 1:
+            raise UserError(f"{flag(name)} must be >= 1 (got {value})")
+
+
+# ----------------------------------------------------------------------------------------
+# Flags shared by several stages
+# ----------------------------------------------------------------------------------------
+
+def add_data_args(parser, default="data/demo", required=False,
+                  help="data set root (the embedded demo by default)"):
+    parser.add_argument("--data", default=default, required=required, help=help)
+    parser.add_argument("--format", default="auto",
+                        help="data set layout: auto | mvtec | mpdd | btad | visa | visa_csv | folder")
+
+
+def add_anomaly_source_args(parser, from_afs=False):
+    """--sdas, --dtd, --foreground: where synthetic anomalies come from and where they go.
+    from_afs: the defaults are those the AFS file records (train_realnet.py)."""
+    from .masks import FOREGROUND_MODES   # here, not at the top: masks.py imports this module
+    note = " (default: the AFS file's)" if from_afs else ""
+    parser.add_argument("--sdas", default=None, help="folder of SDAS images (synthesize.py)" + note)
+    parser.add_argument("--dtd", default=None, help="DTD folder (images/<texture>/*); with --sdas: half each" + note)
+    parser.add_argument("--foreground", default=None if from_afs else "category", choices=FOREGROUND_MODES,
+                        help="where anomalies may go: the authors' rule per category, auto (Otsu) or none"
+                             + (note or " (default: category)"))
+
+
+def add_device_arg(parser):
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda | cuda:N")
+
+
+def add_workers_arg(parser, default=2):
+    parser.add_argument("--workers", type=int, default=default,
+                        help="data loader processes (0 = in-process)" + ("" if default is not None else
+                             "; default: 4 with CUDA, 0 on a CPU, where they would compete with training"))
 
 
 def run(main):
@@ -57,11 +106,6 @@ def require_file(path, what):
 def args_to_dict(args):
     """argparse.Namespace -> JSON-friendly dict (what each stage saves beside its outputs)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items())}
-
-
-def save_args(args, out_dir, name="args.json"):
-    from .files import atomic_write_json
-    atomic_write_json(os.path.join(out_dir, name), args_to_dict(args))
 
 
 def seed_everything(seed):

@@ -1,5 +1,5 @@
 """Reading anomaly-detection data sets: which images are normal, which are defective, where
-their masks are (SPEC §2).
+their masks are (docs/method.md, section 2).
 
 Supported layouts (`open_dataset(root, format="auto")` recognises them from the folder):
 
@@ -32,7 +32,7 @@ image, and a mask must have the size of its image; anything else is a `UserError
 the file. Images of any mode are read as RGB (grayscale replicated); a mask pixel > 0 is
 anomalous.
 
-Category order: for the known data sets the authors' class-id order (facts §1.2), which the
+Category order: for the known data sets the authors' class-id order (docs/method.md), which the
 class-conditional diffusion model uses; otherwise sorted. A category's class id is its
 position in `DatasetIndex.categories`.
 """
@@ -144,6 +144,32 @@ class TestSet(torch.utils.data.Dataset):
         return dict(image=to_tensor(load_image(s.image, self.size)),
                     mask=torch.from_numpy(mask)[None],
                     label=s.label, defect=s.defect, path=s.image, index=i)
+
+
+class DiffusionImages(torch.utils.data.Dataset):
+    """Normal training images of the diffusion model (train_diffusion.py): (image in [-1, 1],
+    class id).
+
+    Decoded images are kept in memory when the whole set is small (under 512 MB)."""
+
+    def __init__(self, samples, class_ids, size):
+        self.samples, self.class_ids, self.size = samples, class_ids, size
+        self.cache = {} if len(samples) * size * size * 3 < 512 * 2**20 else None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def image(self, i):
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        image = load_image(self.samples[i].image, self.size)
+        if self.cache is not None:
+            self.cache[i] = image
+        return image
+
+    def __getitem__(self, i):
+        x = torch.from_numpy(self.image(i)).permute(2, 0, 1).float() / 127.5 - 1.0
+        return x, self.class_ids[i]
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .cli import resolve_device
+from .cli import UserError, resolve_device
 
 
 @dataclass
@@ -47,6 +47,13 @@ def setup(device_arg="auto"):
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def require_divisible_batch(batch_size, info):
+    """--batch-size is the global batch: a positive multiple of the number of processes."""
+    if batch_size < 1 or batch_size % info.world_size:
+        raise UserError(f"--batch-size {batch_size} must be a positive multiple of the "
+                        f"{info.world_size} processes")
 
 
 def barrier(info):

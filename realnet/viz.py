@@ -5,8 +5,7 @@ Everything takes and returns uint8 numpy arrays of shape (H, W, 3) or PIL images
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+from .data import IMAGENET_MEAN, IMAGENET_STD
 
 
 def jet(values):

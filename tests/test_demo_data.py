@@ -1,4 +1,4 @@
-"""realnet/demo_data.py: the embedded data set is deterministic, readable and sensible."""
+"""demo_data.py: the embedded data set is deterministic, readable and sensible."""
 import filecmp
 import os
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from realnet import data, demo_data
+import demo_data
+from realnet import data
 from realnet.cli import UserError
 
 SETTINGS = dict(image_size=48, n_train=3, n_test_good=2, n_test_defect=4)

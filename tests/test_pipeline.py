@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from realnet.demo_data import make_demo_dataset, make_demo_textures
+from demo_data import make_demo_dataset, make_demo_textures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORY = "washer"

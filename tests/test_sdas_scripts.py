@@ -1,9 +1,9 @@
 """train_diffusion.py and synthesize.py end to end on a toy data set (16 px, tiny UNet)."""
 import contextlib
+import importlib
 import io
 import json
 import os
-import runpy
 import subprocess
 import sys
 
@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from realnet import cli, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--image-size", "16", "--workers", "0", "--sample-steps", "4", "--sheet-columns", "4"]
@@ -22,19 +24,16 @@ class Result:
 
 
 def run(script, *args, check=True):
-    """Run a stage script in this process (as `python3 script args`, minus the start-up cost
-    of a new interpreter); exit code, stdout and stderr as a subprocess would give them."""
+    """Run a stage's `main(argv)` in this process (as `python3 script args`, minus the start-up
+    cost of a new interpreter); exit code, stdout and stderr as a subprocess would give them."""
+    stage = importlib.import_module(os.path.splitext(script)[0])
     out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = [script, *map(str, args)]
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+            cli.run(lambda: stage.main([str(a) for a in args]))
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
     if check and code != 0:
         raise AssertionError(f"{script} failed ({code}):\n{out.getvalue()}\n{err.getvalue()}")
     return Result(code, out.getvalue(), err.getvalue())
@@ -102,7 +101,7 @@ def test_checkpoint_holds_everything_synthesis_needs(trained, toy):
     from realnet import adm
     model = adm.build_unet(ckpt["arch"])
     model.load_state_dict(ckpt["ema"])
-    state = load(os.path.join(trained, "train_state.pt"))
+    state = load(os.path.join(trained, "state.pt"))
     assert state["kind"] == "diffusion_train_state" and state["step"] == 2
     assert set(state) >= {"model", "ema", "optimizer", "rng", "args", "config"}
     # EMA differs from the raw weights after 2 updates with warm-up (decay 1/10, 2/11)
@@ -111,7 +110,7 @@ def test_checkpoint_holds_everything_synthesis_needs(trained, toy):
     assert sheets == ["step_0000002.png"]
     with Image.open(os.path.join(trained, "samples", sheets[0])) as sheet:
         assert sheet.width >= 4 * 96  # 4 columns of 16 px images, enlarged to 96 px
-    log = json.load(open(os.path.join(trained, "train_log.json")))
+    log = runs.read_log(os.path.join(trained, "loss.jsonl"))
     assert [r["step"] for r in log] == [1, 2]
 
 
@@ -119,7 +118,7 @@ def test_training_loss_falls(toy, tmp_path):
     out = str(tmp_path / "run")
     run("train_diffusion.py", "--data", toy, "--categories", "disc", "--out", out, "--steps", 40, "--batch-size", 8,
         "--lr", "2e-3", "--log-every", 10, "--sample-every", 0, "--save-every", 1000, *TINY)
-    log = json.load(open(os.path.join(out, "train_log.json")))
+    log = runs.read_log(os.path.join(out, "loss.jsonl"))
     losses = [r["loss"] for r in log]
     assert len(losses) == 4
     assert losses[-1] < 0.6 * losses[0], losses  # starts near 1 (eps-MSE of a zero output)
@@ -132,14 +131,14 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(toy, tmp_path):
     run("train_diffusion.py", "--out", tmp_path / "resumed", "--steps", 2, *common)
     proc = run("train_diffusion.py", "--out", tmp_path / "resumed", "--steps", 4, "--resume", *common)
     assert "resumed" in proc.stdout
-    a = load(tmp_path / "straight" / "train_state.pt")
-    b = load(tmp_path / "resumed" / "train_state.pt")
+    a = load(tmp_path / "straight" / "state.pt")
+    b = load(tmp_path / "resumed" / "state.pt")
     for part in ("model", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
-    la = json.load(open(tmp_path / "straight" / "train_log.json"))
-    lb = json.load(open(tmp_path / "resumed" / "train_log.json"))
-    assert la == lb
+    la = runs.read_log(tmp_path / "straight" / "loss.jsonl")
+    lb = runs.read_log(tmp_path / "resumed" / "loss.jsonl")
+    assert [r["step"] for r in la] == [1, 2, 3, 4] and la == lb
 
 
 def test_training_refuses_other_configuration_and_existing_runs(trained, toy):
@@ -228,8 +227,8 @@ def test_synthesize_bad_inputs_are_one_line_errors(trained, tmp_path):
     assert_one_line_error(proc, "--strength", ">= 0")
     proc = run("synthesize.py", "--checkpoint", tmp_path / "missing.pt", "--category", "disc", check=False)
     assert_one_line_error(proc, "missing.pt", "does not exist")
-    proc = run("synthesize.py", "--checkpoint", os.path.join(trained, "train_state.pt"), "--category", "disc", check=False)
-    assert_one_line_error(proc, "train_state.pt", "expected a diffusion checkpoint")
+    proc = run("synthesize.py", "--checkpoint", os.path.join(trained, "state.pt"), "--category", "disc", check=False)
+    assert_one_line_error(proc, "state.pt", "expected a diffusion checkpoint")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00" * 10)
     proc = run("synthesize.py", "--checkpoint", garbage, "--category", "disc", check=False)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import select_features
-from realnet import anomaly, data
+from realnet import data, stream, synthesis
 from realnet.cli import UserError
-from realnet.demo_data import make_demo_dataset, make_demo_textures
+from demo_data import make_demo_dataset, make_demo_textures
 from realnet.files import load_checkpoint
 from tiny_data import mvtec_tree, write_mask
 
@@ -52,9 +52,9 @@ class FakeBackbone(torch.nn.Module):
 
 def test_afs_keeps_the_channels_that_see_the_anomaly(demo):
     ds = data.open_dataset(demo["data"])
-    synth = anomaly.AnomalySynthesizer("granite", ds.format, SIZE, dtd_dir=demo["dtd"])
-    stream = anomaly.AnomalyStream(ds.train("granite"), SIZE, synth, seed=0, normal_ratio=0.0)
-    loader = torch.utils.data.DataLoader(stream, batch_size=8, sampler=anomaly.StreamSampler(0, 4, 8))
+    synth = synthesis.AnomalySynthesizer("granite", ds.format, SIZE, dtd_dir=demo["dtd"])
+    samples = stream.AnomalyStream(ds.train("granite"), SIZE, {"granite": synth}, seed=0, normal_ratio=0.0)
+    loader = torch.utils.data.DataLoader(samples, batch_size=8, sampler=stream.StreamSampler(0, 4, 8))
     sums, timing = select_features.channel_scores(FakeBackbone(), loader, torch.device("cpu"), 4)
     assert [len(s) for s in sums] == [6, 4] and set(timing) == {"data", "backbone", "loss"}
     for total, dim, responsive in zip(sums, (3, 2), FakeBackbone.responsive):
@@ -76,11 +76,11 @@ def _run(args, demo, out):
     select_features.main(["--data", demo["data"], "--category", "washer", "--dtd", demo["dtd"], "--input-size", "32",
                           "--batches", "4", "--batch-size", "2", "--backbone-weights", "random", "--workers", "0",
                           "--dims", "8", "16", "32", "64", "--out", out] + args)
-    return load_checkpoint(out, "AFS file", kind="afs")
+    return load_checkpoint(os.path.join(out, "afs.pt"), "AFS file", kind="afs")
 
 
 def test_end_to_end_files_and_resume(demo, monkeypatch, capsys):
-    out = str(demo["root"] / "run" / "afs.pt")
+    out = str(demo["root"] / "run")
     afs = _run(["--dump", "2"], demo, out)
     assert afs["layers"] == [1, 2, 3, 4] and afs["dims"] == [8, 16, 32, 64]
     for kept, score, dim, channels in zip(afs["indices"], afs["scores"], afs["dims"], (256, 512, 1024, 2048)):
@@ -95,7 +95,7 @@ def test_end_to_end_files_and_resume(demo, monkeypatch, capsys):
     assert not os.path.exists(folder / "afs.partial")
 
     # interrupted after batch 3 (a partial state saved after batch 2), then started again
-    out2 = str(demo["root"] / "resumed" / "afs.pt")
+    out2 = demo["root"] / "resumed"
     original_update = select_features.Progress.update
 
     def interrupt(self, step, *a, **k):
@@ -104,11 +104,11 @@ def test_end_to_end_files_and_resume(demo, monkeypatch, capsys):
             raise KeyboardInterrupt
     monkeypatch.setattr(select_features.Progress, "update", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        _run(["--save-every", "2"], demo, out2)
+        _run(["--save-every", "2"], demo, str(out2))
     monkeypatch.setattr(select_features.Progress, "update", original_update)
-    assert not os.path.exists(out2) and os.path.exists(out2[:-3] + ".partial")
+    assert not os.path.exists(out2 / "afs.pt") and os.path.exists(out2 / "afs.partial")
     capsys.readouterr()
-    resumed = _run(["--save-every", "2"], demo, out2)
+    resumed = _run(["--save-every", "2"], demo, str(out2))
     assert "resuming from" in capsys.readouterr().out
     for a, b in zip(afs["scores"], resumed["scores"]):
         assert torch.equal(a, b)                            # exactly the uninterrupted result
@@ -153,7 +153,7 @@ def _cases(demo, tmp_path):
 def test_bad_input_raises_user_error(demo, tmp_path):
     for expected, args in _cases(demo, tmp_path).items():
         with pytest.raises(UserError, match=re.escape(expected)):
-            select_features.main(args + ["--out", str(tmp_path / "out" / "afs.pt")])
+            select_features.main(args + ["--out", str(tmp_path / "out")])
     assert not os.path.exists(tmp_path / "out" / "afs.pt")
 
 
@@ -162,7 +162,7 @@ def test_bad_input_is_one_line_without_traceback(demo, tmp_path):
     interpreter start with torch)."""
     cases = _cases(demo, tmp_path)
     for expected in ("does not exist", "has no images", "is 10x10 but its image", "layer4, which has 2048"):
-        result = _cli(*cases[expected], "--out", str(tmp_path / "out" / "afs.pt"))
+        result = _cli(*cases[expected], "--out", str(tmp_path / "out"))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (expected, result.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (expected, result.stderr)

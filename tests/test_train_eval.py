@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from realnet.demo_data import make_demo_dataset, make_demo_textures
+from demo_data import make_demo_dataset, make_demo_textures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -42,15 +42,16 @@ def random_backbone_identity():
     return load_backbone("random", (1,)).identity
 
 
-def write_afs(path, category="washer", input_size=SIZE, backbone=None, layers=(1, 2), dims=(8, 16)):
-    """An AFS file in the format select_features.py writes (API_DATA.md)."""
+def write_afs(path, category="washer", input_size=SIZE, backbone=None, layers=(1, 2), dims=(8, 16), **recorded):
+    """An AFS file in the format select_features.py writes (`recorded`: e.g. its dataset and
+    anomaly_source entries)."""
     channels = {1: 256, 2: 512, 3: 1024, 4: 2048}
     g = torch.Generator().manual_seed(0)
     torch.save({"kind": "afs", "version": 1, "layers": list(layers), "dims": list(dims),
                 "indices": [torch.sort(torch.randperm(channels[l], generator=g)[:d]).values for l, d in zip(layers, dims)],
                 "scores": [torch.rand(channels[l], generator=g) for l in layers],
                 "backbone": backbone or random_backbone_identity(), "input_size": input_size,
-                "category": category}, path)
+                "category": category, **recorded}, path)
     return path
 
 
@@ -67,7 +68,7 @@ def demo(tmp_path_factory):
 
 def train_args(demo, out, *extra, steps=6):
     return ["--data", demo["data"], "--category", "washer", "--dtd", demo["dtd"], "--afs", demo["afs"],
-            "--width-ratio", "0.5", "--batch", "4", "--steps", steps, "--lr", "1e-3", "--workers", "0",
+            "--width-ratio", "0.5", "--batch-size", "4", "--steps", steps, "--lr", "1e-3", "--workers", "0",
             "--log-every", "1", "--out", out, *extra]
 
 
@@ -103,7 +104,7 @@ def test_training_loss_falls_then_evaluation_reports_everything(demo):
     assert len(held_out) == 2 and all(os.sep + os.path.join("washer", "train", "good") in p for p in held_out)
     assert len(read_jsonl(os.path.join(out, "val.jsonl"))) == 3
 
-    result = run("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"), "--workers", "0", "--batch", "8",
+    result = run("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"), "--workers", "0", "--batch-size", "8",
                  "--throughput-repeats", "1")
     report = json.load(open(os.path.join(out, "eval", "metrics.json")))
     washer = report["categories"]["washer"]
@@ -234,12 +235,31 @@ def test_afs_for_another_category_size_or_backbone_is_refused(demo):
     assert "missing.pt" in line
 
 
+def test_the_afs_file_supplies_the_data_set_anomaly_source_and_input_size(demo):
+    """Stage 4 takes what stage 3 decided from the AFS file; a flag that does not fit it is refused."""
+    afs = write_afs(str(demo["root"] / "afs_recorded.pt"), backbone=demo["identity"],
+                    dataset={"root": os.path.abspath(demo["data"]), "format": "mvtec"},
+                    anomaly_source={"sdas_dir": None, "dtd_dir": os.path.abspath(demo["dtd"]),
+                                    "foreground": "category"})
+    out = str(demo["root"] / "from_afs")
+    run("train_realnet.py", "--afs", afs, "--width-ratio", "0.5", "--batch-size", "4", "--steps", "1",
+        "--workers", "0", "--out", out)
+    args = json.load(open(os.path.join(out, "args.json")))
+    assert os.path.samefile(args["data"], demo["data"]) and os.path.samefile(args["dtd"], demo["dtd"])
+    assert args["input_size"] == SIZE and args["foreground"] == "category" and args["sdas"] is None
+    model = torch.load(os.path.join(out, "model.pt"), weights_only=False)
+    assert model["categories"] == ["washer"] and model["config"]["input_size"] == SIZE
+    line = one_line_error(run("train_realnet.py", "--afs", afs, "--category", "tablet", "--out", out + "_2",
+                              check=False))
+    assert "afs_recorded.pt" in line and "'washer'" in line
+
+
 def test_resume_with_another_configuration_is_refused(demo):
     out = str(demo["root"] / "reconfigured")
     run("train_realnet.py", *train_args(demo, out, steps=1))
     line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--arch", "C", "--resume"), check=False))
     assert "another model configuration" in line and "arch" in line
-    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--batch", "2", "--resume"), check=False))
+    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--batch-size", "2", "--resume"), check=False))
     assert "another training settings" in line or "training" in line
     line = one_line_error(run("train_realnet.py", *train_args(demo, out), check=False))
     assert "--resume" in line  # never overwrite a training state silently

@@ -1,6 +1,9 @@
 """The embedded default data set: a small MVTec-layout data set drawn procedurally.
 
-    python3 -m realnet.demo_data --out data/demo --dtd-out data/demo_dtd
+Not part of the method (the realnet package never imports it): a stand-in for MVTec AD
+that needs no download, so that every stage can be run and tested offline.
+
+    python3 -m demo_data --out data/demo --dtd-out data/demo_dtd
 
 writes, in a few seconds and identically for the same seed,
 
@@ -33,8 +36,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .cli import UserError
-from .files import atomic_write_json
+from realnet.cli import UserError, run
+from realnet.files import atomic_write_json
 
 DEMO_VERSION = 1
 DEMO_CATEGORIES = ["granite", "tablet", "washer", "weave"]   # sorted: the class-id order
@@ -395,7 +398,7 @@ def make_demo_dataset(root, seed=0, categories=None, image_size=256, n_train=40,
     if image_size < 32:
         raise UserError(f"demo image size must be at least 32, got {image_size}")
     manifest_path = os.path.join(root, "demo.json")
-    manifest = _load_manifest(manifest_path) or {"generator": "realnet.demo_data", "version": DEMO_VERSION,
+    manifest = _load_manifest(manifest_path) or {"generator": "demo_data.py", "version": DEMO_VERSION,
                                                  "categories": {}}
     for category in categories:
         settings = {"version": DEMO_VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
@@ -500,5 +503,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run
     run(main)

@@ -1,0 +1,176 @@
+"""Run state: what a stage saves so that it can be continued, and the checks that keep a
+continued run honest. Every stage uses these, so "the saved settings must match" means
+the same thing, and says what differs, everywhere.
+
+    args.json        the arguments a stage ran with (`save_args`)
+    state.pt         everything a training stage needs to continue (`load_state`)
+    loss.jsonl       one JSON line per logged step (`trim_log`, `read_log`)
+
+A state also carries the RNG states (`rng_state` / `restore_rng`). A file made from a data
+set with a frozen backbone records both; the next stage reopens them
+(`open_recorded_dataset`, `load_recorded_backbone`) unless told otherwise.
+"""
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from .backbone import load_backbone
+from .cli import UserError, args_to_dict
+from .data import open_dataset
+from .files import atomic_write_json, atomic_write_text, load_checkpoint
+
+STATE_FILE = "state.pt"
+LOG_FILE = "loss.jsonl"
+
+
+def save_args(args, folder, name="args.json"):
+    """The stage's arguments, as JSON, beside its outputs."""
+    atomic_write_json(os.path.join(folder, name), args_to_dict(args))
+
+
+def start_outputs(out, args, step):
+    """A training stage's output folder at `step`: created, args.json written, the loss log
+    trimmed to `step`. Returns the log's path (the main process only calls this)."""
+    os.makedirs(out, exist_ok=True)
+    save_args(args, out)
+    log_path = os.path.join(out, LOG_FILE)
+    trim_log(log_path, step)
+    return log_path
+
+
+# ----------------------------------------------------------------------------------------
+# Same settings
+# ----------------------------------------------------------------------------------------
+
+def _short(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def differences(before, now, prefix=""):
+    """'key: X there, Y now' for every entry of two settings dicts that differs; nested
+    dicts are compared entry by entry (keys joined with a dot)."""
+    found = []
+    for key in sorted(set(before) | set(now), key=str):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {_short(a)} there, {_short(b)} now")
+    return found
+
+
+def require_same_settings(before, now, problem, remedy):
+    """Raise `UserError("<problem> (<what differs>); <remedy>")` when the settings differ."""
+    changed = differences(before, now)
+    if changed:
+        raise UserError(f"{problem} ({'; '.join(changed)}); {remedy}")
+
+
+def load_state(out, resume, kind, log=print):
+    """The training state to continue from OUT/state.pt, or None for a fresh start.
+    Without --resume an existing state is never overwritten silently."""
+    path = os.path.join(out, STATE_FILE)
+    if resume and os.path.isfile(path):
+        return load_checkpoint(path, "--resume", kind=kind)
+    if resume:
+        log(f"--resume: no {path} yet, starting from step 0")
+    elif os.path.exists(path):
+        raise UserError(f"{out!r} already holds a training run ({path}); pass --resume to continue it "
+                        "or choose another --out")
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Random number generators
+# ----------------------------------------------------------------------------------------
+
+def rng_state():
+    """Every global generator a stage draws from: torch (and CUDA), numpy, python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------
+# The frozen backbone a file was made with
+# ----------------------------------------------------------------------------------------
+
+def same_backbone(a, b):
+    """Identities (backbone.Backbone.identity) of the same weights: architecture and digest."""
+    return bool(a) and bool(b) and a.get("arch") == b.get("arch") and a.get("digest") == b.get("digest")
+
+
+def describe_backbone(identity):
+    if not identity:
+        return "an unknown backbone"
+    return f"{identity.get('arch')} weights {identity.get('weights')!r} (digest {identity.get('digest')})"
+
+
+def load_recorded_backbone(recorded, weights, layers, what):
+    """The frozen backbone a file (`what`, e.g. "--afs 'runs/x/afs.pt'") was made with:
+    the weights it records, or --backbone-weights `weights` when given. Features of other
+    weights would not mean the same: those are refused."""
+    backbone = load_backbone(weights or (recorded or {}).get("weights", "imagenet"), layers)
+    if not same_backbone(recorded, backbone.identity):
+        raise UserError(f"{what} was made with backbone {describe_backbone(recorded)}, not "
+                        f"{describe_backbone(backbone.identity)}: give the same --backbone-weights")
+    return backbone
+
+
+# ----------------------------------------------------------------------------------------
+# The data set a file was made on
+# ----------------------------------------------------------------------------------------
+
+def open_recorded_dataset(root, format, recorded, what):
+    """--data ROOT (with --format) when given, else the data set a file records
+    (its `dataset` entry, data.DatasetIndex.describe())."""
+    if root:
+        return open_dataset(root, format)
+    if not recorded or not recorded.get("root"):
+        raise UserError(f"--data is needed: {what} does not record its data set")
+    return open_dataset(recorded["root"], recorded.get("format", "auto"))
+
+
+# ----------------------------------------------------------------------------------------
+# Loss logs
+# ----------------------------------------------------------------------------------------
+
+def read_log(path, last_step=None):
+    """The entries of a JSON-lines log (up to last_step); a line cut by a kill is skipped."""
+    if not os.path.isfile(path):
+        return []
+    entries = []
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if last_step is None or entry.get("step", 0) <= last_step:
+                entries.append(entry)
+    return entries
+
+
+def trim_log(path, last_step):
+    """Keep the entries up to last_step: a resumed run rewrites what came after its state."""
+    kept = read_log(path, last_step)
+    atomic_write_text(path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))
+
+
+def log_line(log_file, entry):
+    log_file.write(json.dumps(entry, sort_keys=True) + "\n")
+    log_file.flush()

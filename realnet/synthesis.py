@@ -1,0 +1,132 @@
+"""Synthetic anomalies (paper eq. 3): an image, a mask and an appearance make an anomaly.
+
+    mask     M = Perlin mask x foreground mask        (masks.py; redrawn until not empty)
+    image    A = (1 - M) I + M (delta P + (1 - delta) I)
+
+P, the anomaly's appearance, is an SDAS image (made by synthesize.py, delta ~ U(0.5, 1)) or
+a DTD texture with three random colour/geometry augmentations (textures.py,
+delta ~ U(0.2, 1)), or, when both folders are given, either one with probability 1/2.
+
+Everything random takes a `np.random.Generator`, so a synthetic anomaly is a pure function
+of its seed (stream.py gives sample g the generator `default_rng([seed, g])`).
+
+Two deliberate differences from the authors' code (docs/method.md): an empty mask is
+redrawn (they keep it: about 5 % of their "anomalies" are unchanged normal images labelled
+as anomalies), and the blend is rounded to the nearest grey level (they truncate).
+"""
+import os
+
+import numpy as np
+
+from . import data
+from .cli import UserError
+from .masks import FOREGROUND_MODES, foreground_mask, foreground_rule, perlin_mask
+from .textures import list_dtd_images, rand_augment
+
+MAX_MASK_TRIES = 16               # redraws before the fallback blob (rarely reached)
+SDAS_DELTA = (0.5, 1.0)           # transparency ranges of the authors' configs
+DTD_DELTA = (0.2, 1.0)
+_warned_auto = set()
+
+
+def blend(image, source, mask, delta):
+    """A = (1 - M) I + M (delta P + (1 - delta) I), rounded to uint8 (paper eq. 3)."""
+    i = image.astype(np.float64)
+    m = np.asarray(mask, np.float64)[..., None]
+    out = (1.0 - m) * i + m * (delta * source.astype(np.float64) + (1.0 - delta) * i)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+class AnomalySource:
+    """Where anomaly appearances come from: an SDAS folder (every image file in it) and/or a
+    DTD folder. `draw(rng)` -> (P uint8 (S,S,3), delta, kind, path)."""
+
+    def __init__(self, size, sdas_dir=None, dtd_dir=None):
+        if not sdas_dir and not dtd_dir:
+            raise UserError("no anomaly source: give an SDAS folder (--sdas, made by synthesize.py) "
+                            "and/or a DTD folder (--dtd, with images/<texture>/*.jpg)")
+        self.size = size
+        self.sdas, self.dtd = [], []
+        if sdas_dir:
+            if not os.path.isdir(sdas_dir):
+                raise UserError(f"--sdas: folder {sdas_dir!r} does not exist")
+            self.sdas = data.list_images(sdas_dir)
+            if not self.sdas:
+                raise UserError(f"--sdas: folder {sdas_dir!r} has no images (expected the PNGs written by synthesize.py)")
+        if dtd_dir:
+            if not os.path.isdir(dtd_dir):
+                raise UserError(f"--dtd: folder {dtd_dir!r} does not exist")
+            self.dtd = list_dtd_images(dtd_dir)
+            if not self.dtd:
+                raise UserError(f"--dtd: folder {dtd_dir!r} has no images (expected images/<texture>/*.jpg)")
+        self.sdas_dir, self.dtd_dir = sdas_dir, dtd_dir
+
+    def describe(self):
+        return {"sdas_dir": self.sdas_dir and os.path.abspath(self.sdas_dir), "sdas_images": len(self.sdas),
+                "dtd_dir": self.dtd_dir and os.path.abspath(self.dtd_dir), "dtd_images": len(self.dtd)}
+
+    def draw(self, rng):
+        use_sdas = bool(self.sdas) and (not self.dtd or rng.random() < 0.5)
+        if use_sdas:
+            path = self.sdas[int(rng.integers(len(self.sdas)))]
+            return data.load_image(path, self.size), rng.uniform(*SDAS_DELTA), "sdas", path
+        path = self.dtd[int(rng.integers(len(self.dtd)))]
+        texture = rand_augment(data.load_image(path, self.size), rng)   # squashed to size, no crop
+        return texture, rng.uniform(*DTD_DELTA), "dtd", path
+
+
+class AnomalySynthesizer:
+    """image -> (anomalous image, mask) for one category (paper eq. 3)."""
+
+    def __init__(self, category, dataset_format, size, sdas_dir=None, dtd_dir=None, foreground="category"):
+        if foreground not in FOREGROUND_MODES:
+            raise UserError(f"unknown foreground mode {foreground!r} (expected {', '.join(FOREGROUND_MODES)})")
+        self.category, self.dataset_format, self.size, self.foreground = category, dataset_format, size, foreground
+        self.source = AnomalySource(size, sdas_dir, dtd_dir)
+        rule = foreground_rule(category, dataset_format)
+        if foreground == "category" and rule == "auto" and category not in _warned_auto:
+            _warned_auto.add(category)
+            print(f"note: no foreground rule for category {category!r}; using --foreground auto "
+                  "(Otsu, the side that owns the border is background)")
+
+    def describe(self):
+        return {"category": self.category, "dataset_format": self.dataset_format, "size": self.size,
+                "foreground": self.foreground, **self.source.describe()}
+
+    def draw_mask(self, foreground, rng):
+        """Perlin x foreground, redrawn until it is not empty; after MAX_MASK_TRIES misses
+        (a tiny foreground) an ellipse centred on a random foreground pixel."""
+        if foreground.sum() < 1:   # a threshold that found nothing must not block synthesis
+            foreground = np.ones_like(foreground)
+        for _ in range(MAX_MASK_TRIES):
+            mask = perlin_mask(self.size, rng) * foreground
+            if mask.any():
+                return mask
+        ys, xs = np.nonzero(foreground)
+        k = int(rng.integers(len(ys)))
+        ry, rx = rng.uniform(self.size / 32, self.size / 8, size=2)
+        yy, xx = np.mgrid[:self.size, :self.size]
+        ellipse = ((yy - ys[k]) / ry) ** 2 + ((xx - xs[k]) / rx) ** 2 <= 1.0
+        return ellipse.astype(np.float32) * foreground
+
+    def synthesize(self, image, rng):
+        """dict(anomalous, mask, kind, delta, source): everything a picture of it needs."""
+        fg = foreground_mask(image, self.category, self.dataset_format, self.foreground)
+        mask = self.draw_mask(fg, rng)
+        source, delta, kind, path = self.source.draw(rng)
+        return dict(anomalous=blend(image, source, mask, delta), mask=mask, kind=kind, delta=delta,
+                    source=path, foreground=fg)
+
+    def __call__(self, image_uint8, rng):
+        out = self.synthesize(image_uint8, rng)
+        return out["anomalous"], out["mask"]
+
+
+
+def synthesizers_for(categories, dataset_format, size, sdas_dir=None, dtd_dir=None, foreground="category"):
+    """One synthesizer per category, for `stream.AnomalyStream`: each applies its own
+    category's foreground rule. With several categories (one unified model) `sdas_dir`
+    holds one SDAS folder per category, sdas_dir/<category>."""
+    def sdas_folder(category):
+        return os.path.join(sdas_dir, category) if sdas_dir and len(categories) > 1 else sdas_dir
+    return {c: AnomalySynthesizer(c, dataset_format, size, sdas_folder(c), dtd_dir, foreground) for c in categories}

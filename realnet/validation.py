@@ -1,0 +1,46 @@
+"""Choosing the checkpoint without the test set: a share of the TRAINING images is held
+out, given synthetic anomalies like the training samples, and scored with the test
+metrics. (The authors choose their checkpoint on the test set; docs/method.md.)
+"""
+import numpy as np
+import torch
+
+from . import metrics
+from .cli import UserError
+
+
+def split_validation(samples, fraction, seed):
+    """Hold out a share of the training images (never test images) for checkpoint choice."""
+    if fraction <= 0:
+        return samples, []
+    if fraction >= 1:
+        raise UserError(f"--val-fraction must be below 1, got {fraction}")
+    n_val = max(1, int(round(fraction * len(samples))))
+    if n_val >= len(samples):
+        raise UserError(f"--val-fraction {fraction} leaves no training images ({len(samples)} in all)")
+    held_out = set(np.random.default_rng([seed, 7]).choice(len(samples), n_val, replace=False).tolist())
+    return ([s for i, s in enumerate(samples) if i not in held_out],
+            [s for i, s in enumerate(samples) if i in held_out])
+
+
+def make_validation_set(stream, n_images):
+    """Fixed samples: every held-out image once normal and once with a synthetic anomaly."""
+    items = [stream[g] for g in range(2 * n_images)]
+    return {key: torch.stack([it[key] for it in items]) for key in ("image", "mask")} | \
+        {"anomalous": torch.tensor([it["anomalous"] for it in items])}
+
+
+@torch.no_grad()
+def validate(model, features, val, device, batch_size):
+    was_training = model.training
+    model.eval()
+    maps = []
+    for start in range(0, len(val["image"]), batch_size):
+        images = val["image"][start:start + batch_size].to(device)
+        maps.append(model(features(images), images.shape[-2:])["anomaly_map"].float().cpu())
+    model.train(was_training)
+    maps = torch.cat(maps).numpy()
+    masks = val["mask"][:, 0].numpy()
+    labels = masks.reshape(len(masks), -1).max(axis=1) > 0
+    return {"pixel_auroc": metrics.pixel_auroc(maps, masks), "au_pro": metrics.au_pro(maps, masks),
+            "image_auroc": metrics.image_auroc(labels, metrics.image_scores(maps))}
