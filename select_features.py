@@ -141,6 +141,22 @@ def draw_scores(scores, indices, layers, width=1024, height=150):
     return Image.fromarray(np.concatenate(panels, axis=0))
 
 
+def load_partial(path, settings, batches):
+    """(batches done, their summed losses) of an interrupted run with the same settings, or
+    (0, None). The stream is a pure function of (seed, g), so continuing a partial sum gives
+    exactly the result of an uninterrupted run."""
+    if not os.path.isfile(path):
+        return 0, None
+    partial = load_checkpoint(path, "partial AFS state", kind="afs_partial")
+    changed = runs.differences(partial["settings"], settings)
+    if not changed and partial["batches_done"] <= batches:
+        print(f"resuming from {path}: {partial['batches_done']} of {batches} batches done")
+        return partial["batches_done"], partial["sums"]
+    why = "; ".join(changed) or f"{partial['batches_done']} batches done, --batches {batches} now"
+    print(f"starting afresh: {path} was made with other settings ({why})")
+    return 0, None
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_dims(args.layers, args.dims)
@@ -149,11 +165,7 @@ def main(argv=None):
         raise cli.UserError(f"--input-size must be at least 32 (the backbone's stride), got {args.input_size}")
     device = cli.resolve_device(args.device)
     dataset = data.open_dataset(args.data, args.format)
-    category = args.category
-    if category is None:
-        if len(dataset.categories) != 1:
-            raise cli.UserError(f"--category is needed: {args.data!r} has {', '.join(dataset.categories)}")
-        category = dataset.categories[0]
+    category = cli.only_category(args.category, dataset.categories, repr(args.data))
     train = dataset.train(category)
     synthesizers = synthesizers_for([category], dataset.format, args.input_size, args.sdas, args.dtd,
                                     args.foreground)
@@ -171,23 +183,13 @@ def main(argv=None):
     backbone = load_backbone(args.backbone_weights, args.layers).to(device)
     cli.seed_everything(args.seed)
 
-    # Resume: the stream is a pure function of (seed, g), so continuing a partial sum gives
-    # exactly the result of an uninterrupted run.
+    # what a partial state (resumable) must share with this run
     settings = {"data": os.path.abspath(args.data), "format": dataset.format, "category": category,
                 "input_size": args.input_size, "layers": args.layers, "batch_size": args.batch_size,
                 "seed": args.seed, "foreground": args.foreground, "source": synthesizers[category].source.describe(),
                 "backbone": backbone.identity}
     partial_path = stem + ".partial"
-    start, sums = 0, None
-    if os.path.isfile(partial_path):
-        partial = load_checkpoint(partial_path, "partial AFS state", kind="afs_partial")
-        changed = runs.differences(partial["settings"], settings)
-        if not changed and partial["batches_done"] <= args.batches:
-            start, sums = partial["batches_done"], partial["sums"]
-            print(f"resuming from {partial_path}: {start} of {args.batches} batches done")
-        else:
-            why = "; ".join(changed) or f"{partial['batches_done']} batches done, --batches {args.batches} now"
-            print(f"starting afresh: {partial_path} was made with other settings ({why})")
+    start, sums = load_partial(partial_path, settings, args.batches)
 
     def save_partial(step, sums):
         if step % args.save_every == 0 and step < args.batches:
@@ -203,11 +205,8 @@ def main(argv=None):
     with torch.inference_mode():
         sums, timing = channel_scores(backbone, loader, device, args.batches, start, sums, save_partial)
 
-    indices, scores = [], []
-    for dim, total in zip(args.dims, sums):
-        kept, score = select_channels(total.float(), dim)
-        indices.append(kept)
-        scores.append(score)
+    indices, scores = zip(*[select_channels(total.float(), dim) for dim, total in zip(args.dims, sums)])
+    indices, scores = list(indices), list(scores)
     afs = {"kind": "afs", "version": 1, "layers": list(args.layers), "dims": list(args.dims),
            "indices": indices, "scores": scores, "backbone": backbone.identity, "input_size": args.input_size,
            "category": category, "dataset": {**dataset.describe(), "category": category,
@@ -219,9 +218,8 @@ def main(argv=None):
     atomic_save_image(draw_scores(scores, indices, args.layers), stem + "_scores.png")
     if os.path.exists(partial_path):
         os.remove(partial_path)
-    elapsed = time.time() - started
-    print(f"wrote {out} and {stem}_scores.png in {elapsed:.1f} s "
-          f"(data {timing['data']:.1f} s, backbone {timing['backbone']:.1f} s, AFS loss {timing['loss']:.1f} s)")
+    print(f"wrote {out} and {stem}_scores.png in {time.time() - started:.1f} s (data {timing['data']:.1f} s, "
+          f"backbone {timing['backbone']:.1f} s, AFS loss {timing['loss']:.1f} s)")
     for layer, dim, kept, score in zip(args.layers, args.dims, indices, scores):
         print(f"  layer{layer}: kept {dim} of {len(score)} channels, mean loss kept "
               f"{score[kept].mean():.4f} vs all {score.mean():.4f}")

@@ -120,6 +120,19 @@ def check_previous(out_dir, settings):
                                        "choose another --out or delete the folder")
 
 
+def check_args(args):
+    """One-line errors for values that cannot work, before anything is loaded."""
+    a, b = args.strength
+    if a < 0 or b < 0:
+        raise cli.UserError(f"--strength {a} {b}: the anomaly strength s must be >= 0 "
+                            "(s = 0 gives normal images)")
+    if a > b:
+        raise cli.UserError(f"--strength {a} {b}: expected A <= B (s ~ U(A, B))")
+    cli.require_positive(count=args.count, batch_size=args.batch_size, steps=args.steps)
+    if args.eta < 0:
+        raise cli.UserError(f"--eta must be >= 0 (got {args.eta})")
+
+
 def merge_manifests(out_dir, category, count, seed, strength_range):
     """Every image's record from the ranks' partial manifests, recomputed for files made by
     an earlier run: a record is a function of the seed and the image number."""
@@ -140,21 +153,12 @@ def merge_manifests(out_dir, category, count, seed, strength_range):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     a, b = args.strength
-    if a < 0 or b < 0:
-        raise cli.UserError(f"--strength {a} {b}: the anomaly strength s must be >= 0 (s = 0 gives normal images)")
-    if a > b:
-        raise cli.UserError(f"--strength {a} {b}: expected A <= B (s ~ U(A, B))")
-    cli.require_positive(count=args.count, batch_size=args.batch_size, steps=args.steps)
-    if args.eta < 0:
-        raise cli.UserError(f"--eta must be >= 0 (got {args.eta})")
 
     ckpt = load_checkpoint(args.checkpoint, "--checkpoint", kind="diffusion")
     classes = ckpt["classes"]
-    if args.category is None:
-        if len(classes) != 1:
-            raise cli.UserError(f"--category is needed: {args.checkpoint!r} knows {len(classes)} categories: {', '.join(classes)}")
-        args.category = classes[0]
+    args.category = cli.only_category(args.category, classes, repr(args.checkpoint))
     if args.category not in classes:
         raise cli.UserError(f"--category {args.category!r}: {args.checkpoint!r} was trained on {', '.join(classes)}")
     out_dir = args.out or os.path.join("data", "sdas", args.category)

@@ -38,6 +38,16 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def only_category(category, categories, where):
+    """--category, or the only category of `where` (a data set, a checkpoint) when not given."""
+    if category is not None:
+        return category
+    if len(categories) != 1:
+        raise UserError(f"--category is needed: {where} has {len(categories)} categories: "
+                        f"{', '.join(categories)}")
+    return categories[0]
+
+
 def require_positive(**values):
     """Each named value must be >= 1: require_positive(steps=args.steps, ...)."""
     for name, value in values.items():
@@ -62,20 +72,23 @@ def add_anomaly_source_args(parser, from_afs=False):
     from .masks import FOREGROUND_MODES   # here, not at the top: masks.py imports this module
     note = " (default: the AFS file's)" if from_afs else ""
     parser.add_argument("--sdas", default=None, help="folder of SDAS images (synthesize.py)" + note)
-    parser.add_argument("--dtd", default=None, help="DTD folder (images/<texture>/*); with --sdas: half each" + note)
-    parser.add_argument("--foreground", default=None if from_afs else "category", choices=FOREGROUND_MODES,
-                        help="where anomalies may go: the authors' rule per category, auto (Otsu) or none"
-                             + (note or " (default: category)"))
+    parser.add_argument("--dtd", default=None,
+                        help="DTD folder (images/<texture>/*); with --sdas: half each" + note)
+    parser.add_argument("--foreground", default=None if from_afs else "category",
+                        choices=FOREGROUND_MODES, help="where anomalies may go: the authors' rule "
+                        "per category, auto (Otsu) or none" + note)
 
 
 def add_device_arg(parser):
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available) | cpu | cuda | cuda:N")
 
 
 def add_workers_arg(parser, default=2):
+    """--workers; default None: 4 with CUDA, 0 on a CPU (the stage decides)."""
+    why = "" if default is not None else "; default: 4 with CUDA, 0 on a CPU (they would compete)"
     parser.add_argument("--workers", type=int, default=default,
-                        help="data loader processes (0 = in-process)" + ("" if default is not None else
-                             "; default: 4 with CUDA, 0 on a CPU, where they would compete with training"))
+                        help="data loader processes (0 = in-process)" + why)
 
 
 def run(main):

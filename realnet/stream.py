@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import data
+from . import data, viz
 from .cli import UserError
+from .files import atomic_save_image
 
 
 class EpochOrder:
@@ -30,7 +31,8 @@ class EpochOrder:
     def __call__(self, g):
         epoch, position = divmod(g, self.n)
         if self._epoch != epoch:
-            self._epoch, self._permutation = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return int(self._permutation[position])
 
 
@@ -118,6 +120,29 @@ class StreamSampler(torch.utils.data.Sampler):
             yield from range(base, base + self.per_rank)
 
 
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of image indices for a plain (non-synthetic) training set: this rank's indices
+    of each global micro-batch from `start_micro` on (train_diffusion.py).
+
+    Sample g of the whole run (g = micro_batch_number * global_batch + position) is image
+    EpochOrder(n, seed)(g), as in AnomalyStream: the order depends only on the seed, never on
+    where a run was resumed or how many ranks share it. Rank r takes positions r, r + W, ...
+    of each global micro-batch."""
+
+    def __init__(self, n, global_batch, start_micro, total_micro, seed, rank=0, world=1):
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.start, self.total, self.rank, self.world = start_micro, total_micro, rank, world
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        order = EpochOrder(self.n, self.seed)
+        for m in range(self.start, self.total):
+            yield [order(m * self.global_batch + position)
+                   for position in range(self.rank, self.global_batch, self.world)]
+
+
 # ----------------------------------------------------------------------------------------
 # Looking at it
 # ----------------------------------------------------------------------------------------
@@ -127,8 +152,6 @@ def dump_examples(stream, n, out_dir, start_g=0):
     example_XX.png (what the model sees), example_XX_mask.png, and contact_sheet.png with
     one row per example: clean | anomalous | mask | anomalous with the mask's contour.
     Returns the paths written."""
-    from . import viz
-    from .files import atomic_save_image
     os.makedirs(out_dir, exist_ok=True)
     written, rows, g = [], [], start_g
     while len(rows) < n:
@@ -151,26 +174,3 @@ def dump_examples(stream, n, out_dir, start_g=0):
         atomic_save_image(viz.to_pil(viz.grid(rows, 1)), sheet)
         written.append(sheet)
     return written
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """Batches of image indices for a plain (non-synthetic) training set: this rank's indices
-    of each global micro-batch from `start_micro` on (train_diffusion.py).
-
-    Sample g of the whole run (g = micro_batch_number * global_batch + position) is image
-    EpochOrder(n, seed)(g), as in AnomalyStream: the order depends only on the seed, never on
-    where a run was resumed or how many ranks share it. Rank r takes positions r, r + W, ...
-    of each global micro-batch."""
-
-    def __init__(self, n, global_batch, start_micro, total_micro, seed, rank=0, world=1):
-        self.n, self.global_batch, self.seed = n, global_batch, seed
-        self.start, self.total, self.rank, self.world = start_micro, total_micro, rank, world
-
-    def __len__(self):
-        return self.total - self.start
-
-    def __iter__(self):
-        order = EpochOrder(self.n, self.seed)
-        for m in range(self.start, self.total):
-            yield [order(m * self.global_batch + position)
-                   for position in range(self.rank, self.global_batch, self.world)]
