@@ -27,7 +27,8 @@ def resolve_device(arg):
     if arg not in ("auto", "cpu", "cuda") and not arg.startswith("cuda:"):
         raise UserError(f"--device {arg!r}: expected auto, cpu, cuda or cuda:N")
     if arg.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {arg}: CUDA is not available on this machine (use --device cpu)")
+        raise UserError(f"--device {arg}: CUDA is not available on this machine "
+                        "(use --device cpu)")
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(arg)
@@ -63,7 +64,7 @@ def add_data_args(parser, default="data/demo", required=False,
                   help="data set root (the embedded demo by default)"):
     parser.add_argument("--data", default=default, required=required, help=help)
     parser.add_argument("--format", default="auto",
-                        help="data set layout: auto | mvtec | mpdd | btad | visa | visa_csv | folder")
+                        help="layout: auto | mvtec | mpdd | btad | visa | visa_csv | folder")
 
 
 def add_anomaly_source_args(parser, from_afs=False):
@@ -71,7 +72,8 @@ def add_anomaly_source_args(parser, from_afs=False):
     from_afs: the defaults are those the AFS file records (train_realnet.py)."""
     from .masks import FOREGROUND_MODES   # here, not at the top: masks.py imports this module
     note = " (default: the AFS file's)" if from_afs else ""
-    parser.add_argument("--sdas", default=None, help="folder of SDAS images (synthesize.py)" + note)
+    parser.add_argument("--sdas", default=None,
+                        help="folder of SDAS images (synthesize.py)" + note)
     parser.add_argument("--dtd", default=None,
                         help="DTD folder (images/<texture>/*); with --sdas: half each" + note)
     parser.add_argument("--foreground", default=None if from_afs else "category",

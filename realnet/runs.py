@@ -79,8 +79,8 @@ def load_state(out, resume, kind, log=print):
     if resume:
         log(f"--resume: no {path} yet, starting from step 0")
     elif os.path.exists(path):
-        raise UserError(f"{out!r} already holds a training run ({path}); pass --resume to continue it "
-                        "or choose another --out")
+        raise UserError(f"{out!r} already holds a training run ({path}); pass --resume to "
+                        "continue it or choose another --out")
     return None
 
 
@@ -90,7 +90,8 @@ def load_state(out, resume, kind, log=print):
 
 def rng_state():
     """Every global generator a stage draws from: torch (and CUDA), numpy, python."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -111,13 +112,15 @@ def restore_rng(state):
 
 def same_backbone(a, b):
     """Identities (backbone.Backbone.identity) of the same weights: architecture and digest."""
-    return bool(a) and bool(b) and a.get("arch") == b.get("arch") and a.get("digest") == b.get("digest")
+    key = lambda identity: (identity.get("arch"), identity.get("digest"))
+    return bool(a) and bool(b) and key(a) == key(b)
 
 
 def describe_backbone(identity):
     if not identity:
         return "an unknown backbone"
-    return f"{identity.get('arch')} weights {identity.get('weights')!r} (digest {identity.get('digest')})"
+    weights, digest = identity.get("weights"), identity.get("digest")
+    return f"{identity.get('arch')} weights {weights!r} (digest {digest})"
 
 
 def load_recorded_backbone(recorded, weights, layers, what):
@@ -127,7 +130,8 @@ def load_recorded_backbone(recorded, weights, layers, what):
     backbone = load_backbone(weights or (recorded or {}).get("weights", "imagenet"), layers)
     if not same_backbone(recorded, backbone.identity):
         raise UserError(f"{what} was made with backbone {describe_backbone(recorded)}, not "
-                        f"{describe_backbone(backbone.identity)}: give the same --backbone-weights")
+                        f"{describe_backbone(backbone.identity)}: give the same "
+                        "--backbone-weights")
     return backbone
 
 

@@ -106,8 +106,10 @@ class StreamSampler(torch.utils.data.Sampler):
 
     def __init__(self, start_step, total_steps, global_batch, rank=0, world_size=1):
         if global_batch % world_size:
-            raise UserError(f"global batch {global_batch} is not divisible by the {world_size} processes")
-        self.start_step, self.total_steps, self.global_batch = start_step, total_steps, global_batch
+            raise UserError(f"global batch {global_batch} is not divisible by the {world_size} "
+                            "processes")
+        self.start_step, self.total_steps = start_step, total_steps
+        self.global_batch = global_batch
         self.per_rank = global_batch // world_size
         self.offset = rank * self.per_rank
 
@@ -166,9 +168,10 @@ def dump_examples(stream, n, out_dir, start_g=0):
             atomic_save_image(Image.fromarray(picture), path)
             written.append(path)
         caption = f"g={g - 1} {r['kind']} d={r['delta']:.2f}"
-        rows.append(viz.hstack([viz.labelled(r["clean"], "clean"), viz.labelled(r["anomalous"], caption),
-                                viz.labelled(mask_rgb, "mask"),
-                                viz.labelled(viz.draw_contour(r["anomalous"], r["mask"] > 0), "contour")]))
+        contour = viz.draw_contour(r["anomalous"], r["mask"] > 0)
+        rows.append(viz.hstack([viz.labelled(r["clean"], "clean"),
+                                viz.labelled(r["anomalous"], caption),
+                                viz.labelled(mask_rgb, "mask"), viz.labelled(contour, "contour")]))
     if rows:
         sheet = os.path.join(out_dir, "contact_sheet.png")
         atomic_save_image(viz.to_pil(viz.grid(rows, 1)), sheet)

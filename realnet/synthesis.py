@@ -123,10 +123,12 @@ class AnomalySynthesizer:
 
 
 
-def synthesizers_for(categories, dataset_format, size, sdas_dir=None, dtd_dir=None, foreground="category"):
+def synthesizers_for(categories, dataset_format, size, sdas_dir=None, dtd_dir=None,
+                     foreground="category"):
     """One synthesizer per category, for `stream.AnomalyStream`: each applies its own
     category's foreground rule. With several categories (one unified model) `sdas_dir`
     holds one SDAS folder per category, sdas_dir/<category>."""
     def sdas_folder(category):
         return os.path.join(sdas_dir, category) if sdas_dir and len(categories) > 1 else sdas_dir
-    return {c: AnomalySynthesizer(c, dataset_format, size, sdas_folder(c), dtd_dir, foreground) for c in categories}
+    return {c: AnomalySynthesizer(c, dataset_format, size, sdas_folder(c), dtd_dir, foreground)
+            for c in categories}

@@ -17,8 +17,10 @@ def split_validation(samples, fraction, seed):
         raise UserError(f"--val-fraction must be below 1, got {fraction}")
     n_val = max(1, int(round(fraction * len(samples))))
     if n_val >= len(samples):
-        raise UserError(f"--val-fraction {fraction} leaves no training images ({len(samples)} in all)")
-    held_out = set(np.random.default_rng([seed, 7]).choice(len(samples), n_val, replace=False).tolist())
+        raise UserError(f"--val-fraction {fraction} leaves no training images "
+                        f"({len(samples)} in all)")
+    rng = np.random.default_rng([seed, 7])
+    held_out = set(rng.choice(len(samples), n_val, replace=False).tolist())
     return ([s for i, s in enumerate(samples) if i not in held_out],
             [s for i, s in enumerate(samples) if i in held_out])
 
