@@ -50,16 +50,16 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--afs", required=True, help="AFS file from select_features.py (the kept channels)")
-    cli.add_data_args(p, default=None, help="data set root (default: the AFS file's)")
-    add("--category", default=None, help="the category (default: the AFS file's)")
+    cli.add_data_args(p, default=None, help="data set root; None: the AFS file's")
+    add("--category", default=None, help="the category; None: the AFS file's")
     add("--categories", default=None,
         help="UNIFIED, beyond the paper: one model over these comma-separated categories (the "
              "AFS file made for any one of them; --sdas is then DIR/<category>)")
     cli.add_anomaly_source_args(p, from_afs=True)
     add("--normal-ratio", type=float, default=0.5, help="normal share of every batch (paper)")
     add("--backbone-weights", default=None,
-        help="imagenet | PATH.pth | random; default: the weights the AFS file was made with")
-    add("--input-size", type=int, default=None, help="image side; default: the AFS file's")
+        help="imagenet | PATH.pth | random; None: the weights the AFS file was made with")
+    add("--input-size", type=int, default=None, help="image side; None: the AFS file's")
     add("--arch", default="A", choices=sorted(ARCHITECTURES), help="A: one UNet per layer (paper)")
     add("--width-ratio", type=float, default=0.5, help="UNet width / input channels (paper)")
     add("--retention", type=float, default=1 / 3, help="residual channels RRS keeps (paper)")

@@ -71,7 +71,7 @@ def add_anomaly_source_args(parser, from_afs=False):
     """--sdas, --dtd, --foreground: where synthetic anomalies come from and where they go.
     from_afs: the defaults are those the AFS file records (train_realnet.py)."""
     from .masks import FOREGROUND_MODES   # here, not at the top: masks.py imports this module
-    note = " (default: the AFS file's)" if from_afs else ""
+    note = "; None: the AFS file's" if from_afs else ""
     parser.add_argument("--sdas", default=None,
                         help="folder of SDAS images (synthesize.py)" + note)
     parser.add_argument("--dtd", default=None,
