@@ -44,9 +44,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from realnet import anomaly, cli, data, distributed, metrics
+from realnet import anomaly, cli, data, distributed, metrics, viz
 from realnet.backbone import load_backbone
-from realnet.files import atomic_torch_save, atomic_write_text, file_digest, load_checkpoint
+from realnet.files import atomic_save_image, atomic_torch_save, atomic_write_text, file_digest, load_checkpoint
 from realnet.model import ARCHITECTURES, RealNet, build_config, count_parameters, describe, realnet_loss
 from realnet.progress import Progress
 
@@ -267,6 +267,26 @@ def validate(model, backbone, val, device, batch_size):
             "image_auroc": metrics.image_auroc(labels, metrics.image_scores(maps))}
 
 
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_learning_curve(out):
+    """OUT/learning_curve.png: the held-out validation metrics (top) and the training loss
+    (bottom) against the step, from val.jsonl and loss.jsonl."""
+    val, loss = read_jsonl(os.path.join(out, "val.jsonl")), read_jsonl(os.path.join(out, "loss.jsonl"))
+    names = {"pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO", "image_auroc": "image AUROC"}
+    top = viz.line_chart({label: ([e["step"] for e in val], [e.get(key) for e in val]) for key, label in names.items()},
+                         "validation on held-out TRAINING images with synthetic anomalies (never the test set)",
+                         "step", "metric", y_range=(0.0, 1.0))
+    bottom = viz.line_chart({label: ([e["step"] for e in loss], [e[key] for e in loss]) for key, label in
+                             (("loss", "loss"), ("segmentation", "segmentation (CE)"),
+                              ("reconstruction", "reconstruction (MSE)"))},
+                            "training loss", "step", "loss")
+    atomic_save_image(viz.to_pil(np.concatenate([top, bottom])), os.path.join(out, "learning_curve.png"))
+
+
 # ----------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------
@@ -399,9 +419,11 @@ def main(argv=None):
             print(f"wrote {args.dump} example training pairs to {os.path.join(out, 'examples')} ({written[-1]})")
 
     log_path = os.path.join(out, "loss.jsonl")
+    val_log_path = os.path.join(out, "val.jsonl")
     if info.is_main:
-        kept = read_log(log_path, start_step)
-        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+        for path in (log_path, val_log_path):  # a resumed run rewrites what came after its state
+            kept = read_log(path, start_step)
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
     loader = torch.utils.data.DataLoader(
         stream, batch_size=args.batch // info.world_size, num_workers=args.workers,
         pin_memory=device.type == "cuda",
@@ -449,8 +471,9 @@ def main(argv=None):
             if val is not None and (step % args.val_every == 0 or step == total_steps):
                 scores = validate(model, backbone, val, device, args.batch)
                 value = scores[args.val_metric]
-                with open(os.path.join(out, "val.jsonl"), "a") as f:
+                with open(val_log_path, "a") as f:
                     f.write(json.dumps({"step": step, **scores}, sort_keys=True) + "\n")
+                write_learning_curve(out)
                 print(f"validation on {len(held_out)} held-out training images at step {step}: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
                 if value is not None and (best["value"] is None or value > best["value"]):
