@@ -42,7 +42,8 @@ from realnet.model import realnet_loss
 from realnet.progress import Progress
 from realnet.stream import AnomalyStream, StreamSampler, dump_examples
 from realnet.synthesis import synthesizers_for
-from realnet.validation import make_validation_set, split_validation, validate
+from realnet.validation import VAL_LOG, make_validation_set, split_validation, validate
+from realnet.validation import write_learning_curve
 
 
 def parse_args(argv=None):
@@ -222,10 +223,12 @@ def save_run(out, model, optimizer, run, step, best, extra):
 
 def validate_and_keep_best(model, features, val, held_out, step, best, metric, batch_size, run,
                            extra, out):
-    """Validate on the held-out training images, log to val.jsonl; best.pt: the best step."""
+    """Validate on the held-out training images, log to val.jsonl and draw the learning
+    curve; best.pt: the best step."""
     scores = validate(model, features, val, next(model.parameters()).device, batch_size)
-    with open(os.path.join(out, "val.jsonl"), "a") as f:
+    with open(os.path.join(out, VAL_LOG), "a") as f:
         runs.log_line(f, {"step": step, **scores})
+    write_learning_curve(out)
     print(f"validation on {len(held_out)} held-out training images at step {step}: "
           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
     value = scores[metric]
@@ -299,6 +302,8 @@ def main(argv=None):
     model, ddp_model, optimizer, start_step, best = build_model(config, args.lr, args.seed,
                                                                 args.resume, run, out, ddp)
     log_path = runs.start_outputs(out, args, start_step) if ddp.is_main else os.devnull
+    if ddp.is_main:
+        runs.trim_log(os.path.join(out, VAL_LOG), start_step)
     distributed.barrier(ddp)
     features = FeatureExtractor(backbone, model)
     cache = make_cache(args.cache_features, config, stream, features, ddp.device)

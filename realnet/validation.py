@@ -2,11 +2,14 @@
 out, given synthetic anomalies like the training samples, and scored with the test
 metrics. (The authors choose their checkpoint on the test set; docs/method.md.)
 """
+import os
+
 import numpy as np
 import torch
 
-from . import metrics
+from . import metrics, runs, viz
 from .cli import UserError
+from .files import atomic_save_image
 
 
 def split_validation(samples, fraction, seed):
@@ -46,3 +49,24 @@ def validate(model, features, val, device, batch_size):
     labels = masks.reshape(len(masks), -1).max(axis=1) > 0
     return {"pixel_auroc": metrics.pixel_auroc(maps, masks), "au_pro": metrics.au_pro(maps, masks),
             "image_auroc": metrics.image_auroc(labels, metrics.image_scores(maps))}
+
+
+VAL_LOG = "val.jsonl"
+VAL_METRICS = {"pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO", "image_auroc": "image AUROC"}
+LOSSES = {"loss": "loss", "segmentation": "segmentation (CE)",
+          "reconstruction": "reconstruction (MSE)"}
+
+
+def write_learning_curve(out):
+    """OUT/learning_curve.png: the held-out validation metrics (top) and the training loss
+    (bottom) against the step, from val.jsonl and loss.jsonl."""
+    def curves(log_name, names):
+        entries = runs.read_log(os.path.join(out, log_name))
+        return {label: ([e["step"] for e in entries], [e.get(key) for e in entries])
+                for key, label in names.items()}
+    top = viz.line_chart(curves(VAL_LOG, VAL_METRICS), "validation on held-out TRAINING images "
+                         "with synthetic anomalies (never the test set)", "step", "metric",
+                         y_range=(0, 1))
+    bottom = viz.line_chart(curves(runs.LOG_FILE, LOSSES), "training loss", "step", "loss")
+    picture = viz.to_pil(np.concatenate([top, bottom]))
+    atomic_save_image(picture, os.path.join(out, "learning_curve.png"))

@@ -88,3 +88,50 @@ def grid(images, ncols, gap=2):
 
 def to_pil(array):
     return Image.fromarray(np.asarray(array, dtype=np.uint8))
+
+
+# ----------------------------------------------------------------------------------------
+# Line charts (learning curves)
+# ----------------------------------------------------------------------------------------
+
+CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def _tick(value):
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+
+
+def line_chart(series, title, x_label, y_label, width=640, height=240, y_range=None):
+    """A line chart as (H, W, 3) uint8: `series` maps a name to (xs, ys). Axes with ticks
+    at the ends and the middle, labelled; a legend in the top right; y_range fixes the y
+    axis (e.g. (0.5, 1) for AUROCs), else it spans the data."""
+    left, right, top, bottom = 58, 12, 22, 34
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    xs_all = [x for xs, _ in series.values() for x in xs]
+    ys_all = [y for _, ys in series.values() for y in ys if y is not None and np.isfinite(y)]
+    x0, x1 = (min(xs_all), max(xs_all)) if xs_all else (0, 1)
+    y0, y1 = y_range if y_range else ((min(ys_all), max(ys_all)) if ys_all else (0, 1))
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
+    py = lambda y: height - bottom - (min(max(y, y0), y1) - y0) / (y1 - y0) * (height - top - bottom)
+    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+    for fraction in (0.0, 0.5, 1.0):
+        x, y = x0 + fraction * (x1 - x0), y0 + fraction * (y1 - y0)
+        draw.line([(px(x), height - bottom), (px(x), height - bottom + 4)], fill=(0, 0, 0))
+        draw.text((px(x) - 12, height - bottom + 6), _tick(x), fill=(0, 0, 0))
+        draw.line([(left - 4, py(y)), (left, py(y))], fill=(0, 0, 0))
+        draw.text((2, py(y) - 6), _tick(y), fill=(0, 0, 0))
+        draw.line([(left + 1, py(y)), (width - right - 1, py(y))], fill=(225, 225, 225))
+    draw.text((left, 5), title, fill=(0, 0, 0))
+    draw.text(((left + width - right) // 2 - 3 * len(x_label), height - 14), x_label, fill=(0, 0, 0))
+    draw.text((2, 5), y_label, fill=(90, 90, 90))
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+        points = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None and np.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points if len(points) <= 40 else []:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        draw.text((width - right - 150, top + 4 + 12 * i), f"- {name}", fill=colour)
+    return np.asarray(canvas)

@@ -39,6 +39,14 @@ def test_random_is_the_same_network_every_time_and_stops_at_the_deepest_layer(ra
         backbone.load_backbone("random", layers=(3, 1))
 
 
+def test_random_backbone_warns_about_its_deep_layers(capsys):
+    backbone.load_backbone("random", layers=(1, 2))
+    assert "layer" not in capsys.readouterr().err.replace("UNTRAINED", "")
+    backbone.load_backbone("random", layers=(1, 2, 3, 4))
+    warning = [line for line in capsys.readouterr().err.splitlines() if "no usable anomaly signal" in line]
+    assert len(warning) == 1 and "layers 3, 4" in warning[0] and "--layers 1 2" in warning[0]
+
+
 def test_local_weights_file(tmp_path, random_net):
     net = torchvision.models.wide_resnet50_2()
     state = {"module." + k: v for k, v in net.state_dict().items()}          # a DDP-style checkpoint

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from demo_data import make_demo_dataset, make_demo_textures
 
@@ -103,6 +104,8 @@ def test_training_loss_falls_then_evaluation_reports_everything(demo):
     held_out = best["selected_on"]["held_out_images"]
     assert len(held_out) == 2 and all(os.sep + os.path.join("washer", "train", "good") in p for p in held_out)
     assert len(read_jsonl(os.path.join(out, "val.jsonl"))) == 3
+    curve = Image.open(os.path.join(out, "learning_curve.png"))   # validation metrics over loss, by step
+    assert curve.size == (640, 480) and len(set(curve.convert("RGB").getdata())) > 3
 
     result = run("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"), "--workers", "0", "--batch-size", "8",
                  "--throughput-repeats", "1")
