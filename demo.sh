@@ -81,9 +81,9 @@ stage "3 select features" select_features select_features.py --data "$DATA" --ca
     --sdas "$OUT/sdas" --dtd "$DTD" --backbone-weights random \
     --input-size "$SIZE" --layers 1 2 --dims 32 64 --batches "$AFS_BATCHES" --out "$OUT"
 
-stage "4 train RealNet" "$PYTHON" train_realnet.py --data "$DATA" --category "$CATEGORY" \
-    --sdas "$OUT/sdas" --dtd "$DTD" --afs "$OUT/afs.pt" \
-    --width-ratio 0.25 --batch-size 8 --steps "$TRAIN_STEPS" --lr 1e-3 --out "$OUT/realnet" --resume
+stage "4 train RealNet" "$PYTHON" train_realnet.py --afs "$OUT/afs.pt" \
+    --width-ratio 0.25 --batch-size 8 --steps "$TRAIN_STEPS" --lr 1e-3 --val-fraction 0.1 --val-every 100 \
+    --out "$OUT/realnet" --resume
 
 stage "5 evaluate" "$PYTHON" evaluate.py --checkpoint "$OUT/realnet/model.pt" --out "$OUT/eval"
 
@@ -103,5 +103,6 @@ print(f"  heatmaps (image | ground truth | anomaly map)  {os.path.join(out, 'eva
 print(f"  diffusion samples, rows s = 0 / 0.1 / 0.2       {sheets[-1] if sheets else '(none)'}")
 print(f"  SDAS anomaly images                            {os.path.join(out, 'sdas', 'preview', 'contact_sheet.png')}")
 print(f"  AFS channel scores                             {os.path.join(out, 'afs_scores.png')}")
+print(f"  learning curve (held-out training images)      {os.path.join(out, 'realnet', 'learning_curve.png')}")
 print(f"  all metrics                                    {os.path.join(out, 'eval', 'metrics.json')}")
 EOF
