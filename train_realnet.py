@@ -68,6 +68,8 @@ def parse_args(argv=None):
     add("--k-mean", type=int, default=None, help="RRS channels ranked by mean (M*retention/2)")
     add("--batch-size", type=int, default=16, help="global batch size (paper)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (paper)")
+    add("--lr-schedule", default="constant", choices=["constant", "cosine"],
+        help="constant (paper) | cosine: decay to 0 over the run (stabler last step, short runs)")
     add("--epochs", type=int, default=1000, help="passes over the training images (paper)")
     add("--steps", type=int, default=None, help="optimiser steps; overrides --epochs")
     add("--seed", type=int, default=0, help="model init, data order and synthetic anomalies")
@@ -153,7 +155,8 @@ def run_settings(args, afs, dataset, categories, train_images):
             "afs": {"digest": file_digest(args.afs), "category": afs["category"]},
             "anomaly_source": {"sdas": path(args.sdas), "dtd": path(args.dtd),
                                "foreground": args.foreground, "normal_ratio": args.normal_ratio},
-            "training": {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+            "training": {"batch_size": args.batch_size, "lr": args.lr,
+                         "lr_schedule": args.lr_schedule, "seed": args.seed,
                          "train_images": train_images, "val_fraction": args.val_fraction,
                          "val_metric": args.val_metric}}
 
@@ -178,6 +181,14 @@ def build_model(config, lr, seed, resume_flag, run, out, ddp):
         device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
         ddp_model = DistributedDataParallel(model, device_ids=device_ids)
     return model, ddp_model, optimizer, step, best
+
+
+def learning_rate(lr, schedule, step, total_steps):
+    """The rate for optimiser step `step` (0-based): constant, or cosine from lr down to 0.
+    A pure function of the step, so a resumed run needs no scheduler state."""
+    if schedule == "constant" or total_steps <= 0:
+        return lr
+    return 0.5 * lr * (1 + math.cos(math.pi * step / total_steps))
 
 
 def training_loader(stream, start_step, total_steps, batch_size, workers, ddp):
@@ -328,6 +339,8 @@ def main(argv=None):
             loss, parts = realnet_loss(output, clean, batch["mask"].to(ddp.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args.lr, args.lr_schedule, step, total_steps)
             optimizer.step()
             step += 1
             last = step == total_steps
