@@ -299,6 +299,9 @@ def main(argv=None):
     args = parse_args(argv)
     ddp = distributed.setup(args.device)
     distributed.require_divisible_batch(args.batch_size, ddp)
+    cli.require_positive(epochs=args.epochs,
+                         **({} if args.steps is None else {"steps": args.steps}))
+    cli.require_finite_positive(lr=args.lr)
     afs, dataset, categories, backbone, config = open_inputs(args, ddp.device)
     samples, held_out = split_validation([s for c in categories for s in dataset.train(c)],
                                          args.val_fraction, args.seed)
@@ -337,6 +340,9 @@ def main(argv=None):
             inputs, clean = pair_features(batch, features, cache, ddp.device)
             output = ddp_model(inputs, tuple(batch["image"].shape[-2:]))
             loss, parts = realnet_loss(output, clean, batch["mask"].to(ddp.device))
+            if not torch.isfinite(loss):   # nothing is saved from here on: the last state stays
+                raise cli.UserError(f"step {step + 1}: the loss is not finite ({loss.item()}); "
+                                    f"lower --lr (now {args.lr}); {out} keeps the last saved step")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:
@@ -356,7 +362,7 @@ def main(argv=None):
                 if ddp.is_main:
                     save_run(out, model, optimizer, run, step, best, extra)
                 saved_step = step
-    if saved_step != step and ddp.is_main:   # e.g. --steps 0: the untrained model, for comparison
+    if saved_step != step and ddp.is_main:   # a finished run resumed: nothing left to train
         save_run(out, model, optimizer, run, step, best, extra)
     distributed.barrier(ddp)
     if ddp.is_main:

@@ -9,6 +9,7 @@ several stages share come from the `add_*` helpers here, so they have one name a
 meaning everywhere) and `main(argv=None)` runs it; `cli.run(main)` is the entry point.
 """
 import json
+import math
 import os
 import random
 import sys
@@ -54,6 +55,13 @@ def require_positive(**values):
     for name, value in values.items():
         if value < 1:
             raise UserError(f"{flag(name)} must be >= 1 (got {value})")
+
+
+def require_finite_positive(**values):
+    """Each named value must be a finite number > 0: require_finite_positive(lr=args.lr)."""
+    for name, value in values.items():
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"{flag(name)} must be a finite number > 0 (got {value})")
 
 
 # ----------------------------------------------------------------------------------------

@@ -94,11 +94,14 @@ def to_pil(array):
 # Line charts (learning curves)
 # ----------------------------------------------------------------------------------------
 
-CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+                 (140, 86, 75), (127, 127, 127)]
 
 
 def _tick(value):
-    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+    if float(value).is_integer() and abs(value) < 1e7:   # steps: 1500, not 1.5e+03
+        return str(int(value))
+    return f"{value:.3g}"
 
 
 def line_chart(series, title, x_label, y_label, width=640, height=240, y_range=None):
@@ -126,12 +129,16 @@ def line_chart(series, title, x_label, y_label, width=640, height=240, y_range=N
     draw.text((left, 5), title, fill=(0, 0, 0))
     draw.text(((left + width - right) // 2 - 3 * len(x_label), height - 14), x_label, fill=(0, 0, 0))
     draw.text((2, 5), y_label, fill=(90, 90, 90))
-    for i, (name, (xs, ys)) in enumerate(series.items()):
-        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+    colours = [CURVE_COLOURS[i % len(CURVE_COLOURS)] for i in range(len(series))]
+    for colour, (xs, ys) in zip(colours, series.values()):
         points = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None and np.isfinite(y)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         for x, y in points if len(points) <= 40 else []:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.text((width - right - 150, top + 4 + 12 * i), f"- {name}", fill=colour)
+    legend_x = width - right - 6 - 6 * max((len(name) for name in series), default=0) - 12
+    draw.rectangle([legend_x - 4, top + 2, width - right - 2, top + 6 + 12 * len(series)],
+                   fill=(255, 255, 255), outline=(200, 200, 200))
+    for i, (colour, name) in enumerate(zip(colours, series)):
+        draw.text((legend_x, top + 4 + 12 * i), f"- {name}", fill=colour)
     return np.asarray(canvas)

@@ -135,12 +135,26 @@ def test_training_loss_falls_then_evaluation_reports_everything(demo):
     assert sorted(os.listdir(os.path.join(out, "predicted", "predict"))) == ["000.png", "001.png"]
 
 
-def test_untrained_model_and_unified_run(demo):
+def test_training_that_would_learn_nothing_is_refused_in_one_line(demo):
+    out = str(demo["root"] / "learns_nothing")
+    for flag, value in (("--steps", "0"), ("--steps", "-5"), ("--lr", "nan"), ("--lr", "0")):
+        line = one_line_error(run("train_realnet.py", *train_args(demo, out), flag, value, check=False))
+        assert flag in line and value in line
+        assert not os.path.exists(os.path.join(out, "model.pt"))
+    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--lr", "1e8", "--save-every", "1"),
+                              check=False))
+    assert "not finite" in line and "--lr" in line
+    saved = torch.load(os.path.join(out, "state.pt"), weights_only=False)   # the last good step
+    assert f"step {saved['step'] + 1}:" in line
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_one_step_model_and_unified_run(demo):
     out = str(demo["root"] / "unified")
-    run("train_realnet.py", *[a for a in train_args(demo, out, steps=0) if a not in ("--category", "washer")],
+    run("train_realnet.py", *[a for a in train_args(demo, out, steps=1) if a not in ("--category", "washer")],
         "--categories", "tablet,washer")
     model = torch.load(os.path.join(out, "model.pt"), weights_only=False)
-    assert model["step"] == 0 and model["unified"] and model["categories"] == ["tablet", "washer"]
+    assert model["step"] == 1 and model["unified"] and model["categories"] == ["tablet", "washer"]
     result = run("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"), "--workers", "0", "--panels", "0",
                  "--throughput-repeats", "1")
     report = json.load(open(os.path.join(out, "eval", "metrics.json")))
@@ -270,7 +284,7 @@ def test_resume_with_another_configuration_is_refused(demo):
 
 def test_evaluate_refuses_foreign_files_and_another_backbone(demo):
     out = str(demo["root"] / "for_eval")
-    run("train_realnet.py", *train_args(demo, out, steps=0))
+    run("train_realnet.py", *train_args(demo, out, steps=1))
     line = one_line_error(run("evaluate.py", "--checkpoint", demo["afs"], check=False))
     assert "expected a realnet checkpoint" in line
     ckpt = torch.load(os.path.join(out, "model.pt"), weights_only=False)
@@ -283,7 +297,7 @@ def test_evaluate_refuses_foreign_files_and_another_backbone(demo):
 
 def test_a_test_split_without_anomalies_reports_what_it_can(demo):
     out = str(demo["root"] / "no_anomalies")
-    run("train_realnet.py", *train_args(demo, out, steps=0))
+    run("train_realnet.py", *train_args(demo, out, steps=1))
     only_good = demo["root"] / "only_good"
     shutil.copytree(os.path.join(demo["data"], "washer", "train"), only_good / "washer" / "train")
     shutil.copytree(os.path.join(demo["data"], "washer", "test", "good"), only_good / "washer" / "test" / "good")
