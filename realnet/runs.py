@@ -32,13 +32,15 @@ def save_args(args, folder, name="args.json"):
 
 
 def start_outputs(out, args, step):
-    """A training stage's output folder at `step`: created, args.json written, the loss log
-    trimmed to `step`. Returns the log's path (the main process only calls this)."""
+    """A training stage's output folder at `step`: created, args.json written, every
+    step-indexed log (*.jsonl: the loss log, validation logs) trimmed to `step`. Returns the
+    loss log's path (the main process only calls this)."""
     os.makedirs(out, exist_ok=True)
     save_args(args, out)
-    log_path = os.path.join(out, LOG_FILE)
-    trim_log(log_path, step)
-    return log_path
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".jsonl"):
+            trim_log(os.path.join(out, name), step)
+    return os.path.join(out, LOG_FILE)
 
 
 # ----------------------------------------------------------------------------------------
