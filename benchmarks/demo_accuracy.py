@@ -18,7 +18,7 @@ The protocol: the table says, per category, whether demo.sh's flags were chosen 
 at its test split (TUNING below: washer and granite for the step count and the rate
 schedule, weave for the older flags; tablet never). Nothing here chooses anything.
 
-    python3 benchmarks/demo_accuracy.py                       # all four, about 40 min on 2 cores
+    python3 benchmarks/demo_accuracy.py                       # all four, about 50 min on 2 cores
     python3 benchmarks/demo_accuracy.py --categories washer   # one
     python3 benchmarks/demo_accuracy.py --baseline-only       # the yardstick alone (a minute)
     python3 benchmarks/demo_accuracy.py --table runs/demo_accuracy/demo_accuracy.json   # reprint
