@@ -30,6 +30,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -170,7 +171,7 @@ def main(argv=None):
             continue
         out = os.path.join(args.out, category)
         if not args.reuse and os.path.isdir(out):
-            subprocess.run(["rm", "-rf", out], check=True)
+            shutil.rmtree(out)
         start = time.time()
         rows[category]["realnet"], rows[category]["realnet_stages_s"] = run_demo(category, args.data, out)
         rows[category]["realnet_s"] = time.time() - start
