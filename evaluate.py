@@ -10,15 +10,20 @@ Metrics, per category (and their mean for a unified model):
   pixel AUROC   over all pixels of all test images
   AU-PRO        MVTec AD's exact definition up to FPR 0.3 (realnet/metrics.py)
 and per defect type (that defect's images with all good images). No AUROC is ever flipped,
-the checkpoint is whatever train_realnet.py chose WITHOUT the test set, and the one
-threshold in the pictures (the F1-optimal pixel threshold, contour in the overlay) is
-chosen on the test set for the pictures only; no metric depends on it.
+the checkpoint is whatever train_realnet.py chose WITHOUT the test set. The contour in
+the pictures is the pixel threshold stored in the checkpoint (chosen without labels on
+held-out training images, train_realnet.py --val-fraction); a checkpoint without one gets
+the F1-optimal pixel threshold of the test set, for the pictures only (they say which). No
+AUROC or AU-PRO depends on a threshold; metrics.json adds how the stored one does on the
+test set (stored_threshold).
 Throughput: images/s of the model's forward (backbone, AFS, reconstruction, RRS,
 discriminator; no data loading), device synchronised, batch and device stated.
 
 Writes to --out (default: <checkpoint folder>/eval): metrics.json, scores.csv (path,
 defect, label, score) and panels/<category>/<defect>_<name>.png (image | ground truth |
-anomaly map with the contour). With --predict DIR: predictions.csv and predict/<name>.png.
+anomaly map with the contour). With --predict DIR (realnet/predict.py): predictions.csv
+(file, score, OK/NG, threshold, mask, map), maps/<name>.npy, masks/<name>.png,
+threshold.json and predict/<name>.png.
 """
 import argparse
 import csv
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 from realnet import cli, data, metrics, runs, viz
+from realnet import predict as predict_outputs, threshold as decision
 from realnet.features import FeatureExtractor
 from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest, load_checkpoint
 from realnet.model import RealNet, describe
@@ -52,7 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--throughput-repeats", type=int, default=5, help="timed forward passes (after 2 warm-up)")
     p.add_argument("--panels", type=int, default=-1, help="heatmap panels per category (-1 all, 0 none)")
     p.add_argument("--predict", default=None, help="score the images of this folder (no labels needed)")
-    p.add_argument("--threshold", type=float, default=None, help="with --predict: draw the contour map >= T")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="with --predict: the pixel threshold of the masks and the contour "
+                        "(replaces the stored one; the OK/NG decision keeps the stored one)")
+    p.add_argument("--threshold-file", default=None,
+                   help="with --predict: the thresholds of this threshold.json (written by "
+                        "--predict; default: those stored in the checkpoint)")
     cli.add_workers_arg(p)
     cli.add_device_arg(p)
     p.add_argument("--out", default=None, help="output folder (default <checkpoint folder>/eval)")
@@ -157,7 +168,7 @@ def compute_metrics(maps, masks, labels, has_masks, scores, fpr_limit):
 
 
 def evaluate_category(model, features, dataset, category, device, out, batch_size, workers, image_score, pool,
-                      fpr_limit, panels):
+                      fpr_limit, panels, stored_threshold):
     samples = dataset.test(category)
     if not samples:
         raise cli.UserError(f"{dataset.root!r}: category {category!r} has no test images")
@@ -181,13 +192,12 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
         if why:
             per_defect[defect]["not_computed"] = why
 
-    threshold, f1 = (None, None)
-    if labels.any() and has_masks.all():
-        threshold, f1 = metrics.f1_optimal_threshold(maps, masks)
+    picture = picture_threshold(stored_threshold, maps, masks, labels, has_masks)
     result.update({"images": len(samples), "good": int(good.sum()), "anomalous": int(labels.sum()),
-                   "per_defect": per_defect,
-                   "picture_threshold": {"value": threshold, "pixel_f1": f1,
-                                         "chosen_on": "the test set, FOR THE PICTURES ONLY (no metric uses it)"}})
+                   "per_defect": per_defect, "picture_threshold": picture})
+    if stored_threshold:
+        result["stored_threshold"] = decision.on_test_set(stored_threshold, scores, labels,
+                                                          image_score, pool)
     if missing:
         result["not_computed"] = missing
         for name, why in missing.items():
@@ -195,13 +205,34 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
 
     rows_csv = [(category, s.image, s.defect, s.label, float(sc)) for s, sc in zip(samples, scores)]
     if panels:
-        write_panels(samples, maps, masks, scores, threshold, size, os.path.join(out, "panels", category), panels)
+        write_panels(samples, maps, masks, scores, picture["value"], picture["note"], size,
+                     os.path.join(out, "panels", category), panels)
     return result, rows_csv
 
 
 # ----------------------------------------------------------------------------------------
 # Pictures
 # ----------------------------------------------------------------------------------------
+
+def picture_threshold(stored, maps, masks, labels, has_masks):
+    """The contour of the pictures: the pixel threshold stored in the checkpoint (chosen
+    without labels), else the F1-optimal one of the test set, for the pictures only."""
+    if stored and stored.get("pixel") is not None:
+        rule = stored["rule"]
+        return {"value": stored["pixel"], "pixel_f1": None,
+                "chosen_on": f"{stored['chosen_on']}, rule {rule} (stored in the checkpoint)",
+                "note": f"contour: map >= {stored['pixel']:.3f}, stored threshold ({rule}, "
+                        "no test labels)"}
+    value, f1 = (None, None)
+    if labels.any() and has_masks.all():
+        value, f1 = metrics.f1_optimal_threshold(maps, masks)
+    note = (f"contour: map >= {value:.3f}, F1-optimal on the test set, for pictures only (no "
+            "stored threshold)" if value is not None else
+            "no contour: no stored threshold, no test masks")
+    return {"value": value, "pixel_f1": f1, "note": note,
+            "chosen_on": "the test set, FOR THE PICTURES ONLY (no metric uses it; the checkpoint "
+                         "stores no threshold)"}
+
 
 def heat_panel(image, anomaly_map, threshold):
     panel = viz.overlay(image, anomaly_map)  # the map is a probability: no rescaling
@@ -210,7 +241,7 @@ def heat_panel(image, anomaly_map, threshold):
     return panel
 
 
-def write_panels(samples, maps, masks, scores, threshold, size, folder, limit):
+def write_panels(samples, maps, masks, scores, threshold, note, size, folder, limit):
     # a limited number of panels: take the defect types (and good) in turn
     by_defect = {}
     for i, s in enumerate(samples):
@@ -219,8 +250,6 @@ def write_panels(samples, maps, masks, scores, threshold, size, folder, limit):
     for rank in range(max(len(group) for group in by_defect.values())):
         interleaved += [group[rank] for group in by_defect.values() if rank < len(group)]
     chosen = interleaved if limit < 0 else interleaved[:limit]
-    note = (f"contour: map >= {threshold:.3f}, F1-optimal on the test set, for pictures only"
-            if threshold is not None else "no contour: no threshold without masks")
     for i in chosen:
         s = samples[i]
         image = data.load_image(s.image, size)
@@ -254,25 +283,43 @@ class FolderImages(torch.utils.data.Dataset):
         return {"image": data.to_tensor(data.load_image(self.paths[i], self.size)), "path": self.paths[i]}
 
 
-def predict(model, features, folder, device, out, batch_size, workers, image_score, pool, threshold):
+def predict(model, features, folder, device, out, batch_size, workers, image_score, pool,
+            threshold):
+    """Score every image of `folder`; with a threshold (realnet/threshold.py) also decide
+    OK/NG and write a binary mask. Writes what realnet/predict.py describes."""
     folder = cli.require_dir(folder, "--predict")
     paths = data.list_images(folder)
     if not paths:
         raise cli.UserError(f"--predict: folder {folder!r} has no images ({', '.join(data.IMAGE_EXTENSIONS)})")
+    if threshold is None:
+        print("note: no threshold: the checkpoint stores none (train with --val-fraction > 0) "
+              "and no --threshold-file or --threshold was given: scores and maps only, no "
+              "OK/NG, no masks")
     size = model.config["input_size"]
     maps, _ = anomaly_maps(model, features, FolderImages(paths, size), device, batch_size, workers, "predict")
     scores = score_images(maps, image_score, pool)
-    write_csv(os.path.join(out, "predictions.csv"), ["path", "score"], [(p, float(s)) for p, s in zip(paths, scores)])
-    note = f"contour: map >= {threshold} (--threshold)" if threshold is not None else "no threshold given"
-    for path, anomaly_map, score in zip(paths, maps, scores):
+    names = predict_outputs.output_names(paths)
+    rows = [predict_outputs.write_image_outputs(path, name, anomaly_map, score, threshold, out)
+            for path, name, anomaly_map, score in zip(paths, names, maps, scores)]
+    write_csv(os.path.join(out, "predictions.csv"), predict_outputs.CSV_COLUMNS, rows)
+    pixel = threshold and threshold.get("pixel")
+    note = (f"contour: map >= {pixel:.4f} ({threshold['source']})" if pixel is not None
+            else "no threshold")
+    for path, name, anomaly_map, score, row in zip(paths, names, maps, scores, rows):
         image = data.load_image(path, size)
-        row = viz.hstack([viz.labelled(image, "image"),
-                          viz.labelled(heat_panel(image, anomaly_map, threshold), f"score {score:.3f}")])
-        name = os.path.splitext(os.path.basename(path))[0] + ".png"
-        atomic_save_image(viz.to_pil(viz.labelled(row, f"{os.path.basename(path)} | {note}")),
-                          os.path.join(out, "predict", name))
-    print(f"scored {len(paths)} images: {os.path.join(out, 'predictions.csv')}, pictures in "
-          f"{os.path.join(out, 'predict')}")
+        verdict = f" {row[2]}" if row[2] else ""
+        row_picture = viz.hstack([viz.labelled(image, "image"), viz.labelled(
+            heat_panel(image, anomaly_map, pixel), f"score {score:.3f}{verdict}")])
+        picture = viz.labelled(row_picture, f"{os.path.basename(path)} | {note}")
+        atomic_save_image(viz.to_pil(picture), os.path.join(out, "predict", name + ".png"))
+    decided = [row[2] for row in rows if row[2]]
+    summary = f"{decided.count('NG')} NG, {decided.count('OK')} OK; " if decided else ""
+    image = threshold and threshold.get("image")
+    print(f"scored {len(paths)} images ({summary}image threshold "
+          f"{'none' if image is None else f'{image:.4f}'}): "
+          f"{os.path.join(out, 'predictions.csv')}, maps/, "
+          f"{'masks/, ' if pixel is not None else ''}"
+          f"pictures in {os.path.join(out, 'predict')}")
     return paths, maps
 
 
@@ -327,8 +374,14 @@ def main(argv=None):
     print(describe(model.config))
 
     if args.predict:
+        digest = decision.weights_digest(ckpt["state_dict"])
+        threshold = decision.resolve(ckpt.get("threshold"), args.threshold_file, args.threshold,
+                                     digest, args.image_score, args.pool)
+        if threshold is not None:
+            atomic_write_json(os.path.join(out, "threshold.json"),
+                              decision.to_file(threshold, digest, args.checkpoint))
         paths, _ = predict(model, features, args.predict, device, out, args.batch_size, args.workers,
-                           args.image_score, args.pool, args.threshold)
+                           args.image_score, args.pool, threshold)
         sample = torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths[:args.batch_size]])
         speed = throughput(model, features, sample.to(device), device, args.throughput_repeats)
         atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
@@ -340,7 +393,7 @@ def main(argv=None):
     for category in categories:
         results[category], category_rows = evaluate_category(
             model, features, dataset, category, device, out, args.batch_size, args.workers, args.image_score,
-            args.pool, args.fpr_limit, args.panels)
+            args.pool, args.fpr_limit, args.panels, ckpt.get("threshold"))
         rows += category_rows
 
     first = data.TestSet(dataset.test(categories[0])[:args.batch_size], size)

@@ -24,7 +24,9 @@ cores; weave reaches image AUROC 1.000, pixel AUROC 0.997), after demo.sh's stag
 
 Writes to --out: model.pt (what evaluate.py reads), state.pt (everything needed to
 continue: --resume), loss.jsonl, args.json, and with --val-fraction best.pt, val.jsonl and
-learning_curve.png (the held-out metrics and the loss against the step).
+learning_curve.png (the held-out metrics and the loss against the step). With
+--val-fraction, model.pt and best.pt also hold the OK/NG threshold chosen on the held-out
+images (--threshold-rule f1 | fpr; realnet/threshold.py) that evaluate.py --predict uses.
 One model over several categories (`--categories a,b,c`, "unified") is an option beyond the
 paper, which trains one model per category.
 """
@@ -36,7 +38,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from realnet import cli, distributed, runs
+from realnet import cli, distributed, runs, threshold as decision
 from realnet.features import FeatureExtractor, make_cache, pair_features
 from realnet.files import atomic_torch_save, file_digest, load_checkpoint
 from realnet.model import ARCHITECTURES, RealNet, build_config, count_parameters, describe
@@ -44,8 +46,8 @@ from realnet.model import realnet_loss
 from realnet.progress import Progress
 from realnet.stream import AnomalyStream, StreamSampler, dump_examples
 from realnet.synthesis import synthesizers_for
-from realnet.validation import VAL_LOG, make_validation_set, split_validation, validate
-from realnet.validation import write_learning_curve
+from realnet.validation import VAL_LOG, make_validation_set, split_validation
+from realnet.validation import validation_maps, validation_metrics, write_learning_curve
 
 
 def parse_args(argv=None):
@@ -80,6 +82,12 @@ def parse_args(argv=None):
     add("--val-every", type=int, default=500, help="steps between validations (--val-fraction)")
     add("--val-metric", default="pixel_auroc", choices=["pixel_auroc", "au_pro", "image_auroc"],
         help="what best.pt maximises on the held-out training images")
+    add("--threshold-rule", default="f1", choices=sorted(decision.RULES),
+        help="the OK/NG threshold stored in model.pt, chosen on the held-out images "
+             "(--val-fraction): f1 (F1-optimal vs their synthetic anomalies) | fpr (at most "
+             "--target-fpr of the normal ones called NG)")
+    add("--target-fpr", type=float, default=0.01,
+        help="with --threshold-rule fpr: the false-positive rate allowed on normal images")
     add("--cache-features", default="auto", choices=["auto", "on", "off"],
         help="keep the clean images' features (frozen backbone, no augmentation: exact); "
              "auto = on when they take under 4 GiB")
@@ -103,6 +111,8 @@ def check_args(args, ddp):
     cli.require_positive(epochs=args.epochs,
                          **({} if args.steps is None else {"steps": args.steps}))
     cli.require_finite_positive(lr=args.lr)
+    if not 0 <= args.target_fpr < 1:
+        raise cli.UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
 
 
 def fill_from_afs(args, afs):
@@ -251,11 +261,21 @@ def save_run(out, model, optimizer, run, step, best, extra):
                       os.path.join(out, runs.STATE_FILE))
 
 
+def choose_threshold(maps, val, step, rule, target_fpr):
+    """The OK/NG threshold of this step's model on the held-out images (realnet/threshold.py),
+    for the image score evaluate.py reports by default."""
+    threshold = decision.choose(maps, val["mask"][:, 0].numpy(), rule, target_fpr)
+    return threshold and threshold | {"step": step}
+
+
 def validate_and_keep_best(model, features, val, held_out, step, best, metric, batch_size, run,
-                           extra, out):
+                           extra, out, threshold_rule, target_fpr):
     """Validate on the held-out training images, log to val.jsonl and draw the learning
-    curve; best.pt: the best step."""
-    scores = validate(model, features, val, next(model.parameters()).device, batch_size)
+    curve; choose this step's threshold; best.pt: the best step (with its threshold).
+    Returns (best, threshold)."""
+    maps = validation_maps(model, features, val, next(model.parameters()).device, batch_size)
+    scores = validation_metrics(maps, val)
+    threshold = choose_threshold(maps, val, step, threshold_rule, target_fpr)
     with open(os.path.join(out, VAL_LOG), "a") as f:
         runs.log_line(f, {"step": step, **scores})
     write_learning_curve(out)
@@ -263,13 +283,20 @@ def validate_and_keep_best(model, features, val, held_out, step, best, metric, b
           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
     value = scores[metric]
     if value is None or (best["value"] is not None and value <= best["value"]):
-        return best
+        return best, threshold
     selected_on = {"rule": f"best {metric} on held-out TRAINING images with synthetic anomalies "
                            "(never the test set)", "step": step, "scores": scores,
                    "held_out_images": [s.image for s in held_out]}
-    best_file = model_file(model, run, step, selected_on, extra)
+    best_file = model_file(model, run, step, selected_on, with_threshold(extra, threshold, step))
     atomic_torch_save(best_file, os.path.join(out, "best.pt"))
-    return {"value": value, "step": step}
+    return {"value": value, "step": step}, threshold
+
+
+def with_threshold(extra, threshold, step):
+    """The checkpoint entries plus the threshold, if it was chosen on this step's model."""
+    if threshold is None or threshold["step"] != step:
+        return extra
+    return extra | {"threshold": threshold}
 
 
 # ----------------------------------------------------------------------------------------
@@ -286,12 +313,23 @@ def print_plan(config, model, categories, n_images, held_out, total_steps, batch
           f"process(es) on {ddp.device}, clean-image features {'cached' if cache else 'computed'}")
 
 
-def print_done(step, started, out, best, metric):
+def print_done(step, started, out, best, metric, threshold):
     note = ""
     if best["step"]:
         note = f", best.pt from step {best['step']} ({metric} {best['value']:.4f})"
     print(f"done: {step} steps in {time.time() - started:.0f} s; model "
           f"{os.path.join(out, 'model.pt')}{note}")
+    if threshold is None:
+        print("no OK/NG threshold stored: choose one with --val-fraction > 0 (held-out images)")
+        return
+    target = f" {threshold['target_fpr']}" if threshold["rule"] == "fpr" else ""
+    held = threshold["on_held_out"]
+    images = threshold["held_out_images"]
+    print(f"OK/NG threshold ({threshold['rule']}{target}, on {images['normal']} normal + "
+          f"{images['anomalous']} synthetic-anomaly held-out images): "
+          f"image score >= {threshold['image']:.4f} is NG (held-out FPR {held['image_fpr']:.3f}"
+          + (f", recall {held['image_recall']:.3f}" if held["image_recall"] is not None else "")
+          + f"); mask: map >= {threshold['pixel']:.4f}")
 
 
 def write_examples(stream, n, folder):
@@ -347,7 +385,7 @@ def main(argv=None):
         write_examples(stream, args.dump if start_step == 0 else 0, os.path.join(out, "examples"))
 
     model.train()
-    step, saved_step, started = start_step, None, time.time()
+    step, saved_step, started, threshold = start_step, None, time.time(), None
     with open(log_path, "a") as log:
         for batch in loader:
             # one step: half normal, half synthetic anomalies; reconstruct, segment, learn
@@ -368,17 +406,22 @@ def main(argv=None):
             else:
                 progress.update(step, items=args.batch_size)
             if val is not None and (step % args.val_every == 0 or last):
-                best = validate_and_keep_best(model, features, val, held_out, step, best,
-                                              args.val_metric, args.batch_size, run, extra, out)
+                best, threshold = validate_and_keep_best(
+                    model, features, val, held_out, step, best, args.val_metric, args.batch_size,
+                    run, extra, out, args.threshold_rule, args.target_fpr)
             if step % args.save_every == 0 or last:
                 if ddp.is_main:
-                    save_run(out, model, optimizer, run, step, best, extra)
+                    save_run(out, model, optimizer, run, step, best,
+                             with_threshold(extra, threshold, step))
                 saved_step = step
     if saved_step != step and ddp.is_main:   # a finished run resumed: nothing left to train
-        save_run(out, model, optimizer, run, step, best, extra)
+        if val is not None:
+            maps = validation_maps(model, features, val, ddp.device, args.batch_size)
+            threshold = choose_threshold(maps, val, step, args.threshold_rule, args.target_fpr)
+        save_run(out, model, optimizer, run, step, best, with_threshold(extra, threshold, step))
     distributed.barrier(ddp)
     if ddp.is_main:
-        print_done(step, started, out, best, args.val_metric)
+        print_done(step, started, out, best, args.val_metric, threshold)
     distributed.cleanup(ddp)
 
 

@@ -36,7 +36,8 @@ def make_validation_set(stream, n_images):
 
 
 @torch.no_grad()
-def validate(model, features, val, device, batch_size):
+def validation_maps(model, features, val, device, batch_size):
+    """The anomaly maps (N, S, S) of the validation set, in eval mode, as numpy."""
     was_training = model.training
     model.eval()
     maps = []
@@ -44,11 +45,18 @@ def validate(model, features, val, device, batch_size):
         images = val["image"][start:start + batch_size].to(device)
         maps.append(model(features(images), images.shape[-2:])["anomaly_map"].float().cpu())
     model.train(was_training)
-    maps = torch.cat(maps).numpy()
+    return torch.cat(maps).numpy()
+
+
+def validation_metrics(maps, val):
     masks = val["mask"][:, 0].numpy()
     labels = masks.reshape(len(masks), -1).max(axis=1) > 0
     return {"pixel_auroc": metrics.pixel_auroc(maps, masks), "au_pro": metrics.au_pro(maps, masks),
             "image_auroc": metrics.image_auroc(labels, metrics.image_scores(maps))}
+
+
+def validate(model, features, val, device, batch_size):
+    return validation_metrics(validation_maps(model, features, val, device, batch_size), val)
 
 
 VAL_LOG = "val.jsonl"

@@ -1,0 +1,143 @@
+"""Using a trained model: the OK/NG threshold train_realnet.py stores (--val-fraction),
+evaluate.py --predict (score, decision, mask, map, CSV) and its one-line
+errors. The tiny demo data set and helpers of tests/test_train_eval.py."""
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from realnet import metrics
+from realnet.predict import CSV_COLUMNS
+from test_train_eval import SIZE, demo, one_line_error, run, train_args  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def trained(demo):
+    """A model trained with held-out images (so with a stored threshold) and one without."""
+    out = str(demo["root"] / "with_threshold")
+    held_out = ["--val-fraction", "0.25", "--val-every", "5", "--threshold-rule", "fpr",
+                "--target-fpr", "0.5"]
+    result = run("train_realnet.py", *train_args(demo, out, *held_out, steps=10))
+    assert "OK/NG threshold (fpr 0.5" in result.stdout
+    plain = str(demo["root"] / "without_threshold")
+    result = run("train_realnet.py", *train_args(demo, plain, steps=1))
+    assert "no OK/NG threshold stored" in result.stdout
+    folder = demo["root"] / "to_predict"
+    os.makedirs(folder)
+    test_images = os.path.join(demo["data"], "washer", "test")
+    shutil.copy(os.path.join(test_images, "good", "000.png"), folder / "good.png")
+    chip = Image.open(os.path.join(test_images, "chip", "000.png"))
+    chip.convert("RGB").resize((80, 50)).save(folder / "chip.jpg")   # another size and format
+    return {"model": os.path.join(out, "model.pt"), "plain": os.path.join(plain, "model.pt"),
+            "folder": str(folder), "root": demo["root"]}
+
+
+def evaluate(checkpoint, out, *extra, check=True):
+    return run("evaluate.py", "--checkpoint", checkpoint, "--workers", "0", "--out", out,
+               "--throughput-repeats", "1", *extra, check=check)
+
+
+def predict(trained, checkpoint, out, *extra, check=True):
+    return evaluate(checkpoint, out, "--predict", trained["folder"], *extra, check=check)
+
+
+def test_the_checkpoint_stores_how_its_threshold_was_chosen(trained):
+    ckpt = torch.load(trained["model"], weights_only=False)
+    threshold = ckpt["threshold"]
+    assert threshold["rule"] == "fpr" and threshold["target_fpr"] == 0.5
+    assert threshold["step"] == 10
+    assert threshold["held_out_images"]["normal"] + threshold["held_out_images"]["anomalous"] == 4
+    assert threshold["on_held_out"]["image_fpr"] <= 0.5
+    assert "never the test set" in threshold["chosen_on"]
+    json.dumps(threshold)   # plain numbers and strings only
+    best_path = os.path.join(os.path.dirname(trained["model"]), "best.pt")
+    best = torch.load(best_path, weights_only=False)
+    assert best["threshold"]["step"] == best["step"]   # best.pt: the threshold of its own weights
+    assert "threshold" not in torch.load(trained["plain"], weights_only=False)
+
+
+def test_predict_writes_score_decision_mask_map_and_csv(trained):
+    out = str(trained["root"] / "predicted")
+    result = predict(trained, trained["model"], out)
+    assert "scored 2 images" in result.stdout
+    with open(os.path.join(out, "predictions.csv")) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS
+        rows = {os.path.basename(r["file"]): r for r in reader}
+    assert set(rows) == {"chip.jpg", "good.png"}
+    threshold = json.load(open(os.path.join(out, "threshold.json")))
+    stored = torch.load(trained["model"], weights_only=False)["threshold"]
+    assert threshold["image"] == stored["image"] and threshold["pixel"] == stored["pixel"]
+    for name, size in (("chip.jpg", (80, 50)), ("good.png", (SIZE, SIZE))):
+        row = rows[name]
+        anomaly_map = np.load(os.path.join(out, row["map"]))
+        assert anomaly_map.shape == (SIZE, SIZE) and anomaly_map.dtype == np.float32
+        score = float(metrics.image_scores(anomaly_map[None])[0])
+        assert float(row["score"]) == pytest.approx(score, rel=1e-6)
+        ng = np.float32(score) >= np.float32(stored["image"])
+        assert row["decision"] == ("NG" if ng else "OK")
+        assert float(row["threshold"]) == pytest.approx(stored["image"], rel=1e-7)
+        mask = Image.open(os.path.join(out, row["mask"]))
+        assert mask.size == size and mask.mode == "L"
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+        if size == (SIZE, SIZE):   # at the model's size the mask is the thresholded map itself
+            expected = anomaly_map >= np.float32(stored["pixel"])
+            assert ((np.asarray(mask) == 255) == expected).all()
+    assert sorted(os.listdir(os.path.join(out, "predict"))) == ["chip.png", "good.png"]
+
+    # the same threshold file, edited: everything NG
+    edited = os.path.join(out, "edited.json")
+    with open(edited, "w") as f:
+        json.dump(threshold | {"image": 0.0}, f)
+    predict(trained, trained["model"], out + "_edited", "--threshold-file", edited)
+    with open(os.path.join(out + "_edited", "predictions.csv")) as f:
+        assert {r["decision"] for r in csv.DictReader(f)} == {"NG"}
+
+
+def test_without_a_threshold_predict_says_so_and_writes_scores_and_maps(trained):
+    out = str(trained["root"] / "predicted_plain")
+    result = predict(trained, trained["plain"], out)
+    assert "no threshold" in result.stdout and "--val-fraction" in result.stdout
+    with open(os.path.join(out, "predictions.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["decision"] for r in rows] == ["", ""] and [r["mask"] for r in rows] == ["", ""]
+    assert all(os.path.isfile(os.path.join(out, r["map"])) for r in rows)
+    assert not os.path.exists(os.path.join(out, "masks"))
+    assert not os.path.exists(os.path.join(out, "threshold.json"))
+
+
+def test_bad_predict_inputs_get_one_line(trained):
+    out = str(trained["root"] / "refused")
+    chosen = str(trained["root"] / "predicted" / "threshold.json")
+    line = one_line_error(predict(trained, trained["plain"], out, "--threshold-file", chosen,
+                                  check=False))
+    assert "--threshold-file" in line and "another model" in line
+    empty = trained["root"] / "empty"
+    os.makedirs(empty, exist_ok=True)
+    line = one_line_error(predict(trained | {"folder": str(empty)}, trained["model"], out,
+                                  check=False))
+    assert "--predict" in line and "no images" in line
+    line = one_line_error(predict(trained, trained["model"], out, "--image-score", "max",
+                                  check=False))
+    assert "--image-score max" in line
+
+
+def test_evaluation_pictures_use_the_stored_threshold_and_report_it_on_the_test_set(trained):
+    out = str(trained["root"] / "evaluated")
+    evaluate(trained["model"], out, "--panels", "1")
+    washer = json.load(open(os.path.join(out, "metrics.json")))["categories"]["washer"]
+    stored = torch.load(trained["model"], weights_only=False)["threshold"]
+    assert washer["picture_threshold"]["value"] == stored["pixel"]
+    assert "stored threshold" in washer["picture_threshold"]["note"]
+    on_test = washer["stored_threshold"]
+    assert on_test["image"] == stored["image"] and 0 <= on_test["accuracy"] <= 1
+    out = str(trained["root"] / "evaluated_plain")
+    evaluate(trained["plain"], out, "--panels", "1")
+    washer = json.load(open(os.path.join(out, "metrics.json")))["categories"]["washer"]
+    assert "FOR THE PICTURES ONLY" in washer["picture_threshold"]["chosen_on"]
+    assert "stored_threshold" not in washer
