@@ -3,6 +3,7 @@
     python3 evaluate.py --checkpoint runs/bottle/realnet/model.pt --data data/mvtec
     python3 evaluate.py --checkpoint runs/demo/realnet/model.pt       # on the data it was trained for
     python3 evaluate.py --checkpoint runs/demo/realnet/model.pt --predict my_images/   # no labels
+    python3 evaluate.py --checkpoint runs/demo/realnet/model.pt --export model.pt2     # deploy
 
 Metrics, per category (and their mean for a unified model):
   image AUROC   score = max of the 16x16 average-pooled anomaly map (the authors' choice;
@@ -23,7 +24,9 @@ Writes to --out (default: <checkpoint folder>/eval): metrics.json, scores.csv (p
 defect, label, score) and panels/<category>/<defect>_<name>.png (image | ground truth |
 anomaly map with the contour). With --predict DIR (realnet/predict.py): predictions.csv
 (file, score, OK/NG, threshold, mask, map), maps/<name>.npy, masks/<name>.png,
-threshold.json and predict/<name>.png.
+threshold.json and predict/<name>.png. With --export PATH (realnet/export.py): the
+inference model as a torch.export program, reloaded and compared with the eager model
+(export.json); nothing else is run.
 """
 import argparse
 import csv
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 
 from realnet import cli, data, metrics, runs, viz
-from realnet import predict as predict_outputs, threshold as decision
+from realnet import export, predict as predict_outputs, threshold as decision
 from realnet.features import FeatureExtractor
 from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest, load_checkpoint
 from realnet.model import RealNet, describe
@@ -64,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--threshold-file", default=None,
                    help="with --predict: the thresholds of this threshold.json (written by "
                         "--predict; default: those stored in the checkpoint)")
+    p.add_argument("--export", default=None,
+                   help="only export the inference model (backbone to anomaly map) as a "
+                        "torch.export program (.pt2) to this path, checked against the eager "
+                        "model on the first --batch-size test images (--predict DIR's if given)")
     cli.add_workers_arg(p)
     cli.add_device_arg(p)
     p.add_argument("--out", default=None, help="output folder (default <checkpoint folder>/eval)")
@@ -360,6 +367,21 @@ def print_table(results, summary):
 # Main
 # ----------------------------------------------------------------------------------------
 
+def check_batch(args, ckpt, size, device):
+    """The images the exported program is checked on: the first --batch-size images of
+    --predict DIR (no labelled data set needed), else of the first category's test set."""
+    if args.predict:
+        paths = data.list_images(cli.require_dir(args.predict, "--predict"))[:args.batch_size]
+        if not paths:
+            raise cli.UserError(f"--predict: folder {args.predict!r} has no images")
+    else:
+        dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"),
+                                             f"--checkpoint {args.checkpoint!r}")
+        categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
+        paths = [s.image for s in dataset.test(categories[0])[:args.batch_size]]
+    return torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths]).to(device)
+
+
 def main(argv=None):
     args = parse_args(argv)
     cli.require_positive(batch_size=args.batch_size, throughput_repeats=args.throughput_repeats)
@@ -373,6 +395,12 @@ def main(argv=None):
     runs.save_args(args, out)
     print(describe(model.config))
 
+    if args.export:
+        images = check_batch(args, ckpt, size, device)
+        report = export.export_and_check(model, features, images, args.export)
+        atomic_write_json(os.path.join(out, "export.json"), report)
+        print(export.describe(report) + f"; {os.path.join(out, 'export.json')}")
+        return
     if args.predict:
         digest = decision.weights_digest(ckpt["state_dict"])
         threshold = decision.resolve(ckpt.get("threshold"), args.threshold_file, args.threshold,

@@ -1,5 +1,5 @@
 """Using a trained model: the OK/NG threshold train_realnet.py stores (--val-fraction),
-evaluate.py --predict (score, decision, mask, map, CSV) and its one-line
+evaluate.py --predict (score, decision, mask, map, CSV), --export, and their one-line
 errors. The tiny demo data set and helpers of tests/test_train_eval.py."""
 import csv
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from realnet import metrics
+from realnet import metrics, ops
 from realnet.predict import CSV_COLUMNS
 from test_train_eval import SIZE, demo, one_line_error, run, train_args  # noqa: F401 (fixture)
 
@@ -141,3 +141,14 @@ def test_evaluation_pictures_use_the_stored_threshold_and_report_it_on_the_test_
     washer = json.load(open(os.path.join(out, "metrics.json")))["categories"]["washer"]
     assert "FOR THE PICTURES ONLY" in washer["picture_threshold"]["chosen_on"]
     assert "stored_threshold" not in washer
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="needs the compiled extension")
+def test_export_writes_a_program_equal_to_the_eager_model(trained):
+    out = str(trained["root"] / "exported")
+    path = os.path.join(out, "model.pt2")
+    result = evaluate(trained["model"], out, "--export", path, "--batch-size", "4")
+    assert "max abs difference" in result.stdout and os.path.isfile(path)
+    report = json.load(open(os.path.join(out, "export.json")))
+    assert report["max_abs_difference"] == {"batch of 4": 0.0, "batch of 1": 0.0}
+    assert "rrs_gather" in report["fused_ops_in_graph"]
