@@ -313,14 +313,17 @@ def print_plan(config, model, categories, n_images, held_out, total_steps, batch
           f"process(es) on {ddp.device}, clean-image features {'cached' if cache else 'computed'}")
 
 
-def print_done(step, started, out, best, metric, threshold):
+def print_done(step, started, out, best, metric, threshold, rule, validated):
     note = ""
     if best["step"]:
         note = f", best.pt from step {best['step']} ({metric} {best['value']:.4f})"
     print(f"done: {step} steps in {time.time() - started:.0f} s; model "
           f"{os.path.join(out, 'model.pt')}{note}")
     if threshold is None:
-        print("no OK/NG threshold stored: choose one with --val-fraction > 0 (held-out images)")
+        print("no OK/NG threshold stored: " + (
+            f"the held-out images do not allow --threshold-rule {rule} (f1 needs normal and "
+            "anomalous ones, fpr normal ones)"
+            if validated else "choose one with --val-fraction > 0 (held-out images)"))
         return
     target = f" {threshold['target_fpr']}" if threshold["rule"] == "fpr" else ""
     held = threshold["on_held_out"]
@@ -421,7 +424,8 @@ def main(argv=None):
         save_run(out, model, optimizer, run, step, best, with_threshold(extra, threshold, step))
     distributed.barrier(ddp)
     if ddp.is_main:
-        print_done(step, started, out, best, args.val_metric, threshold)
+        print_done(step, started, out, best, args.val_metric, threshold, args.threshold_rule,
+                   val is not None)
     distributed.cleanup(ddp)
 
 
