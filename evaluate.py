@@ -321,9 +321,9 @@ def predict(model, features, folder, device, out, batch_size, workers, image_sco
         atomic_save_image(viz.to_pil(picture), os.path.join(out, "predict", name + ".png"))
     decided = [row[2] for row in rows if row[2]]
     summary = f"{decided.count('NG')} NG, {decided.count('OK')} OK; " if decided else ""
-    image = threshold and threshold.get("image")
+    image_threshold = threshold and threshold.get("image")
     print(f"scored {len(paths)} images ({summary}image threshold "
-          f"{'none' if image is None else f'{image:.4f}'}): "
+          f"{'none' if image_threshold is None else f'{image_threshold:.4f}'}): "
           f"{os.path.join(out, 'predictions.csv')}, maps/, "
           f"{'masks/, ' if pixel is not None else ''}"
           f"pictures in {os.path.join(out, 'predict')}")
@@ -405,11 +405,11 @@ def main(argv=None):
         digest = decision.weights_digest(ckpt["state_dict"])
         threshold = decision.resolve(ckpt.get("threshold"), args.threshold_file, args.threshold,
                                      digest, args.image_score, args.pool)
-        if threshold is not None:
-            atomic_write_json(os.path.join(out, "threshold.json"),
-                              decision.to_file(threshold, digest, args.checkpoint))
         paths, _ = predict(model, features, args.predict, device, out, args.batch_size, args.workers,
                            args.image_score, args.pool, threshold)
+        if threshold is not None:   # what was used, for --threshold-file (edit it to tune)
+            atomic_write_json(os.path.join(out, "threshold.json"),
+                              decision.to_file(threshold, digest, args.checkpoint))
         sample = torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths[:args.batch_size]])
         speed = throughput(model, features, sample.to(device), device, args.throughput_repeats)
         atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
