@@ -96,6 +96,7 @@ def check_args(args):
                          image_size=args.image_size, sheet_columns=args.sheet_columns,
                          sample_steps=args.sample_steps, log_every=args.log_every,
                          save_every=args.save_every)
+    cli.require_finite_positive(lr=args.lr, grad_clip=args.grad_clip)   # nan: learns nothing
     if not 0.0 <= args.ema < 1.0:
         raise cli.UserError(f"--ema must be in [0, 1) (got {args.ema})")
     factor = 2 ** (len(adm.PRESETS[args.preset]["channel_mult"]) - 1)

@@ -190,6 +190,9 @@ def test_training_bad_inputs_are_one_line_errors(toy, tmp_path):
     proc = run("train_diffusion.py", "--data", toy, "--out", tmp_path / "x", "--preset", "tiny", "--image-size", "20",
                check=False)
     assert_one_line_error(proc, "--image-size 20")
+    for flag, value in (("--lr", "nan"), ("--lr", "0"), ("--grad-clip", "-1")):
+        proc = run("train_diffusion.py", "--data", toy, "--out", tmp_path / "x", flag, value, *TINY, check=False)
+        assert_one_line_error(proc, f"{flag} must be a finite number > 0 (got {float(value)})")
     (tmp_path / "a_file").write_text("mine")
     proc = run_process("train_diffusion.py", "--data", toy, "--out", tmp_path / "a_file", *TINY)
     assert_one_line_error(proc, "--out", "a_file' is a file, expected a folder")
