@@ -342,7 +342,8 @@ def main(argv=None):
     size = model.config["input_size"]
     check_pool(args.pool, args.image_score, size)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    prepare_output_folder(out)
+    prepare_output_folder(out, files=("metrics.json", "scores.csv", "args.json", "predictions.csv",
+                                      "predict_args.json"))
     print(describe(model.config))
 
     if args.predict:

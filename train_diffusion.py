@@ -272,7 +272,8 @@ def main(argv=None):
     ddp = distributed.setup(args.device)
     distributed.require_divisible_batch(args.batch_size, ddp)
     log = print if ddp.is_main else (lambda *a, **k: None)
-    prepare_output_folder(args.out, clean=ddp.is_main, log=log)
+    prepare_output_folder(args.out, clean=ddp.is_main, log=log,
+                          files=("model.pt", runs.STATE_FILE, "args.json", runs.LOG_FILE))
     workers = args.workers if args.workers is not None else (4 if ddp.device.type == "cuda" else 0)
     index, classes, dataset = training_images(args.data, args.format, args.categories,
                                               args.image_size, log)

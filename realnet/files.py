@@ -80,12 +80,17 @@ def remove_orphaned_temporaries(folder):
     return removed
 
 
-def prepare_output_folder(path, what="--out", clean=True, log=print):
+def prepare_output_folder(path, what="--out", clean=True, log=print, files=()):
     """The output folder of a stage, checked before any long work: it must be a folder (or
-    not exist yet: it is created) and writable. With `clean`, temporary files of an earlier,
-    killed save are removed. A `UserError` names `what` (the flag) otherwise."""
+    not exist yet: it is created) and writable, and none of the `files` the stage will write
+    there may be a folder (say, left by an earlier --out FOLDER/afs.pt). With `clean`,
+    temporary files of an earlier, killed save are removed. A `UserError` names `what`."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{what} {path!r} is a file, expected a folder (or a new name)")
+    for name in files:
+        if os.path.isdir(os.path.join(path, name)):
+            raise UserError(f"{what} {path!r}: {os.path.join(path, name)!r} is a folder, but the "
+                            f"stage writes its file {name} there; move it away or choose another {what}")
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test.", suffix=".tmp")

@@ -101,3 +101,9 @@ def test_a_kind_is_named_with_its_article(tmp_path):
     atomic_torch_save({"kind": "afs"}, str(tmp_path / "afs.pt"))
     with pytest.raises(UserError, match="is an afs checkpoint, expected a realnet checkpoint"):
         load_checkpoint(str(tmp_path / "afs.pt"), "--checkpoint", kind="realnet")
+
+
+def test_a_folder_where_a_stage_writes_a_file_is_refused_before_the_run(tmp_path):
+    (tmp_path / "afs.pt").mkdir()     # left by an earlier run with --out FOLDER/afs.pt
+    with pytest.raises(UserError, match=r"afs.pt' is a folder, but the stage writes its file afs.pt there"):
+        prepare_output_folder(str(tmp_path), files=("afs_scores.png", "afs.pt"))

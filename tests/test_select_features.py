@@ -188,6 +188,10 @@ def test_what_train_realnet_could_not_use_is_refused_before_any_file(demo, tmp_p
         select_features.main(base + ["--input-size", "32", "--layers", "1", "--dims", "8",
                                      "--out", str(tmp_path / "a_file")])
     assert (tmp_path / "a_file").read_text() == "mine"
+    (tmp_path / "earlier" / "afs.pt").mkdir(parents=True)    # an earlier run's --out earlier/afs.pt
+    with pytest.raises(UserError, match="afs.pt' is a folder, but the stage writes its file afs.pt"):
+        select_features.main(base + ["--input-size", "32", "--layers", "1", "--dims", "8",
+                                     "--out", str(tmp_path / "earlier")])
 
 
 def test_a_failed_or_different_rerun_keeps_the_previous_afs_file(demo, tmp_path):
