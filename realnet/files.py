@@ -93,7 +93,8 @@ def prepare_output_folder(path, what="--out", clean=True, log=print, files=()):
                             f"stage writes its file {name} there; move it away or choose another {what}")
     try:
         os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test.", suffix=".tmp")
+        # not named like a temporary: another process cleaning the folder must leave it alone
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test.", suffix=".probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
