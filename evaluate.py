@@ -343,7 +343,7 @@ def main(argv=None):
     check_pool(args.pool, args.image_score, size)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     prepare_output_folder(out, files=("metrics.json", "scores.csv", "args.json", "predictions.csv",
-                                      "predict_args.json"))
+                                      "predict_args.json"), subfolders=("panels", "predict"))
     print(describe(model.config))
 
     if args.predict:

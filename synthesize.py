@@ -172,7 +172,8 @@ def main(argv=None):
     settings = {"checkpoint_digest": file_digest(args.checkpoint), "category": args.category,
                 "class_id": classes.index(args.category), "steps": args.steps, "sampler": args.sampler,
                 "eta": args.eta, "strength": [a, b], "seed": args.seed, "image_size": ckpt["image_size"]}
-    prepare_output_folder(out_dir, clean=ddp.is_main, log=log, files=("manifest.json",))
+    prepare_output_folder(out_dir, clean=ddp.is_main, log=log, files=("manifest.json",),
+                          subfolders=("preview",))
     distributed.barrier(ddp)   # no rank saves before the main one has removed stale temporaries
     check_previous(out_dir, settings)
 

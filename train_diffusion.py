@@ -273,7 +273,8 @@ def main(argv=None):
     distributed.require_divisible_batch(args.batch_size, ddp)
     log = print if ddp.is_main else (lambda *a, **k: None)
     prepare_output_folder(args.out, clean=ddp.is_main, log=log,
-                          files=("model.pt", runs.STATE_FILE, "args.json", runs.LOG_FILE))
+                          files=("model.pt", runs.STATE_FILE, "args.json", runs.LOG_FILE),
+                          subfolders=("samples",))
     workers = args.workers if args.workers is not None else (4 if ddp.device.type == "cuda" else 0)
     index, classes, dataset = training_images(args.data, args.format, args.categories,
                                               args.image_size, log)

@@ -330,7 +330,8 @@ def main(argv=None):
     total_steps = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     out = args.out or os.path.join("runs", "_".join(categories), "realnet")
     prepare_output_folder(out, clean=ddp.is_main, files=("model.pt", "state.pt", "best.pt",
-                                                          "args.json", runs.LOG_FILE))
+                                                          "args.json", runs.LOG_FILE),
+                          subfolders=("examples",))
     run = run_settings(args, afs, dataset, categories, len(samples))
     extra = {"args": cli.args_to_dict(args), "afs_path": os.path.abspath(args.afs)}
     model, ddp_model, optimizer, start_step, best = build_model(config, args.lr, args.seed,

@@ -66,25 +66,30 @@ def atomic_write_json(path, obj):
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
-def remove_orphaned_temporaries(folder):
-    """Delete the temporary files that killed saves left in `folder` and its sub-folders
-    (at paper scale a checkpoint's size each). Returns their paths. Call it only where no
-    other process of the stage is saving yet (the main process, before its first save)."""
+def remove_orphaned_temporaries(folder, subfolders=()):
+    """Delete the temporary files that killed saves left in `folder` and in its `subfolders`
+    (with theirs; at paper scale a checkpoint's size each). Returns their paths. Only the
+    stage's own folders: another stage may be saving in a folder nested in this one. Call
+    it where no other process of the stage is saving yet (the main process, at its start)."""
     removed = []
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            if _TEMPORARY.match(name):
-                path = os.path.join(parent, name)
-                os.unlink(path)
-                removed.append(path)
+    places = [(folder, False)] + [(os.path.join(folder, name), True) for name in subfolders]
+    for place, nested in places:
+        for parent, children, names in os.walk(place):
+            for name in names:
+                if _TEMPORARY.match(name):
+                    removed.append(os.path.join(parent, name))
+                    os.unlink(removed[-1])
+            if not nested:
+                children.clear()   # the folder itself, not the folders in it
     return removed
 
 
-def prepare_output_folder(path, what="--out", clean=True, log=print, files=()):
+def prepare_output_folder(path, what="--out", clean=True, log=print, files=(), subfolders=()):
     """The output folder of a stage, checked before any long work: it must be a folder (or
     not exist yet: it is created) and writable, and none of the `files` the stage will write
     there may be a folder (say, left by an earlier --out FOLDER/afs.pt). With `clean`,
-    temporary files of an earlier, killed save are removed. A `UserError` names `what`."""
+    temporary files of an earlier, killed save are removed from it and from the stage's
+    `subfolders`. A `UserError` names `what` (the flag) otherwise."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{what} {path!r} is a file, expected a folder (or a new name)")
     for name in files:
@@ -101,7 +106,7 @@ def prepare_output_folder(path, what="--out", clean=True, log=print, files=()):
         raise UserError(f"{what} {path!r}: cannot write there ({e.strerror or e}); "
                         "expected a writable folder")
     if clean:
-        removed = remove_orphaned_temporaries(path)
+        removed = remove_orphaned_temporaries(path, subfolders)
         if removed:
             log(f"removed {len(removed)} temporary file(s) of an interrupted save in {path}")
     return path

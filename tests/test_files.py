@@ -44,15 +44,18 @@ def test_load_checkpoint_checks_existence_readability_and_kind(tmp_path):
 
 
 def test_a_stage_start_removes_the_temporaries_of_a_killed_save_and_nothing_else(tmp_path, capsys):
-    (tmp_path / "samples").mkdir()
-    orphans = [tmp_path / ".model.pt.k3j_x9q2.tmp", tmp_path / "samples" / ".step_0000002.png.a1b2c3d4.tmp"]
-    kept = [tmp_path / "model.pt", tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / ".x.tmp"]
+    (tmp_path / "samples" / "old").mkdir(parents=True)
+    (tmp_path / "realnet").mkdir()   # another stage's folder: it may be saving there right now
+    orphans = [tmp_path / ".model.pt.k3j_x9q2.tmp", tmp_path / "samples" / "old" / ".step_02.png.a1b2c3d4.tmp",
+               tmp_path / "samples" / ".step_03.png.a1b2c3d4.tmp"]
+    kept = [tmp_path / "model.pt", tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / ".x.tmp",
+            tmp_path / "realnet" / ".state.pt.a1b2c3d4.tmp"]
     for path in orphans + kept:
         path.write_bytes(b"x")
-    assert prepare_output_folder(str(tmp_path)) == str(tmp_path)
+    assert prepare_output_folder(str(tmp_path), subfolders=("samples", "absent")) == str(tmp_path)
     assert not any(path.exists() for path in orphans)
     assert all(path.exists() for path in kept)
-    assert "removed 2 temporary file(s)" in capsys.readouterr().out
+    assert "removed 3 temporary file(s)" in capsys.readouterr().out
 
 
 def test_an_output_folder_that_is_a_file_or_not_writable_is_refused(tmp_path):
