@@ -387,9 +387,11 @@ def _load_manifest(path):
 
 def _jobs(category, n_train, n_test_good, n_test_defect):
     """(split, defect, i) of every image of a category, in writing order."""
-    jobs = [("train", "good", i) for i in range(n_train)] + [("test", "good", i) for i in range(n_test_good)]
+    jobs = [("train", "good", i) for i in range(n_train)]
+    jobs += [("test", "good", i) for i in range(n_test_good)]
     defects = DEFECTS[category]
-    return jobs + [("test", defects[i % len(defects)], i // len(defects)) for i in range(n_test_defect)]
+    jobs += [("test", defects[i % len(defects)], i // len(defects)) for i in range(n_test_defect)]
+    return jobs
 
 
 def _written_files(category, settings):
@@ -435,7 +437,8 @@ def make_demo_dataset(root, seed=0, categories=None, image_size=256, n_train=40,
         raise UserError(f"unknown demo category {unknown[0]!r} (the demo has {', '.join(DEMO_CATEGORIES)})")
     if image_size < 32:
         raise UserError(f"--size: demo image size must be at least 32, got {image_size}")
-    for name, count in (("--train", n_train), ("--test-good", n_test_good), ("--test-defect", n_test_defect)):
+    counts = {"--train": n_train, "--test-good": n_test_good, "--test-defect": n_test_defect}
+    for name, count in counts.items():
         if count < 1:   # a category without train/ (or without a test split) is no data set
             raise UserError(f"{name} must be >= 1 (got {count})")
     manifest_path = os.path.join(root, "demo.json")
@@ -470,8 +473,9 @@ def make_demo_dataset(root, seed=0, categories=None, image_size=256, n_train=40,
         manifest["categories"][category] = settings
         atomic_write_json(manifest_path, manifest)
         if verbose:
-            print(f"{folder}: {n_train} train, {n_test_good} good + {n_test_defect} defective test images "
-                  f"({', '.join(DEFECTS[category])}), {image_size}x{image_size}, {time.time() - start:.1f} s")
+            print(f"{folder}: {n_train} train, {n_test_good} good + {n_test_defect} defective test "
+                  f"images ({', '.join(DEFECTS[category])}), {image_size}x{image_size}, "
+                  f"{time.time() - start:.1f} s")
     return root
 
 

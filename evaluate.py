@@ -75,8 +75,9 @@ def load_model(path, backbone_weights, device):
     broken = [name for name, value in ckpt["state_dict"].items()
               if value.is_floating_point() and not torch.isfinite(value).all()]
     if broken:   # a diverged training: its maps would be NaN, and no metric defined
-        raise cli.UserError(f"--checkpoint {path!r}: {len(broken)} weight tensor(s) are not finite "
-                            f"(e.g. {broken[0]}): the training diverged; train again with a lower --lr")
+        raise cli.UserError(f"--checkpoint {path!r}: {len(broken)} weight tensor(s) are not "
+                            f"finite (e.g. {broken[0]}): the training diverged; train again "
+                            "with a lower --lr")
     model = RealNet(config)
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -200,8 +200,8 @@ def main(argv=None):
     folder = args.out or os.path.join("runs", category)
     out, stem = os.path.join(folder, "afs.pt"), os.path.join(folder, "afs")
     # everything that can fail is checked before the first file is written
-    prepare_output_folder(folder, files=("afs.pt", "afs_scores.png", "afs_args.json", "afs.partial"),
-                          subfolders=("afs_examples",))
+    prepare_output_folder(folder, subfolders=("afs_examples",),
+                          files=("afs.pt", "afs_scores.png", "afs_args.json", "afs.partial"))
     require_same_afs(out, args)
     backbone = load_backbone(args.backbone_weights, args.layers).to(device)
     if args.dump:

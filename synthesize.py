@@ -189,8 +189,9 @@ def main(argv=None):
     mine = list(range(ddp.rank, args.count, ddp.world_size))
     # done: a readable image; an empty or cut file (not written by this script, whose saves
     # are atomic) is made again
-    present = [i for i in mine if os.path.isfile(os.path.join(out_dir, image_name(args.category, i)))]
-    broken = [i for i in present if not readable_image(os.path.join(out_dir, image_name(args.category, i)))]
+    image_path = lambda i: os.path.join(out_dir, image_name(args.category, i))
+    present = [i for i in mine if os.path.isfile(image_path(i))]
+    broken = [i for i in present if not readable_image(image_path(i))]
     if broken:
         print(f"rank {ddp.rank}: {len(broken)} unreadable image(s) in {out_dir} are made again "
               f"(e.g. {image_name(args.category, broken[0])})")

@@ -94,8 +94,9 @@ def prepare_output_folder(path, what="--out", clean=True, log=print, files=(), s
         raise UserError(f"{what} {path!r} is a file, expected a folder (or a new name)")
     for name in files:
         if os.path.isdir(os.path.join(path, name)):
-            raise UserError(f"{what} {path!r}: {os.path.join(path, name)!r} is a folder, but the "
-                            f"stage writes its file {name} there; move it away or choose another {what}")
+            raise UserError(f"{what} {path!r}: {os.path.join(path, name)!r} is a folder, but "
+                            f"the stage writes its file {name} there; move it away or choose "
+                            f"another {what}")
     try:
         os.makedirs(path, exist_ok=True)
         # not named like a temporary: another process cleaning the folder must leave it alone
@@ -161,9 +162,9 @@ def safe_torch_load(path, what, map_location="cpu"):
             raise UserError(f"{what}: {path!r} is not a readable torch checkpoint "
                             f"({str(e).splitlines()[0]})")
         holds = f" ({found.group(1)})"
-        raise UserError(f"{what}: {path!r} holds Python objects{holds}, not only tensors and plain "
-                        "types; refused, as loading it could run code (a file written by an "
-                        "older version of this project: run that stage again)")
+        raise UserError(f"{what}: {path!r} holds Python objects{holds}, not only tensors and "
+                        "plain types; refused, as loading it could run code (a file written by "
+                        "an older version of this project: run that stage again)")
     except Exception as e:  # a truncated or foreign file
         first = f"{type(e).__name__}: {e}".splitlines()[0]
         raise UserError(f"{what}: {path!r} is not a readable torch checkpoint ({first})")
