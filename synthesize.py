@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from realnet import adm, cli, distributed, runs, viz
+from realnet import adm, cli, distributed, precision, runs, viz
 from realnet.diffusion import GaussianDiffusion
 from realnet.files import atomic_save_image, atomic_write_json, file_digest, load_checkpoint
 from realnet.files import prepare_output_folder, readable_image
@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass on each rank")
     p.add_argument("--seed", type=int, default=0, help="base seed of every image's noise and strength")
     p.add_argument("--sheet-count", type=int, default=32, help="images on contact_sheet.png (the first ones)")
+    precision.add_precision_arg(p, "the diffusion UNet (the sampler's arithmetic stays fp32)")
     cli.add_device_arg(p)
     return p.parse_args(argv)
 
@@ -117,6 +118,7 @@ def check_previous(out_dir, settings):
         except (OSError, ValueError):
             continue  # a stale, unreadable part: it is rewritten below
         if previous is not None:
+            previous.setdefault("precision", "fp32")   # folders made before --precision existed
             runs.require_same_settings(previous, settings, f"{out_dir!r} holds images made with other settings",
                                        "choose another --out or delete the folder")
 
@@ -167,11 +169,13 @@ def main(argv=None):
         raise cli.UserError(f"--category {args.category!r}: {args.checkpoint!r} was trained on {', '.join(classes)}")
     out_dir = args.out or os.path.join("data", "sdas", args.category)
     ddp = distributed.setup(args.device)
+    precision.check_precision(args.precision, ddp.device)
     log = print if ddp.is_main else (lambda *a, **k: None)
 
     settings = {"checkpoint_digest": file_digest(args.checkpoint), "category": args.category,
                 "class_id": classes.index(args.category), "steps": args.steps, "sampler": args.sampler,
-                "eta": args.eta, "strength": [a, b], "seed": args.seed, "image_size": ckpt["image_size"]}
+                "eta": args.eta, "strength": [a, b], "seed": args.seed, "image_size": ckpt["image_size"],
+                "precision": args.precision}
     prepare_output_folder(out_dir, clean=ddp.is_main, log=log, files=("manifest.json",),
                           subfolders=("preview",))
     distributed.barrier(ddp)   # no rank saves before the main one has removed stale temporaries
@@ -204,8 +208,9 @@ def main(argv=None):
     start = time.time()
     for n, first in enumerate(range(0, len(todo), args.batch_size)):
         plans = [image_plan(args.seed, args.category, i, (a, b)) for i in todo[first:first + args.batch_size]]
-        images = synthesize(model, sampling, plans, settings["class_id"], ckpt["image_size"], ddp.device,
-                            args.sampler, args.eta)
+        with precision.autocast(args.precision, ddp.device):
+            images = synthesize(model, sampling, plans, settings["class_id"], ckpt["image_size"],
+                                ddp.device, args.sampler, args.eta)
         for plan, image in zip(plans, images):
             name = image_name(args.category, plan["index"])
             atomic_save_image(viz.to_pil(image), os.path.join(out_dir, name))

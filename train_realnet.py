@@ -36,7 +36,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from realnet import cli, distributed, runs
+from realnet import cli, distributed, precision, runs
 from realnet.features import FeatureExtractor, make_cache, pair_features
 from realnet.files import atomic_torch_save, file_digest, load_checkpoint
 from realnet.files import prepare_output_folder
@@ -76,6 +76,7 @@ def parse_args(argv=None):
     add("--epochs", type=int, default=1000, help="passes over the training images (paper)")
     add("--steps", type=int, default=None, help="optimiser steps; overrides --epochs")
     add("--seed", type=int, default=0, help="model init, data order and synthetic anomalies")
+    precision.add_precision_arg(p, "the backbone, UNets and discriminator")
     add("--val-fraction", type=float, default=0.0,
         help="hold out this share of the TRAINING images to choose the checkpoint on (0: last)")
     add("--val-every", type=int, default=500, help="steps between validations (--val-fraction)")
@@ -104,6 +105,7 @@ def check_args(args, ddp):
     cli.require_positive(epochs=args.epochs,
                          **({} if args.steps is None else {"steps": args.steps}))
     cli.require_finite_positive(lr=args.lr)
+    precision.check_precision(args.precision, ddp.device)
 
 
 def fill_from_afs(args, afs):
@@ -170,6 +172,7 @@ def run_settings(args, afs, dataset, categories, train_images):
             # by flag name, so that a refused --resume names the flag that changed
             "training": {"--batch-size": args.batch_size, "--lr": args.lr,
                          "--lr-schedule": args.lr_schedule, "--seed": args.seed,
+                         "--precision": args.precision,
                          "train_images": train_images, "--val-fraction": args.val_fraction,
                          "--val-metric": args.val_metric}}
 
@@ -178,16 +181,17 @@ def run_settings(args, afs, dataset, categories, train_images):
 # The model, its checkpoints and resuming
 # ----------------------------------------------------------------------------------------
 
-def build_model(config, lr, seed, resume_flag, run, out, ddp):
+def build_model(config, lr, seed, resume_flag, run, out, ddp, scaler):
     """The model (seeded), its optimiser, where a resumed run left off, and the model the
-    loop calls (DDP-wrapped under torchrun): (model, ddp_model, optimizer, step, best)."""
+    loop calls (DDP-wrapped under torchrun): (model, ddp_model, optimizer, step, best).
+    `scaler` (fp16 loss scaling) continues from the saved state too."""
     cli.seed_everything(seed)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     model = RealNet(config).to(ddp.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     state = runs.load_state(out, resume_flag, "realnet_state")
-    step, best = resume(state, model, optimizer, run, out)
+    step, best = resume(state, model, optimizer, scaler, run, out)
     ddp_model = model
     if ddp.enabled:
         model.set_process_group(torch.distributed.group.WORLD)   # RRS, BatchNorm: global batch
@@ -221,7 +225,7 @@ def training_loader(stream, start_step, total_steps, batch_size, workers, ddp):
                                        pin_memory=ddp.device.type == "cuda")
 
 
-def resume(state, model, optimizer, run, out):
+def resume(state, model, optimizer, scaler, run, out):
     """Continue from a state made with the same model and training settings: (step, best)."""
     if state is None:
         return 0, {"value": None, "step": None}
@@ -231,6 +235,8 @@ def resume(state, model, optimizer, run, out):
         runs.require_same_settings(saved, now, f"--resume: {path!r} was made with {what}",
                                    "use the same arguments or another --out")
     runs.restore_training(model, optimizer, state)   # the model is on its device already
+    if state.get("scaler"):   # fp16 only; the run settings make sure the precision is the same
+        scaler.load_state_dict(state["scaler"])
     runs.restore_rng(state["rng"])
     return state["step"], state["best"]
 
@@ -243,13 +249,14 @@ def model_file(model, run, step, selected_on, extra):
             "backbone": model.config["backbone"], **run, **extra}
 
 
-def save_run(out, model, optimizer, run, step, best, extra):
+def save_run(out, model, optimizer, scaler, run, step, best, extra):
     """model.pt (the last step) and state.pt (everything --resume needs), both atomic."""
     last = {"rule": "last step", "step": step}
     atomic_torch_save(model_file(model, run, step, last, extra), os.path.join(out, "model.pt"))
     atomic_torch_save({"kind": "realnet_state", "version": 1, "config": model.config, "run": run,
                        "step": step, "model": model.state_dict(), "best": best,
-                       "optimizer": optimizer.state_dict(), "rng": runs.rng_state()},
+                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                       "rng": runs.rng_state()},
                       os.path.join(out, runs.STATE_FILE))
 
 
@@ -334,12 +341,15 @@ def main(argv=None):
                           subfolders=("examples",))
     run = run_settings(args, afs, dataset, categories, len(samples))
     extra = {"args": cli.args_to_dict(args), "afs_path": os.path.abspath(args.afs)}
+    scaler = precision.grad_scaler(args.precision, ddp.device)
     model, ddp_model, optimizer, start_step, best = build_model(config, args.lr, args.seed,
-                                                                args.resume, run, out, ddp)
+                                                                args.resume, run, out, ddp, scaler)
     log_path = runs.start_outputs(out, args, start_step) if ddp.is_main else os.devnull
     distributed.barrier(ddp)
     features = FeatureExtractor(backbone, model)
-    cache = make_cache(args.cache_features, config, stream, features, ddp.device)
+    amp = precision.autocast(args.precision, ddp.device)   # the networks' arithmetic
+    with amp:   # the cached features are made in the precision of the anomalous ones
+        cache = make_cache(args.cache_features, config, stream, features, ddp.device)
     val = make_validation_set(AnomalyStream(held_out, args.input_size, synthesizers, args.seed + 1,
                                             args.normal_ratio), len(held_out)) \
         if held_out and ddp.is_main else None
@@ -356,15 +366,17 @@ def main(argv=None):
     with open(log_path, "a") as log:
         for batch in loader:
             # one step: half normal, half synthetic anomalies; reconstruct, segment, learn
-            inputs, clean = pair_features(batch, features, cache, ddp.device)
-            output = ddp_model(inputs, tuple(batch["image"].shape[-2:]))
-            loss, parts = realnet_loss(output, clean, batch["mask"].to(ddp.device))
+            with amp:
+                inputs, clean = pair_features(batch, features, cache, ddp.device)
+                output = ddp_model(inputs, tuple(batch["image"].shape[-2:]))
+            loss, parts = realnet_loss(output, clean, batch["mask"].to(ddp.device))  # float32
             require_finite(loss, step + 1, args.lr, out, ddp)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()   # scaled in fp16 only
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(args.lr, args.lr_schedule, step, total_steps)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             last = step == total_steps
 
@@ -373,14 +385,16 @@ def main(argv=None):
             else:
                 progress.update(step, items=args.batch_size)
             if val is not None and (step % args.val_every == 0 or last):
-                best = validate_and_keep_best(model, features, val, held_out, step, best,
-                                              args.val_metric, args.batch_size, run, extra, out)
+                with amp:
+                    best = validate_and_keep_best(model, features, val, held_out, step, best,
+                                                  args.val_metric, args.batch_size, run, extra,
+                                                  out)
             if step % args.save_every == 0 or last:
                 if ddp.is_main:
-                    save_run(out, model, optimizer, run, step, best, extra)
+                    save_run(out, model, optimizer, scaler, run, step, best, extra)
                 saved_step = step
     if saved_step != step and ddp.is_main:   # a finished run resumed: nothing left to train
-        save_run(out, model, optimizer, run, step, best, extra)
+        save_run(out, model, optimizer, scaler, run, step, best, extra)
     distributed.barrier(ddp)
     if ddp.is_main:
         print_done(step, started, out, best, args.val_metric)
