@@ -36,6 +36,7 @@ from PIL import Image
 from realnet import adm, cli, distributed, precision, runs, viz
 from realnet.diffusion import GaussianDiffusion
 from realnet.files import atomic_save_image, atomic_write_json, file_digest, load_checkpoint
+from realnet.files import prepare_output_folder, readable_image
 from realnet.progress import Progress
 
 def parse_args(argv=None):
@@ -133,6 +134,9 @@ def check_args(args):
     cli.require_positive(count=args.count, batch_size=args.batch_size, steps=args.steps)
     if args.eta < 0:
         raise cli.UserError(f"--eta must be >= 0 (got {args.eta})")
+    if args.eta != 0 and args.sampler != "ddim":
+        raise cli.UserError(f"--eta {args.eta} has no effect with --sampler {args.sampler} "
+                            "(it is DDIM's: add --sampler ddim)")
 
 
 def merge_manifests(out_dir, category, count, seed, strength_range):
@@ -172,7 +176,9 @@ def main(argv=None):
                 "class_id": classes.index(args.category), "steps": args.steps, "sampler": args.sampler,
                 "eta": args.eta, "strength": [a, b], "seed": args.seed, "image_size": ckpt["image_size"],
                 "precision": args.precision}
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_output_folder(out_dir, clean=ddp.is_main, log=log, files=("manifest.json",),
+                          subfolders=("preview",))
+    distributed.barrier(ddp)   # no rank saves before the main one has removed stale temporaries
     check_previous(out_dir, settings)
 
     model = adm.build_unet(ckpt["arch"])
@@ -185,7 +191,15 @@ def main(argv=None):
 
     # This rank's images: i = rank, rank + W, ...; the ones already on disk are skipped.
     mine = list(range(ddp.rank, args.count, ddp.world_size))
-    todo = [i for i in mine if not os.path.isfile(os.path.join(out_dir, image_name(args.category, i)))]
+    # done: a readable image; an empty or cut file (not written by this script, whose saves
+    # are atomic) is made again
+    image_path = lambda i: os.path.join(out_dir, image_name(args.category, i))
+    present = [i for i in mine if os.path.isfile(image_path(i))]
+    broken = [i for i in present if not readable_image(image_path(i))]
+    if broken:
+        print(f"rank {ddp.rank}: {len(broken)} unreadable image(s) in {out_dir} are made again "
+              f"(e.g. {image_name(args.category, broken[0])})")
+    todo = sorted(set(mine) - set(present) | set(broken))
     log(f"{args.count} images to {out_dir}: {len(mine) - len(todo)} already there on rank {ddp.rank}, "
         f"{len(todo)} to make ({ddp.world_size} rank(s), batch {args.batch_size})")
     part_path = os.path.join(out_dir, f"manifest.rank{ddp.rank}.json")

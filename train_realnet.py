@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from realnet import cli, distributed, precision, runs
 from realnet.features import FeatureExtractor, make_cache, pair_features
 from realnet.files import atomic_torch_save, file_digest, load_checkpoint
+from realnet.files import prepare_output_folder
 from realnet.model import ARCHITECTURES, RealNet, build_config, count_parameters, describe
 from realnet.model import realnet_loss
 from realnet.progress import Progress
@@ -165,13 +166,15 @@ def run_settings(args, afs, dataset, categories, train_images):
     return {"categories": categories, "unified": len(categories) > 1,
             "dataset": dataset.describe(),
             "afs": {"digest": file_digest(args.afs), "category": afs["category"]},
-            "anomaly_source": {"sdas": path(args.sdas), "dtd": path(args.dtd),
-                               "foreground": args.foreground, "normal_ratio": args.normal_ratio},
-            "training": {"batch_size": args.batch_size, "lr": args.lr,
-                         "lr_schedule": args.lr_schedule, "seed": args.seed,
-                         "precision": args.precision,
-                         "train_images": train_images, "val_fraction": args.val_fraction,
-                         "val_metric": args.val_metric}}
+            "anomaly_source": {"--sdas": path(args.sdas), "--dtd": path(args.dtd),
+                               "--foreground": args.foreground,
+                               "--normal-ratio": args.normal_ratio},
+            # by flag name, so that a refused --resume names the flag that changed
+            "training": {"--batch-size": args.batch_size, "--lr": args.lr,
+                         "--lr-schedule": args.lr_schedule, "--seed": args.seed,
+                         "--precision": args.precision,
+                         "train_images": train_images, "--val-fraction": args.val_fraction,
+                         "--val-metric": args.val_metric}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,12 +230,11 @@ def resume(state, model, optimizer, scaler, run, out):
     if state is None:
         return 0, {"value": None, "step": None}
     path = os.path.join(out, runs.STATE_FILE)
-    for saved, now, what in ((state["config"], model.config, "model configuration"),
-                             (state["run"], run, "training settings")):
-        runs.require_same_settings(saved, now, f"--resume: {path!r} was made with another {what}",
+    for saved, now, what in ((state["config"], model.config, "another model configuration"),
+                             (state["run"], run, "other training settings")):
+        runs.require_same_settings(saved, now, f"--resume: {path!r} was made with {what}",
                                    "use the same arguments or another --out")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    runs.restore_training(model, optimizer, state)   # the model is on its device already
     if state.get("scaler"):   # fp16 only; the run settings make sure the precision is the same
         scaler.load_state_dict(state["scaler"])
     runs.restore_rng(state["rng"])
@@ -334,6 +336,9 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(samples) / args.batch_size)
     total_steps = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     out = args.out or os.path.join("runs", "_".join(categories), "realnet")
+    prepare_output_folder(out, clean=ddp.is_main, files=("model.pt", "state.pt", "best.pt",
+                                                          "args.json", runs.LOG_FILE),
+                          subfolders=("examples",))
     run = run_settings(args, afs, dataset, categories, len(samples))
     extra = {"args": cli.args_to_dict(args), "afs_path": os.path.abspath(args.afs)}
     scaler = precision.grad_scaler(args.precision, ddp.device)
