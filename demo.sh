@@ -37,6 +37,7 @@ DIFFUSION_STEPS=${DIFFUSION_STEPS:-300}
 SDAS_COUNT=${SDAS_COUNT:-64}
 AFS_BATCHES=${AFS_BATCHES:-4}        # batches of 16 synthetic anomalies (paper: 64)
 TRAIN_STEPS=${TRAIN_STEPS:-1500}
+PRECISION=${PRECISION:-fp32}         # RealNet training arithmetic; bf16: ~25 % less CPU per step
 PYTHON=${PYTHON:-python3}
 TIMES=()
 
@@ -85,7 +86,7 @@ stage "3 select features" select_features select_features.py --data "$DATA" --ca
 
 stage "4 train RealNet" "$PYTHON" train_realnet.py --afs "$OUT/afs.pt" \
     --width-ratio 0.25 --batch-size 8 --steps "$TRAIN_STEPS" --lr 1e-3 --lr-schedule cosine \
-    --val-fraction 0.1 --val-every 100 --out "$OUT/realnet" --resume
+    --val-fraction 0.1 --val-every 100 --precision "$PRECISION" --out "$OUT/realnet" --resume
 
 stage "5 evaluate" "$PYTHON" evaluate.py --checkpoint "$OUT/realnet/model.pt" --out "$OUT/eval"
 

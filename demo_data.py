@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
 import zlib
 
@@ -37,7 +36,8 @@ from PIL import Image
 from scipy import ndimage
 
 from realnet.cli import UserError, run
-from realnet.files import atomic_write_json
+from realnet.files import atomic_write_json, prepare_output_folder
+from realnet.runs import differences
 
 DEMO_VERSION = 1
 DEMO_CATEGORIES = ["granite", "tablet", "washer", "weave"]   # sorted: the class-id order
@@ -385,10 +385,50 @@ def _load_manifest(path):
         return None
 
 
+def _jobs(category, n_train, n_test_good, n_test_defect):
+    """(split, defect, i) of every image of a category, in writing order."""
+    jobs = [("train", "good", i) for i in range(n_train)]
+    jobs += [("test", "good", i) for i in range(n_test_good)]
+    defects = DEFECTS[category]
+    jobs += [("test", defects[i % len(defects)], i // len(defects)) for i in range(n_test_defect)]
+    return jobs
+
+
+def _written_files(category, settings):
+    """The files (relative to the category folder) that `settings` made: all the generator
+    may delete when the category is remade with other settings."""
+    files = set()
+    for split, defect, i in _jobs(category, settings["n_train"], settings["n_test_good"],
+                                  settings["n_test_defect"]):
+        files.add(os.path.join(split, defect, f"{i:03d}.png"))
+        if defect != "good":
+            files.add(os.path.join("ground_truth", defect, f"{i:03d}_mask.png"))
+    return files
+
+
+def _remove_ours(folder, ours):
+    """Delete the files in `ours` and the folders left empty; refuse (before deleting
+    anything) when the folder holds a file the generator did not write."""
+    found = {os.path.relpath(os.path.join(parent, name), folder)
+             for parent, _, names in os.walk(folder) for name in names}
+    foreign = sorted(found - ours)
+    if foreign:
+        raise UserError(f"{os.path.join(folder, foreign[0])!r} was not written by the demo "
+                        f"generator ({len(foreign)} such file(s)); it would be lost when "
+                        f"{folder!r} is remade with other settings: choose another --out or "
+                        "move it away")
+    for name in found:
+        os.unlink(os.path.join(folder, name))
+    for parent, _, _ in sorted(os.walk(folder), key=lambda entry: -len(entry[0])):
+        os.rmdir(parent)   # deepest first: all empty now
+
+
 def make_demo_dataset(root, seed=0, categories=None, image_size=256, n_train=40, n_test_good=10,
                       n_test_defect=20, verbose=False):
     """Write the demo data set (MVTec layout) under root; same settings -> byte-identical
-    files. Categories already written with the same settings are kept. Returns root.
+    files. Categories already written with the same settings are kept; one written with
+    other settings is remade (a file the generator did not write there is never deleted:
+    refused). Returns root.
 
     n_test_defect defective test images per category are spread over its defect types."""
     categories = list(DEMO_CATEGORIES if categories is None else categories)
@@ -396,7 +436,11 @@ def make_demo_dataset(root, seed=0, categories=None, image_size=256, n_train=40,
     if unknown:
         raise UserError(f"unknown demo category {unknown[0]!r} (the demo has {', '.join(DEMO_CATEGORIES)})")
     if image_size < 32:
-        raise UserError(f"demo image size must be at least 32, got {image_size}")
+        raise UserError(f"--size: demo image size must be at least 32, got {image_size}")
+    counts = {"--train": n_train, "--test-good": n_test_good, "--test-defect": n_test_defect}
+    for name, count in counts.items():
+        if count < 1:   # a category without train/ (or without a test split) is no data set
+            raise UserError(f"{name} must be >= 1 (got {count})")
     manifest_path = os.path.join(root, "demo.json")
     manifest = _load_manifest(manifest_path) or {"generator": "demo_data.py", "version": DEMO_VERSION,
                                                  "categories": {}}
@@ -404,18 +448,19 @@ def make_demo_dataset(root, seed=0, categories=None, image_size=256, n_train=40,
         settings = {"version": DEMO_VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
                     "n_test_good": n_test_good, "n_test_defect": n_test_defect}
         folder = os.path.join(root, category)
-        if manifest["categories"].get(category) == settings and os.path.isdir(folder):
+        previous = manifest["categories"].get(category)
+        if previous == settings and os.path.isdir(folder):
             continue
         if os.path.exists(folder):
-            if category not in manifest["categories"] and os.listdir(folder):
+            if previous is None and os.listdir(folder):
                 raise UserError(f"{folder!r} exists and was not written by the demo generator; "
                                 "choose another --out")
-            shutil.rmtree(folder)   # ours, made with other settings
+            if previous is not None:
+                _remove_ours(folder, _written_files(category, previous))
+                changed = "; ".join(differences(previous, settings))
+                print(f"{folder}: remade ({changed})")
         start = time.time()
-        jobs = [("train", "good", i) for i in range(n_train)] + [("test", "good", i) for i in range(n_test_good)]
-        defects = DEFECTS[category]
-        jobs += [("test", defects[i % len(defects)], i // len(defects)) for i in range(n_test_defect)]
-        for split, defect, i in jobs:
+        for split, defect, i in _jobs(category, n_train, n_test_good, n_test_defect):
             image_dir = os.path.join(folder, split, defect)
             os.makedirs(image_dir, exist_ok=True)
             rng = _rng(seed, category, 0 if split == "train" else 1, defect, i)
@@ -428,8 +473,9 @@ def make_demo_dataset(root, seed=0, categories=None, image_size=256, n_train=40,
         manifest["categories"][category] = settings
         atomic_write_json(manifest_path, manifest)
         if verbose:
-            print(f"{folder}: {n_train} train, {n_test_good} good + {n_test_defect} defective test images "
-                  f"({', '.join(defects)}), {image_size}x{image_size}, {time.time() - start:.1f} s")
+            print(f"{folder}: {n_train} train, {n_test_good} good + {n_test_defect} defective test "
+                  f"images ({', '.join(DEFECTS[category])}), {image_size}x{image_size}, "
+                  f"{time.time() - start:.1f} s")
     return root
 
 
@@ -494,6 +540,11 @@ def main(argv=None):
     parser.add_argument("--test-defect", type=int, default=20, help="defective test images per category (default 20)")
     parser.add_argument("--textures", type=int, default=4, help="images per DTD-style texture (default 4)")
     args = parser.parse_args(argv)
+    if args.dtd_out and args.textures < 1:
+        raise UserError(f"--textures must be >= 1 (got {args.textures})")
+    prepare_output_folder(args.out)
+    if args.dtd_out:
+        prepare_output_folder(args.dtd_out, "--dtd-out")
     start = time.time()
     make_demo_dataset(args.out, args.seed, [c for c in args.categories.split(",") if c], args.size,
                       args.train, args.test_good, args.test_defect, verbose=True)

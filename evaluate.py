@@ -41,6 +41,7 @@ from realnet import cli, data, metrics, runs, viz
 from realnet import export, predict as predict_outputs, threshold as decision
 from realnet.features import FeatureExtractor
 from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest, load_checkpoint
+from realnet.files import prepare_output_folder
 from realnet.model import RealNet, describe
 from realnet.progress import Progress
 
@@ -89,6 +90,12 @@ def load_model(path, backbone_weights, device):
     config = ckpt["config"]
     backbone = runs.load_recorded_backbone(config.get("backbone"), backbone_weights, config["layers"],
                                            f"--checkpoint {path!r}")
+    broken = [name for name, value in ckpt["state_dict"].items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:   # a diverged training: its maps would be NaN, and no metric defined
+        raise cli.UserError(f"--checkpoint {path!r}: {len(broken)} weight tensor(s) are not "
+                            f"finite (e.g. {broken[0]}): the training diverged; train again "
+                            "with a lower --lr")
     model = RealNet(config)
     try:
         model.load_state_dict(ckpt["state_dict"])
@@ -382,17 +389,33 @@ def check_batch(args, ckpt, size, device):
     return torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths]).to(device)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_args(args):
+    """One-line errors for values that cannot work and for flags that would be ignored."""
     cli.require_positive(batch_size=args.batch_size, throughput_repeats=args.throughput_repeats)
     if not 0 < args.fpr_limit <= 1:
         raise cli.UserError(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
+    cli.refuse_ignored(args, "format", "auto", "data", "it gives the layout of --data")
+    cli.refuse_ignored(args, "threshold", None, "predict", "the pixel threshold of its masks")
+    cli.refuse_ignored(args, "threshold_file", None, "predict", "it decides OK/NG of its images")
+
+
+def check_pool(pool, image_score, input_size):
+    if image_score == "avgpool" and not 1 <= pool <= input_size:
+        raise cli.UserError(f"--pool {pool}: expected a window of 1 to {input_size} pixels "
+                            f"(the checkpoint's input size)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
     device = cli.resolve_device(args.device)
     model, features, ckpt = load_model(args.checkpoint, args.backbone_weights, device)
     size = model.config["input_size"]
+    check_pool(args.pool, args.image_score, size)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    os.makedirs(out, exist_ok=True)
-    runs.save_args(args, out)
+    prepare_output_folder(out, files=("metrics.json", "scores.csv", "args.json", "predictions.csv",
+                                      "predict_args.json", "threshold.json", "export.json"),
+                          subfolders=("panels", "predict", "maps", "masks"))
     print(describe(model.config))
 
     if args.export:
@@ -413,10 +436,14 @@ def main(argv=None):
         sample = torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths[:args.batch_size]])
         speed = throughput(model, features, sample.to(device), device, args.throughput_repeats)
         atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
+        # not args.json: in the same folder, that describes metrics.json
+        runs.save_args(args, out, "predict_args.json")
         return
 
     dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"), f"--checkpoint {args.checkpoint!r}")
     categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
+    for category in categories:   # a missing mask or category: refused before any output
+        dataset.test(category)
     results, rows = {}, []
     for category in categories:
         results[category], category_rows = evaluate_category(
@@ -436,6 +463,7 @@ def main(argv=None):
         "data": dataset.describe(), "categories": results, "mean": summary, "throughput": speed,
         "protocol": protocol(args.image_score, args.pool, args.fpr_limit, size), "args": cli.args_to_dict(args)})
     write_csv(os.path.join(out, "scores.csv"), ["category", "path", "defect", "label", "score"], rows)
+    runs.save_args(args, out)   # with the files it describes, not before: a failed run keeps both
     print_table(results, summary)
     print(f"throughput {speed['images_per_s']} images/s (batch {speed['batch']}, {speed['device']}); "
           f"wrote {os.path.join(out, 'metrics.json')}, scores.csv, panels/")

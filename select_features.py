@@ -38,6 +38,8 @@ from PIL import Image, ImageDraw
 from realnet import cli, data, runs
 from realnet.backbone import Backbone, load_backbone
 from realnet.files import atomic_save_image, atomic_torch_save, load_checkpoint
+from realnet.files import prepare_output_folder
+from realnet.model import require_reconstructable
 from realnet.progress import Progress
 from realnet.stream import AnomalyStream, StreamSampler, dump_examples
 from realnet.synthesis import synthesizers_for
@@ -157,12 +159,35 @@ def load_partial(path, settings, batches):
     return 0, None
 
 
+# arguments that do not change the AFS file (where and how fast it is computed)
+RUN_ONLY = ("out", "dump", "workers", "device", "save_every")
+
+
+def require_same_afs(path, args):
+    """An afs.pt already in --out is replaced only by one made with the same settings: a
+    rerun with other --dims (say) would otherwise silently replace what train_realnet.py
+    runs may have been made from."""
+    if not os.path.isfile(path):
+        return
+    recorded = load_checkpoint(path, f"--out: the existing {path!r}", kind="afs").get("args", {})
+    settings = lambda values: {cli.flag(k): v for k, v in values.items() if k not in RUN_ONLY}
+    runs.require_same_settings(settings(recorded), settings(cli.args_to_dict(args)),
+                               f"--out: {path!r} was made with other settings",
+                               "choose another --out or delete it first")
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_dims(args.layers, args.dims)
-    cli.require_positive(batches=args.batches, batch_size=args.batch_size)
+    cli.require_positive(batches=args.batches, batch_size=args.batch_size,
+                         save_every=args.save_every)
     if args.input_size < 32:
         raise cli.UserError(f"--input-size must be at least 32 (the backbone's stride), got {args.input_size}")
+    # train_realnet.py reconstructs every layer's map: an input size it cannot use is refused now
+    require_reconstructable(args.input_size, [Backbone.strides[l - 1] for l in args.layers],
+                            layers=args.layers)
+    if args.dump < 0:
+        raise cli.UserError(f"--dump must be >= 0 (got {args.dump})")
     device = cli.resolve_device(args.device)
     dataset = data.open_dataset(args.data, args.format)
     category = cli.only_category(args.category, dataset.categories, repr(args.data))
@@ -174,13 +199,14 @@ def main(argv=None):
 
     folder = args.out or os.path.join("runs", category)
     out, stem = os.path.join(folder, "afs.pt"), os.path.join(folder, "afs")
-    os.makedirs(folder, exist_ok=True)
-    runs.save_args(args, folder, "afs_args.json")
+    # everything that can fail is checked before the first file is written
+    prepare_output_folder(folder, subfolders=("afs_examples",),
+                          files=("afs.pt", "afs_scores.png", "afs_args.json", "afs.partial"))
+    require_same_afs(out, args)
+    backbone = load_backbone(args.backbone_weights, args.layers).to(device)
     if args.dump:
         written = dump_examples(stream, args.dump, stem + "_examples")
         print(f"wrote {args.dump} synthetic anomalies to {stem}_examples/ (contact sheet: {written[-1]})")
-
-    backbone = load_backbone(args.backbone_weights, args.layers).to(device)
     cli.seed_everything(args.seed)
 
     # what a partial state (resumable) must share with this run
@@ -216,6 +242,7 @@ def main(argv=None):
            "args": cli.args_to_dict(args)}
     atomic_torch_save(afs, out)
     atomic_save_image(draw_scores(scores, indices, args.layers), stem + "_scores.png")
+    runs.save_args(args, folder, "afs_args.json")   # with the files it describes, not before
     if os.path.exists(partial_path):
         os.remove(partial_path)
     print(f"wrote {out} and {stem}_scores.png in {time.time() - started:.1f} s (data {timing['data']:.1f} s, "

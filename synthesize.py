@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from realnet import adm, cli, distributed, runs, viz
+from realnet import adm, cli, distributed, precision, runs, viz
 from realnet.diffusion import GaussianDiffusion
 from realnet.files import atomic_save_image, atomic_write_json, file_digest, load_checkpoint
+from realnet.files import prepare_output_folder, readable_image
 from realnet.progress import Progress
 
 def parse_args(argv=None):
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass on each rank")
     p.add_argument("--seed", type=int, default=0, help="base seed of every image's noise and strength")
     p.add_argument("--sheet-count", type=int, default=32, help="images on contact_sheet.png (the first ones)")
+    precision.add_precision_arg(p, "the diffusion UNet (the sampler's arithmetic stays fp32)")
     cli.add_device_arg(p)
     return p.parse_args(argv)
 
@@ -116,6 +118,7 @@ def check_previous(out_dir, settings):
         except (OSError, ValueError):
             continue  # a stale, unreadable part: it is rewritten below
         if previous is not None:
+            previous.setdefault("precision", "fp32")   # folders made before --precision existed
             runs.require_same_settings(previous, settings, f"{out_dir!r} holds images made with other settings",
                                        "choose another --out or delete the folder")
 
@@ -131,6 +134,9 @@ def check_args(args):
     cli.require_positive(count=args.count, batch_size=args.batch_size, steps=args.steps)
     if args.eta < 0:
         raise cli.UserError(f"--eta must be >= 0 (got {args.eta})")
+    if args.eta != 0 and args.sampler != "ddim":
+        raise cli.UserError(f"--eta {args.eta} has no effect with --sampler {args.sampler} "
+                            "(it is DDIM's: add --sampler ddim)")
 
 
 def merge_manifests(out_dir, category, count, seed, strength_range):
@@ -163,12 +169,16 @@ def main(argv=None):
         raise cli.UserError(f"--category {args.category!r}: {args.checkpoint!r} was trained on {', '.join(classes)}")
     out_dir = args.out or os.path.join("data", "sdas", args.category)
     ddp = distributed.setup(args.device)
+    precision.check_precision(args.precision, ddp.device)
     log = print if ddp.is_main else (lambda *a, **k: None)
 
     settings = {"checkpoint_digest": file_digest(args.checkpoint), "category": args.category,
                 "class_id": classes.index(args.category), "steps": args.steps, "sampler": args.sampler,
-                "eta": args.eta, "strength": [a, b], "seed": args.seed, "image_size": ckpt["image_size"]}
-    os.makedirs(out_dir, exist_ok=True)
+                "eta": args.eta, "strength": [a, b], "seed": args.seed, "image_size": ckpt["image_size"],
+                "precision": args.precision}
+    prepare_output_folder(out_dir, clean=ddp.is_main, log=log, files=("manifest.json",),
+                          subfolders=("preview",))
+    distributed.barrier(ddp)   # no rank saves before the main one has removed stale temporaries
     check_previous(out_dir, settings)
 
     model = adm.build_unet(ckpt["arch"])
@@ -181,7 +191,15 @@ def main(argv=None):
 
     # This rank's images: i = rank, rank + W, ...; the ones already on disk are skipped.
     mine = list(range(ddp.rank, args.count, ddp.world_size))
-    todo = [i for i in mine if not os.path.isfile(os.path.join(out_dir, image_name(args.category, i)))]
+    # done: a readable image; an empty or cut file (not written by this script, whose saves
+    # are atomic) is made again
+    image_path = lambda i: os.path.join(out_dir, image_name(args.category, i))
+    present = [i for i in mine if os.path.isfile(image_path(i))]
+    broken = [i for i in present if not readable_image(image_path(i))]
+    if broken:
+        print(f"rank {ddp.rank}: {len(broken)} unreadable image(s) in {out_dir} are made again "
+              f"(e.g. {image_name(args.category, broken[0])})")
+    todo = sorted(set(mine) - set(present) | set(broken))
     log(f"{args.count} images to {out_dir}: {len(mine) - len(todo)} already there on rank {ddp.rank}, "
         f"{len(todo)} to make ({ddp.world_size} rank(s), batch {args.batch_size})")
     part_path = os.path.join(out_dir, f"manifest.rank{ddp.rank}.json")
@@ -190,8 +208,9 @@ def main(argv=None):
     start = time.time()
     for n, first in enumerate(range(0, len(todo), args.batch_size)):
         plans = [image_plan(args.seed, args.category, i, (a, b)) for i in todo[first:first + args.batch_size]]
-        images = synthesize(model, sampling, plans, settings["class_id"], ckpt["image_size"], ddp.device,
-                            args.sampler, args.eta)
+        with precision.autocast(args.precision, ddp.device):
+            images = synthesize(model, sampling, plans, settings["class_id"], ckpt["image_size"],
+                                ddp.device, args.sampler, args.eta)
         for plan, image in zip(plans, images):
             name = image_name(args.category, plan["index"])
             atomic_save_image(viz.to_pil(image), os.path.join(out_dir, name))

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from realnet import adm, cli, distributed, runs, viz
 from realnet.data import DiffusionImages, open_dataset
 from realnet.diffusion import GaussianDiffusion, default_schedule
-from realnet.files import atomic_save_image, atomic_torch_save
+from realnet.files import atomic_save_image, atomic_torch_save, prepare_output_folder
 from realnet.progress import Progress
 from realnet.stream import StepBatches
 
@@ -96,6 +96,7 @@ def check_args(args):
                          image_size=args.image_size, sheet_columns=args.sheet_columns,
                          sample_steps=args.sample_steps, log_every=args.log_every,
                          save_every=args.save_every)
+    cli.require_finite_positive(lr=args.lr, grad_clip=args.grad_clip)   # nan: learns nothing
     if not 0.0 <= args.ema < 1.0:
         raise cli.UserError(f"--ema must be in [0, 1) (got {args.ema})")
     factor = 2 ** (len(adm.PRESETS[args.preset]["channel_mult"]) - 1)
@@ -241,19 +242,20 @@ def build_model(args, classes, ddp, log):
     if state is None and args.init_weights:
         adm.load_pretrained(model, args.init_weights, log=log)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     if state is not None:
         path = os.path.join(args.out, runs.STATE_FILE)
         runs.require_same_settings(state["config"], resume_settings(args),
                                    f"--resume: {path!r} was made with another configuration",
                                    "give the same arguments or another --out")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        runs.restore_rng(state["rng"])
-        log(f"resumed {path} at step {state['step']}")
+    # on the device first, then the optimiser: its restored moments follow the parameters
     model.to(ddp.device)
     ema.to(ddp.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if state is not None:
+        runs.restore_training(model, optimizer, state)
+        ema.load_state_dict(state["ema"])
+        runs.restore_rng(state["rng"])
+        log(f"resumed {path} at step {state['step']}")
     net = model
     if ddp.enabled:
         device_ids = [ddp.device] if ddp.device.type == "cuda" else None
@@ -270,6 +272,9 @@ def main(argv=None):
     ddp = distributed.setup(args.device)
     distributed.require_divisible_batch(args.batch_size, ddp)
     log = print if ddp.is_main else (lambda *a, **k: None)
+    prepare_output_folder(args.out, clean=ddp.is_main, log=log,
+                          files=("model.pt", runs.STATE_FILE, "args.json", runs.LOG_FILE),
+                          subfolders=("samples",))
     workers = args.workers if args.workers is not None else (4 if ddp.device.type == "cuda" else 0)
     index, classes, dataset = training_images(args.data, args.format, args.categories,
                                               args.image_size, log)

@@ -38,9 +38,10 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from realnet import cli, distributed, runs, threshold as decision
+from realnet import cli, distributed, precision, runs, threshold as decision
 from realnet.features import FeatureExtractor, make_cache, pair_features
 from realnet.files import atomic_torch_save, file_digest, load_checkpoint
+from realnet.files import prepare_output_folder
 from realnet.model import ARCHITECTURES, RealNet, build_config, count_parameters, describe
 from realnet.model import realnet_loss
 from realnet.progress import Progress
@@ -77,6 +78,7 @@ def parse_args(argv=None):
     add("--epochs", type=int, default=1000, help="passes over the training images (paper)")
     add("--steps", type=int, default=None, help="optimiser steps; overrides --epochs")
     add("--seed", type=int, default=0, help="model init, data order and synthetic anomalies")
+    precision.add_precision_arg(p, "the backbone, UNets and discriminator")
     add("--val-fraction", type=float, default=0.0,
         help="hold out this share of the TRAINING images to choose the checkpoint on (0: last)")
     add("--val-every", type=int, default=500, help="steps between validations (--val-fraction)")
@@ -111,6 +113,7 @@ def check_args(args, ddp):
     cli.require_positive(epochs=args.epochs,
                          **({} if args.steps is None else {"steps": args.steps}))
     cli.require_finite_positive(lr=args.lr)
+    precision.check_precision(args.precision, ddp.device)
     if not 0 <= args.target_fpr < 1:
         raise cli.UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
 
@@ -173,28 +176,32 @@ def run_settings(args, afs, dataset, categories, train_images):
     return {"categories": categories, "unified": len(categories) > 1,
             "dataset": dataset.describe(),
             "afs": {"digest": file_digest(args.afs), "category": afs["category"]},
-            "anomaly_source": {"sdas": path(args.sdas), "dtd": path(args.dtd),
-                               "foreground": args.foreground, "normal_ratio": args.normal_ratio},
-            "training": {"batch_size": args.batch_size, "lr": args.lr,
-                         "lr_schedule": args.lr_schedule, "seed": args.seed,
-                         "train_images": train_images, "val_fraction": args.val_fraction,
-                         "val_metric": args.val_metric}}
+            "anomaly_source": {"--sdas": path(args.sdas), "--dtd": path(args.dtd),
+                               "--foreground": args.foreground,
+                               "--normal-ratio": args.normal_ratio},
+            # by flag name, so that a refused --resume names the flag that changed
+            "training": {"--batch-size": args.batch_size, "--lr": args.lr,
+                         "--lr-schedule": args.lr_schedule, "--seed": args.seed,
+                         "--precision": args.precision,
+                         "train_images": train_images, "--val-fraction": args.val_fraction,
+                         "--val-metric": args.val_metric}}
 
 
 # ----------------------------------------------------------------------------------------
 # The model, its checkpoints and resuming
 # ----------------------------------------------------------------------------------------
 
-def build_model(config, lr, seed, resume_flag, run, out, ddp):
+def build_model(config, lr, seed, resume_flag, run, out, ddp, scaler):
     """The model (seeded), its optimiser, where a resumed run left off, and the model the
-    loop calls (DDP-wrapped under torchrun): (model, ddp_model, optimizer, step, best)."""
+    loop calls (DDP-wrapped under torchrun): (model, ddp_model, optimizer, step, best).
+    `scaler` (fp16 loss scaling) continues from the saved state too."""
     cli.seed_everything(seed)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     model = RealNet(config).to(ddp.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     state = runs.load_state(out, resume_flag, "realnet_state")
-    step, best = resume(state, model, optimizer, run, out)
+    step, best = resume(state, model, optimizer, scaler, run, out)
     ddp_model = model
     if ddp.enabled:
         model.set_process_group(torch.distributed.group.WORLD)   # RRS, BatchNorm: global batch
@@ -228,17 +235,18 @@ def training_loader(stream, start_step, total_steps, batch_size, workers, ddp):
                                        pin_memory=ddp.device.type == "cuda")
 
 
-def resume(state, model, optimizer, run, out):
+def resume(state, model, optimizer, scaler, run, out):
     """Continue from a state made with the same model and training settings: (step, best)."""
     if state is None:
         return 0, {"value": None, "step": None}
     path = os.path.join(out, runs.STATE_FILE)
-    for saved, now, what in ((state["config"], model.config, "model configuration"),
-                             (state["run"], run, "training settings")):
-        runs.require_same_settings(saved, now, f"--resume: {path!r} was made with another {what}",
+    for saved, now, what in ((state["config"], model.config, "another model configuration"),
+                             (state["run"], run, "other training settings")):
+        runs.require_same_settings(saved, now, f"--resume: {path!r} was made with {what}",
                                    "use the same arguments or another --out")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    runs.restore_training(model, optimizer, state)   # the model is on its device already
+    if state.get("scaler"):   # fp16 only; the run settings make sure the precision is the same
+        scaler.load_state_dict(state["scaler"])
     runs.restore_rng(state["rng"])
     return state["step"], state["best"]
 
@@ -251,13 +259,14 @@ def model_file(model, run, step, selected_on, extra):
             "backbone": model.config["backbone"], **run, **extra}
 
 
-def save_run(out, model, optimizer, run, step, best, extra):
+def save_run(out, model, optimizer, scaler, run, step, best, extra):
     """model.pt (the last step) and state.pt (everything --resume needs), both atomic."""
     last = {"rule": "last step", "step": step}
     atomic_torch_save(model_file(model, run, step, last, extra), os.path.join(out, "model.pt"))
     atomic_torch_save({"kind": "realnet_state", "version": 1, "config": model.config, "run": run,
                        "step": step, "model": model.state_dict(), "best": best,
-                       "optimizer": optimizer.state_dict(), "rng": runs.rng_state()},
+                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                       "rng": runs.rng_state()},
                       os.path.join(out, runs.STATE_FILE))
 
 
@@ -368,14 +377,20 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(samples) / args.batch_size)
     total_steps = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     out = args.out or os.path.join("runs", "_".join(categories), "realnet")
+    prepare_output_folder(out, clean=ddp.is_main, files=("model.pt", "state.pt", "best.pt",
+                                                          "args.json", runs.LOG_FILE),
+                          subfolders=("examples",))
     run = run_settings(args, afs, dataset, categories, len(samples))
     extra = {"args": cli.args_to_dict(args), "afs_path": os.path.abspath(args.afs)}
+    scaler = precision.grad_scaler(args.precision, ddp.device)
     model, ddp_model, optimizer, start_step, best = build_model(config, args.lr, args.seed,
-                                                                args.resume, run, out, ddp)
+                                                                args.resume, run, out, ddp, scaler)
     log_path = runs.start_outputs(out, args, start_step) if ddp.is_main else os.devnull
     distributed.barrier(ddp)
     features = FeatureExtractor(backbone, model)
-    cache = make_cache(args.cache_features, config, stream, features, ddp.device)
+    amp = precision.autocast(args.precision, ddp.device)   # the networks' arithmetic
+    with amp:   # the cached features are made in the precision of the anomalous ones
+        cache = make_cache(args.cache_features, config, stream, features, ddp.device)
     val = make_validation_set(AnomalyStream(held_out, args.input_size, synthesizers, args.seed + 1,
                                             args.normal_ratio), len(held_out)) \
         if held_out and ddp.is_main else None
@@ -392,15 +407,17 @@ def main(argv=None):
     with open(log_path, "a") as log:
         for batch in loader:
             # one step: half normal, half synthetic anomalies; reconstruct, segment, learn
-            inputs, clean = pair_features(batch, features, cache, ddp.device)
-            output = ddp_model(inputs, tuple(batch["image"].shape[-2:]))
-            loss, parts = realnet_loss(output, clean, batch["mask"].to(ddp.device))
+            with amp:
+                inputs, clean = pair_features(batch, features, cache, ddp.device)
+                output = ddp_model(inputs, tuple(batch["image"].shape[-2:]))
+            loss, parts = realnet_loss(output, clean, batch["mask"].to(ddp.device))  # float32
             require_finite(loss, step + 1, args.lr, out, ddp)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()   # scaled in fp16 only
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(args.lr, args.lr_schedule, step, total_steps)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             last = step == total_steps
 
@@ -409,19 +426,22 @@ def main(argv=None):
             else:
                 progress.update(step, items=args.batch_size)
             if val is not None and (step % args.val_every == 0 or last):
-                best, threshold = validate_and_keep_best(
-                    model, features, val, held_out, step, best, args.val_metric, args.batch_size,
-                    run, extra, out, args.threshold_rule, args.target_fpr)
+                with amp:
+                    best, threshold = validate_and_keep_best(
+                        model, features, val, held_out, step, best, args.val_metric,
+                        args.batch_size, run, extra, out, args.threshold_rule, args.target_fpr)
             if step % args.save_every == 0 or last:
                 if ddp.is_main:
-                    save_run(out, model, optimizer, run, step, best,
+                    save_run(out, model, optimizer, scaler, run, step, best,
                              with_threshold(extra, threshold, step))
                 saved_step = step
     if saved_step != step and ddp.is_main:   # a finished run resumed: nothing left to train
         if val is not None:
-            maps = validation_maps(model, features, val, ddp.device, args.batch_size)
+            with amp:
+                maps = validation_maps(model, features, val, ddp.device, args.batch_size)
             threshold = choose_threshold(maps, val, step, args.threshold_rule, args.target_fpr)
-        save_run(out, model, optimizer, run, step, best, with_threshold(extra, threshold, step))
+        save_run(out, model, optimizer, scaler, run, step, best,
+                 with_threshold(extra, threshold, step))
     distributed.barrier(ddp)
     if ddp.is_main:
         print_done(step, started, out, best, args.val_metric, threshold, args.threshold_rule,

@@ -306,10 +306,8 @@ def load_pretrained(model, path, log=print):
     if not os.path.isfile(path):
         raise UserError(f"--init-weights: file {path!r} does not exist; download OpenAI's "
                         f"class-conditional 256x256 model from {OPENAI_URL} and give its path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"--init-weights: {path!r} is not a readable torch file ({type(e).__name__})")
+    from .files import safe_torch_load   # weights_only=True: OpenAI's file is a plain state dict
+    state = safe_torch_load(path, "--init-weights")
     if isinstance(state, dict) and state.get("kind") == "diffusion":
         state = state["ema"]
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -64,6 +64,15 @@ def require_finite_positive(**values):
             raise UserError(f"{flag(name)} must be a finite number > 0 (got {value})")
 
 
+def refuse_ignored(args, name, default, needs, why):
+    """A flag that only matters together with another one (`needs`) is refused when given
+    alone, instead of being silently ignored: refuse_ignored(args, "threshold", None,
+    "predict", "it draws the contour of its pictures")."""
+    value = getattr(args, name)
+    if value != default and getattr(args, needs) in (None, False):
+        raise UserError(f"{flag(name)} {value} has no effect without {flag(needs)} ({why})")
+
+
 # ----------------------------------------------------------------------------------------
 # Flags shared by several stages
 # ----------------------------------------------------------------------------------------

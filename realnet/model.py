@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .cli import UserError
 
 
 # ----------------------------------------------------------------------------------------
@@ -42,7 +43,8 @@ def level_layers(arch, layers):
         return [[layer] for layer in layers]
     if arch == "C":
         if len(layers) % 2:
-            raise ValueError(f"architecture C pairs neighbouring layers; got an odd number of layers {layers}")
+            raise UserError(f"--arch C pairs neighbouring layers; the AFS file has an odd number "
+                            f"of layers {layers}")
         return [[layers[i], layers[i + 1]] for i in range(0, len(layers), 2)]
     raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
 
@@ -79,10 +81,29 @@ def build_config(afs, arch="A", width_ratio=0.5, retention=1 / 3, k_max=None, k_
         "input_size": int(input_size if input_size is not None else afs["input_size"]),
         "backbone": afs.get("backbone"),
     }
-    if config["k_max"] + config["k_mean"] < 1 or max(config["k_max"], config["k_mean"]) > total:
-        raise ValueError(f"k_max={config['k_max']}, k_mean={config['k_mean']}: each must be in [0, {total}], "
-                         "and at least one positive")
+    if config["k_max"] + config["k_mean"] < 1 or min(config["k_max"], config["k_mean"]) < 0 \
+            or max(config["k_max"], config["k_mean"]) > total:
+        raise UserError(f"--k-max {config['k_max']} --k-mean {config['k_mean']}: each must be in "
+                        f"[0, {total}] (the channels AFS keeps), and at least one positive")
+    require_reconstructable(config["input_size"], config["layer_strides"], config["levels"],
+                            len(config["channel_mult"]) - 1, config["layers"])
     return config
+
+
+def require_reconstructable(input_size, strides, levels=None, downsamplings=2, layers=None):
+    """Each reconstruction UNet halves its level's feature map `downsamplings` times, so the
+    map (input_size / the level's finest stride) must be a multiple of 2**downsamplings.
+    Checked where the input size is chosen (select_features.py), not after training began.
+    strides: of each layer; levels: groups of layers (default one per layer, architecture A)."""
+    layers = layers or list(range(1, len(strides) + 1))
+    stride_of = dict(zip(layers, strides))
+    for group in levels or [[layer] for layer in layers]:
+        stride = min(stride_of[layer] for layer in group)
+        multiple = stride * 2 ** downsamplings
+        if input_size % multiple:
+            raise UserError(f"--input-size {input_size}: layer{group[0]}'s feature map "
+                            f"({input_size}/{stride}) must halve {downsamplings} times in its "
+                            f"reconstruction UNet; expected a multiple of {multiple}")
 
 
 def level_channels(config):

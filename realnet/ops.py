@@ -121,6 +121,13 @@ def rrs_select(feats, recons, k_max, k_mean, running_mean, running_var, training
         return rrs_select_reference(feats, recons, k_max, k_mean, running_mean, running_var,
                                     training, momentum, eps, process_group=process_group)
     feats, recons = list(feats), list(recons)
+    dtypes = {t.dtype for t in feats + recons}
+    reduced = bool(dtypes & {torch.bfloat16, torch.float16})
+    if len(dtypes) > 1 or (reduced and feats[0].device.type == "cpu"):
+        # Under autocast the features (backbone) and the reconstructions (UNets) can differ in
+        # dtype, and the CPU kernels take float32/float64 only (the CUDA ones also bf16/fp16):
+        # RRS then runs in float32, which the small residual differences deserve anyway.
+        feats, recons = [f.float() for f in feats], [r.float() for r in recons]
     stats = torch.ops.realnet.rrs_stats(feats, recons)
     start, batch = 0, feats[0].shape[0]
     if process_group is not None and training:

@@ -21,6 +21,7 @@ from .backbone import load_backbone
 from .cli import UserError, args_to_dict
 from .data import open_dataset
 from .files import atomic_write_json, atomic_write_text, load_checkpoint
+from .files import prepare_output_folder
 
 STATE_FILE = "state.pt"
 LOG_FILE = "loss.jsonl"
@@ -35,7 +36,7 @@ def start_outputs(out, args, step):
     """A training stage's output folder at `step`: created, args.json written, every
     step-indexed log (*.jsonl: the loss log, validation logs) trimmed to `step`. Returns the
     loss log's path (the main process only calls this)."""
-    os.makedirs(out, exist_ok=True)
+    prepare_output_folder(out, clean=False)
     save_args(args, out)
     for name in sorted(os.listdir(out)):
         if name.endswith(".jsonl"):
@@ -60,8 +61,9 @@ def differences(before, now, prefix=""):
         a, b = before.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             found += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append(f"{prefix}{key}: {_short(a)} there, {_short(b)} now")
+        elif a != b:   # a flag ("--lr") is named as the user types it, without its group
+            name = key if str(key).startswith("--") else f"{prefix}{key}"
+            found.append(f"{name}: {_short(a)} there, {_short(b)} now")
     return found
 
 
@@ -91,21 +93,62 @@ def load_state(out, resume, kind, log=print):
 # ----------------------------------------------------------------------------------------
 
 def rng_state():
-    """Every global generator a stage draws from: torch (and CUDA), numpy, python."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    """Every global generator a stage draws from: torch (and CUDA), numpy, python; as
+    tensors and plain lists, so that a state loads with weights_only=True."""
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": bit_generator,
+                       "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
+             "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    if "python" in state:
-        random.setstate(state["python"])
+    torch.set_rng_state(state["torch"].cpu())
+    saved = state["numpy"]
+    np.random.set_state((saved["bit_generator"], saved["keys"].numpy().astype(np.uint32),
+                         saved["pos"], saved["has_gauss"], saved["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------------------
+# Training state on the model's device
+# ----------------------------------------------------------------------------------------
+
+def restore_training(model, optimizer, state, model_key="model", optimizer_key="optimizer"):
+    """Load a saved model and optimiser state into `model` and its optimiser, both made on
+    the model's device (move the model first, then make the optimiser). A state is read onto
+    the CPU; load_state_dict copies the weights onto the model's device and the optimiser's
+    moments follow each parameter's device: restored before the move, Adam would keep CPU
+    moments for CUDA weights."""
+    model.load_state_dict(state[model_key])
+    optimizer.load_state_dict(state[optimizer_key])
+    misplaced = misplaced_tensors(model, optimizer)
+    if misplaced:   # a bug, not a user error: say which tensor
+        raise RuntimeError(f"restored optimiser state off its parameter's device: {misplaced[0]}")
+
+
+def misplaced_tensors(model, optimizer):
+    """'name: on X, parameter on Y' for every optimiser state tensor (Adam's moments) that
+    is not on its parameter's device; the scalar step counters live on the CPU by design."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = [f"an optimised tensor on {p.device} is not a parameter of the model (the model was "
+             "moved to its device after the optimiser was made)"
+             for group in optimizer.param_groups for p in group["params"] if id(p) not in names]
+    for param, entry in optimizer.state.items():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.device != param.device:
+                found.append(f"{names.get(id(param), '?')} {key}: on {value.device}, "
+                             f"parameter on {param.device}")
+    return found
 
 
 # ----------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def choose(maps, masks, rule="f1", target_fpr=0.01, image_score="avgpool", pool=
             "on_held_out": {
                 "image_fpr": share_at_least(scores[normal], image),
                 "image_recall": share_at_least(scores[anomalous], image),
-                "image_f1": 2 * true_ng / (called_ng.sum() + anomalous.sum())
+                "image_f1": float(2 * true_ng / (called_ng.sum() + anomalous.sum()))
                 if anomalous.any() else None,
                 "pixel_fpr_on_normal_images": share_at_least(maps[normal], pixel)},
             "chosen_on": "held-out TRAINING images with synthetic anomalies (never the test set)"}

@@ -64,15 +64,22 @@ def test_defects_change_the_image_where_the_mask_is():
                 assert diff[mask].mean() > 25, (category, defect, diff[mask].mean())
 
 
-def test_kept_when_settings_match_and_remade_when_not(tmp_path):
+def test_kept_when_settings_match_and_remade_when_not(tmp_path, capsys):
     root = str(tmp_path / "demo")
     demo_data.make_demo_dataset(root, categories=["granite"], **SETTINGS)
     marker = os.path.join(root, "granite", "train", "good", "extra.txt")
     open(marker, "w").close()
     demo_data.make_demo_dataset(root, categories=["granite"], **SETTINGS)
     assert os.path.exists(marker)                                  # same settings: untouched
+    before = _files(root)
+    # other settings: remade, but a file the generator did not write is never deleted
+    with pytest.raises(UserError, match="extra.txt' was not written by the demo generator"):
+        demo_data.make_demo_dataset(root, categories=["granite"], **{**SETTINGS, "image_size": 32})
+    assert _files(root) == before
+    os.unlink(marker)
+    capsys.readouterr()
     demo_data.make_demo_dataset(root, categories=["granite"], **{**SETTINGS, "n_train": 2})
-    assert not os.path.exists(marker)
+    assert "remade (n_train: 3 there, 2 now)" in capsys.readouterr().out
     assert len(os.listdir(os.path.join(root, "granite", "train", "good"))) == 2
     os.makedirs(os.path.join(str(tmp_path), "mine", "washer", "train"))
     with pytest.raises(UserError, match="not written by the demo generator"):
@@ -96,3 +103,17 @@ def test_cli_prints_what_it_wrote(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "washer: 2 train, 1 good + 2 defective" in out and "5 textures" in out
     assert os.path.isfile(tmp_path / "demo" / "washer" / "ground_truth" / "bent" / "000_mask.png")
+
+
+def test_bad_counts_and_an_out_that_is_a_file_are_one_line_errors(tmp_path):
+    for flag, value in (("--train", "0"), ("--test-good", "0"), ("--test-defect", "-1"), ("--textures", "0")):
+        with pytest.raises(UserError, match=f"^{flag} must be >= 1"):
+            demo_data.main(["--out", str(tmp_path / "demo"), "--dtd-out", str(tmp_path / "dtd"),
+                            "--categories", "washer", "--size", "32", flag, value])
+    assert not os.path.exists(tmp_path / "demo" / "washer")
+    (tmp_path / "a_file").write_text("mine")
+    for flag in ("--out", "--dtd-out"):
+        folders = {"--out": str(tmp_path / "demo"), "--dtd-out": str(tmp_path / "dtd"), flag: str(tmp_path / "a_file")}
+        with pytest.raises(UserError, match=f"^{flag} '.*a_file' is a file, expected a folder"):
+            demo_data.main([a for item in folders.items() for a in item] + ["--categories", "washer", "--size", "32"])
+    assert (tmp_path / "a_file").read_text() == "mine"

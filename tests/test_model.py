@@ -155,11 +155,12 @@ def test_a_few_steps_lower_the_loss():
 
 
 def test_bad_configurations_are_refused():
-    with pytest.raises(ValueError, match="odd number"):
+    from realnet.cli import UserError
+    with pytest.raises(UserError, match="--arch C pairs .* odd number"):
         M.build_config(fake_afs(), arch="C")
     with pytest.raises(ValueError, match="unknown architecture"):
         M.build_config(fake_afs(), arch="B")
-    with pytest.raises(ValueError, match="k_max"):
+    with pytest.raises(UserError, match="--k-max 1000"):
         M.build_config(fake_afs(), k_max=1000)
     unet = M.ReconstructionUNet(8)
     with pytest.raises(ValueError, match="cannot be halved"):
@@ -256,3 +257,15 @@ def test_ddp_gradients_and_statistics_equal_one_process():
     for name, buffer in model.named_buffers():
         if buffer.is_floating_point():  # RRS and BatchNorm running statistics of the global batch
             assert torch.allclose(got["buffers"][name], buffer, rtol=1e-4, atol=1e-6), name
+
+
+def test_k_and_input_sizes_the_model_cannot_use_are_refused_in_one_line():
+    from realnet.cli import UserError
+    afs = fake_afs(layers=(1, 2), dims=(8, 16), channels=(256, 512), input_size=64)
+    with pytest.raises(UserError, match=r"^--k-max 1000 --k-mean 4: each must be in \[0, 24\]"):
+        M.build_config(afs, k_max=1000)
+    with pytest.raises(UserError, match=r"^--input-size 60: layer1's feature map \(60/4\).*multiple of 16"):
+        M.build_config(afs, input_size=60)
+    with pytest.raises(UserError, match="layer2's .*multiple of 32"):
+        M.build_config(afs, input_size=48)     # layer1 (12x12) halves twice, layer2 (6x6) not
+    assert M.build_config(afs, arch="C", input_size=48)["input_size"] == 48   # C: layer1's size

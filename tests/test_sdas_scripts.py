@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from realnet import cli, runs
+from realnet import cli, distributed, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--image-size", "16", "--workers", "0", "--sample-steps", "4", "--sheet-columns", "4"]
@@ -129,8 +129,11 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(toy, tmp_path):
               "--sample-every", 0, "--save-every", 2, *TINY]
     run("train_diffusion.py", "--out", tmp_path / "straight", "--steps", 4, *common)
     run("train_diffusion.py", "--out", tmp_path / "resumed", "--steps", 2, *common)
+    orphan = tmp_path / "resumed" / ".model.pt.k3j_x9q2.tmp"   # what a kill during a save leaves
+    orphan.write_bytes(b"\0" * 1000)
     proc = run("train_diffusion.py", "--out", tmp_path / "resumed", "--steps", 4, "--resume", *common)
     assert "resumed" in proc.stdout
+    assert not orphan.exists() and "removed 1 temporary file(s)" in proc.stdout
     a = load(tmp_path / "straight" / "state.pt")
     b = load(tmp_path / "resumed" / "state.pt")
     for part in ("model", "ema"):
@@ -139,6 +142,33 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(toy, tmp_path):
     la = runs.read_log(tmp_path / "straight" / "loss.jsonl")
     lb = runs.read_log(tmp_path / "resumed" / "loss.jsonl")
     assert [r["step"] for r in la] == [1, 2, 3, 4] and la == lb
+
+
+RESUME_DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", RESUME_DEVICES)
+def test_resume_restores_every_tensor_on_the_models_device(tmp_path, device):
+    """On an H100 a resumed run crashed in Adam (moments on the CPU, weights on cuda:0).
+    Without a GPU, 'meta' stands in for CUDA: the same code path, the same placement."""
+    import train_diffusion
+    args = train_diffusion.parse_args(["--data", "unused", "--out", str(tmp_path), *TINY])
+    quiet = lambda *a, **k: None
+    cpu = distributed.DistInfo(device=torch.device("cpu"))
+    _, model, _, ema, optimizer, _ = train_diffusion.build_model(args, ["a", "b"], cpu, quiet)
+    model(torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), torch.tensor([0, 1])).square().mean().backward()
+    optimizer.step()
+    train_diffusion.save_checkpoints(str(tmp_path), 1, model, ema, optimizer,
+                                     train_diffusion.resume_settings(args), {})
+    args.resume = True
+    target = distributed.DistInfo(device=torch.device(device))
+    _, model, net, ema, optimizer, step = train_diffusion.build_model(args, ["a", "b"], target, quiet)
+    assert step == 1 and net is model
+    assert runs.misplaced_tensors(model, optimizer) == []
+    moments = [v for entry in optimizer.state.values() for v in entry.values() if v.dim() > 0]
+    assert len(moments) == 2 * len(list(model.parameters()))
+    restored = moments + list(model.state_dict().values()) + list(ema.state_dict().values())
+    assert all(v.device.type == device for v in restored)
 
 
 def test_training_refuses_other_configuration_and_existing_runs(trained, toy):
@@ -160,6 +190,13 @@ def test_training_bad_inputs_are_one_line_errors(toy, tmp_path):
     proc = run("train_diffusion.py", "--data", toy, "--out", tmp_path / "x", "--preset", "tiny", "--image-size", "20",
                check=False)
     assert_one_line_error(proc, "--image-size 20")
+    for flag, value in (("--lr", "nan"), ("--lr", "0"), ("--grad-clip", "-1")):
+        proc = run("train_diffusion.py", "--data", toy, "--out", tmp_path / "x", flag, value, *TINY, check=False)
+        assert_one_line_error(proc, f"{flag} must be a finite number > 0 (got {float(value)})")
+    (tmp_path / "a_file").write_text("mine")
+    proc = run_process("train_diffusion.py", "--data", toy, "--out", tmp_path / "a_file", *TINY)
+    assert_one_line_error(proc, "--out", "a_file' is a file, expected a folder")
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_init_weights_from_a_checkpoint_reports_what_did_not_load(trained, toy, tmp_path):
@@ -233,4 +270,21 @@ def test_synthesize_bad_inputs_are_one_line_errors(trained, tmp_path):
     garbage.write_bytes(b"\x00" * 10)
     proc = run("synthesize.py", "--checkpoint", garbage, "--category", "disc", check=False)
     assert_one_line_error(proc, "garbage.pt", "not a readable")
+    proc = run("synthesize.py", "--checkpoint", ckpt, "--category", "disc", "--eta", 0.5, check=False)
+    assert_one_line_error(proc, "--eta 0.5 has no effect with --sampler ancestral")
+    proc = run_process("synthesize.py", "--checkpoint", ckpt, "--category", "disc", "--out", ckpt)
+    assert_one_line_error(proc, "--out", "model.pt' is a file, expected a folder")
+
+
+def test_synthesize_remakes_an_empty_image_and_removes_orphaned_temporaries(trained, tmp_path):
+    common = ["--checkpoint", os.path.join(trained, "model.pt"), "--category", "disc", "--steps", 2,
+              "--count", 3, "--out", tmp_path]
+    run("synthesize.py", *common)
+    good = pixels(tmp_path / "disc_00001.png")
+    (tmp_path / "disc_00001.png").write_bytes(b"")                     # a zero-byte PNG
+    (tmp_path / ".disc_00002.png.a1b2c3d4.tmp").write_bytes(b"\0")     # a killed save
+    proc = run("synthesize.py", *common)
+    assert "1 unreadable image(s)" in proc.stdout and "1 to make" in proc.stdout
+    assert np.abs(pixels(tmp_path / "disc_00001.png") - good).max() <= 1
+    assert not (tmp_path / ".disc_00002.png.a1b2c3d4.tmp").exists()
 

@@ -1,4 +1,5 @@
 """select_features.py: AFS picks the channels that see the anomaly; files; resume; errors."""
+import io
 import os
 import re
 import subprocess
@@ -75,15 +76,15 @@ def test_select_channels_nan_ties_and_order():
 def _run(args, demo, out):
     select_features.main(["--data", demo["data"], "--category", "washer", "--dtd", demo["dtd"], "--input-size", "32",
                           "--batches", "4", "--batch-size", "2", "--backbone-weights", "random", "--workers", "0",
-                          "--dims", "8", "16", "32", "64", "--out", out] + args)
+                          "--layers", "1", "2", "--dims", "8", "16", "--out", out] + args)
     return load_checkpoint(os.path.join(out, "afs.pt"), "AFS file", kind="afs")
 
 
 def test_end_to_end_files_and_resume(demo, monkeypatch, capsys):
     out = str(demo["root"] / "run")
     afs = _run(["--dump", "2"], demo, out)
-    assert afs["layers"] == [1, 2, 3, 4] and afs["dims"] == [8, 16, 32, 64]
-    for kept, score, dim, channels in zip(afs["indices"], afs["scores"], afs["dims"], (256, 512, 1024, 2048)):
+    assert afs["layers"] == [1, 2] and afs["dims"] == [8, 16]
+    for kept, score, dim, channels in zip(afs["indices"], afs["scores"], afs["dims"], (256, 512)):
         assert kept.dtype == torch.int64 and len(kept) == dim and kept.tolist() == sorted(set(kept.tolist()))
         assert score.shape == (channels,) and torch.isfinite(score).all()
         assert score[kept].max() <= score[[i for i in range(channels) if i not in set(kept.tolist())]].min()
@@ -167,3 +168,48 @@ def test_bad_input_is_one_line_without_traceback(demo, tmp_path):
         assert result.returncode == 2, (expected, result.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (expected, result.stderr)
     assert not os.path.exists(tmp_path / "out" / "afs.pt")
+
+
+def _snapshot(folder):
+    """Every file under `folder` with its bytes."""
+    return {os.path.relpath(os.path.join(parent, name), folder): open(os.path.join(parent, name), "rb").read()
+            for parent, _, names in os.walk(folder) for name in names}
+
+
+def test_what_train_realnet_could_not_use_is_refused_before_any_file(demo, tmp_path):
+    out = tmp_path / "out"
+    base = ["--data", demo["data"], "--category", "washer", "--dtd", demo["dtd"], "--backbone-weights", "random"]
+    # 60 px: layer1's 15x15 map cannot be halved twice by its reconstruction UNet
+    with pytest.raises(UserError, match=re.escape("--input-size 60") + ".*multiple of 16"):
+        select_features.main(base + ["--input-size", "60", "--layers", "1", "--dims", "8", "--out", str(out)])
+    assert not out.exists()
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(UserError, match="--out .*a_file' is a file, expected a folder"):
+        select_features.main(base + ["--input-size", "32", "--layers", "1", "--dims", "8",
+                                     "--out", str(tmp_path / "a_file")])
+    assert (tmp_path / "a_file").read_text() == "mine"
+    (tmp_path / "earlier" / "afs.pt").mkdir(parents=True)    # an earlier run's --out earlier/afs.pt
+    with pytest.raises(UserError, match="afs.pt' is a folder, but the stage writes its file afs.pt"):
+        select_features.main(base + ["--input-size", "32", "--layers", "1", "--dims", "8",
+                                     "--out", str(tmp_path / "earlier")])
+
+
+def test_a_failed_or_different_rerun_keeps_the_previous_afs_file(demo, tmp_path):
+    out = str(tmp_path / "run")
+    _run([], demo, out)
+    before = _snapshot(out)
+    assert {"afs.pt", "afs_args.json", "afs_scores.png"} <= set(before)
+    with pytest.raises(UserError, match="--backbone-weights"):
+        _run(["--backbone-weights", str(tmp_path / "missing.pth")], demo, out)
+    assert _snapshot(out) == before                  # afs_args.json still describes afs.pt
+    with pytest.raises(UserError, match=re.escape("--dims: [8, 16] there, [4, 16] now")):
+        select_features.main(["--data", demo["data"], "--category", "washer", "--dtd", demo["dtd"],
+                              "--input-size", "32", "--batches", "4", "--batch-size", "2",
+                              "--backbone-weights", "random", "--workers", "0", "--layers", "1", "2",
+                              "--dims", "4", "16", "--out", out])
+    assert _snapshot(out) == before
+    # the same settings again (another --workers or --dump): allowed
+    again = _run(["--dump", "1"], demo, out)
+    first = torch.load(io.BytesIO(before["afs.pt"]), weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(again["scores"], first["scores"]))
+    assert os.path.isfile(os.path.join(out, "afs_examples", "contact_sheet.png"))

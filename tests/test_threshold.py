@@ -1,4 +1,5 @@
 """realnet/threshold.py: the OK/NG threshold chosen without labels, and threshold files."""
+import io
 import json
 
 import numpy as np
@@ -40,7 +41,10 @@ def test_f1_rule_separates_the_held_out_images_and_pixels():
     assert chosen["image_score"] == "avgpool" and chosen["pool"] == 4
     assert ((maps >= chosen["pixel"]) == (masks > 0)).all()
     json.dumps(chosen)   # plain numbers and strings: a weights_only checkpoint can hold it
-    assert all(isinstance(chosen[k], float) for k in ("image", "pixel"))
+    buffer = io.BytesIO()
+    torch.save({"threshold": chosen}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["threshold"] == chosen
 
 
 def test_fpr_rule_needs_only_normal_images_and_keeps_their_rate():

@@ -14,7 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
+import train_realnet
 from demo_data import make_demo_dataset, make_demo_textures
+from realnet import runs
+from realnet.cli import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -278,7 +282,7 @@ def test_resume_with_another_configuration_is_refused(demo):
     line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--arch", "C", "--resume"), check=False))
     assert "another model configuration" in line and "arch" in line
     line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--batch-size", "2", "--resume"), check=False))
-    assert "another training settings" in line or "training" in line
+    assert "other training settings" in line and "--batch-size: 4 there, 2 now" in line
     line = one_line_error(run("train_realnet.py", *train_args(demo, out), check=False))
     assert "--resume" in line  # never overwrite a training state silently
 
@@ -312,3 +316,110 @@ def test_a_test_split_without_anomalies_reports_what_it_can(demo):
     assert "masks" in washer["not_computed"]["au_pro"]
     with open(os.path.join(out, "eval", "scores.csv")) as f:
         assert len(list(csv.DictReader(f))) == 3  # the scores are still written
+
+
+# ----------------------------------------------------------------------------------------
+# Nothing lost, nothing silent (issue 14)
+# ----------------------------------------------------------------------------------------
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes."""
+    return {os.path.relpath(os.path.join(parent, name), folder): open(os.path.join(parent, name), "rb").read()
+            for parent, _, names in os.walk(folder) for name in names}
+
+
+def refused(stage, argv, *fragments):
+    """In this process (no interpreter start): a UserError, i.e. one line and exit 2 under cli.run."""
+    with pytest.raises(UserError) as error:
+        stage.main([str(a) for a in argv])
+    message = str(error.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    return message
+
+
+RESUME_DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", RESUME_DEVICES)
+def test_resume_restores_every_tensor_on_the_models_device(demo, tmp_path, device):
+    """Without a GPU, 'meta' stands in for CUDA: the same code path, the same placement."""
+    from realnet.backbone import Backbone
+    from realnet.distributed import DistInfo
+    from realnet.files import load_checkpoint
+    from realnet.model import build_config
+    from realnet.precision import grad_scaler
+    config = build_config(load_checkpoint(demo["afs"], "--afs", kind="afs"), strides=Backbone.strides)
+    run_settings, out = {"training": {"--lr": 1e-3}}, str(tmp_path)
+    scaler = lambda d: grad_scaler("fp32", d.device)
+    cpu = DistInfo()
+    model, _, optimizer, _, best = train_realnet.build_model(config, 1e-3, 0, False, run_settings, out, cpu,
+                                                             scaler(cpu))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    train_realnet.save_run(out, model, optimizer, scaler(cpu), run_settings, 1, best, {})
+    target = DistInfo(device=torch.device(device))
+    model, ddp_model, optimizer, step, _ = train_realnet.build_model(config, 1e-3, 0, True, run_settings, out,
+                                                                     target, scaler(target))
+    assert step == 1 and ddp_model is model and runs.misplaced_tensors(model, optimizer) == []
+    moments = [v for entry in optimizer.state.values() for v in entry.values() if v.dim() > 0]
+    assert len(moments) == 2 * len(list(model.parameters()))
+    assert all(v.device.type == device for v in moments + list(model.state_dict().values()))
+
+
+def test_bad_training_flags_are_refused_before_any_file(demo, tmp_path):
+    out = tmp_path / "run"
+    refused(train_realnet, train_args(demo, out, "--k-max", "1000"), "--k-max 1000", "each must be in [0, 24]")
+    assert not out.exists()
+    (tmp_path / "a_file").write_text("mine")
+    refused(train_realnet, train_args(demo, tmp_path / "a_file"), "--out", "a_file' is a file, expected a folder")
+    assert (tmp_path / "a_file").read_text() == "mine"
+    small = write_afs(str(tmp_path / "afs60.pt"), input_size=60, backbone=demo["identity"])
+    refused(train_realnet, [a if a != demo["afs"] else small for a in train_args(demo, out)],
+            "--input-size 60", "multiple of 16")
+    assert not out.exists()
+
+
+def test_a_failed_evaluation_keeps_the_previous_report_and_flags_are_never_ignored(demo, tmp_path):
+    out = str(tmp_path / "run")
+    train_realnet.main([str(a) for a in train_args(demo, out, steps=1)])
+    checkpoint = os.path.join(out, "model.pt")
+    orphan = os.path.join(out, ".model.pt.k3j_x9q2.tmp")     # what a kill during a save leaves
+    open(orphan, "wb").close()
+    train_realnet.main([str(a) for a in train_args(demo, out, "--resume", steps=2)])
+    assert not os.path.exists(orphan)
+
+    fast = ["--checkpoint", checkpoint, "--workers", "0", "--panels", "0", "--throughput-repeats", "1"]
+    evaluate.main(fast)
+    eval_dir = os.path.join(out, "eval")
+    before = snapshot(eval_dir)
+    assert {"args.json", "metrics.json", "scores.csv"} <= set(before)
+
+    no_mask = tmp_path / "no_mask"
+    shutil.copytree(os.path.join(demo["data"], "washer"), no_mask / "washer")
+    os.unlink(no_mask / "washer" / "ground_truth" / "chip" / "000_mask.png")
+    refused(evaluate, fast + ["--data", no_mask], "has no mask")
+    refused(evaluate, fast + ["--pool", "0"], "--pool 0", "1 to 64")
+    refused(evaluate, fast + ["--pool", "1000"], "--pool 1000", "1 to 64")
+    refused(evaluate, fast + ["--format", "mvtec"], "--format mvtec has no effect without --data")
+    refused(evaluate, fast + ["--threshold", "0.5"], "--threshold 0.5 has no effect without --predict")
+    refused(evaluate, fast + ["--threshold-file", "t.json"],
+            "--threshold-file t.json has no effect without --predict")
+    refused(evaluate, fast + ["--out", checkpoint], "--out", "model.pt' is a file, expected a folder")
+    assert snapshot(eval_dir) == before
+
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    shutil.copy(os.path.join(demo["data"], "washer", "test", "good", "000.png"), unlabeled / "a.png")
+    evaluate.main(fast + ["--predict", str(unlabeled)])      # into the same (default) folder
+    after = snapshot(eval_dir)
+    assert {name: after[name] for name in before} == before   # args.json still describes metrics.json
+    assert json.loads(after["predict_args.json"])["predict"] == str(unlabeled)
+
+    ckpt = torch.load(checkpoint, weights_only=True)
+    name = next(iter(ckpt["state_dict"]))
+    ckpt["state_dict"][name] = torch.full_like(ckpt["state_dict"][name], float("nan"))
+    torch.save(ckpt, os.path.join(out, "diverged.pt"))
+    line = one_line_error(run("evaluate.py", "--checkpoint", os.path.join(out, "diverged.pt"), "--workers", "0",
+                              check=False))
+    assert "not finite" in line and name in line and "--lr" in line

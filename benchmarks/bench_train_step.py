@@ -1,0 +1,137 @@
+"""Where a RealNet training step spends its time, per part, in fp32 and bf16 (train_realnet.py
+--precision). Measured at the demo's scale by default; give the paper's flags for its.
+
+    python3 benchmarks/bench_train_step.py                       # demo scale, the CPU
+    python3 benchmarks/bench_train_step.py --json out.json
+    python3 benchmarks/bench_train_step.py --input-size 256 --dims 128 256 --width-ratio 0.5 \\
+        --batch-size 16 --device cuda
+
+The parts of one step (batch B, half of it synthetic anomalies):
+  backbone   the frozen WideResNet50-2 on the B/2 anomalous images (the clean half and every
+             reconstruction target come from train_realnet's feature cache)
+  model      reconstruction UNets + RRS + discriminator, forward, loss, backward, Adam
+On the CPU each part is timed in CPU time of the calling thread (`time.thread_time`, with
+one intra-op thread), so that other jobs on the machine change the figures little; on
+CUDA in synchronised wall time. The median of --repeats steps after --warmup.
+
+The AFS channels are a fixed random choice (the cost does not depend on which channels).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from realnet import precision  # noqa: E402
+from realnet.backbone import Backbone, load_backbone  # noqa: E402
+from realnet.model import RealNet, build_config, count_parameters, realnet_loss  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input-size", type=int, default=128, help="image side (demo: 128)")
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="backbone layers (demo)")
+    p.add_argument("--dims", type=int, nargs="+", default=[32, 64], help="AFS channels per layer")
+    p.add_argument("--width-ratio", type=float, default=0.25, help="UNet width (demo: 0.25)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (demo: 8)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+                   choices=list(precision.PRECISIONS))
+    p.add_argument("--repeats", type=int, default=10, help="measured steps per precision")
+    p.add_argument("--warmup", type=int, default=3, help="steps before measuring")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def demo_model(args, device):
+    """A RealNet of the requested size on a random backbone, random AFS channels."""
+    g = torch.Generator().manual_seed(0)
+    channels = [Backbone.channels[layer - 1] for layer in args.layers]
+    afs = {"layers": args.layers, "dims": args.dims, "input_size": args.input_size,
+           "scores": [[0.0] * c for c in channels],
+           "indices": [sorted(torch.randperm(c, generator=g)[:d].tolist())
+                       for c, d in zip(channels, args.dims)]}
+    config = build_config(afs, width_ratio=args.width_ratio)
+    return RealNet(config).to(device).train()
+
+
+def clock(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.thread_time()
+
+
+def one_step(backbone, model, optimizer, images, clean_features, mask, amp, device):
+    """One training step as train_realnet.py takes it; returns (backbone s, model s)."""
+    half = len(images) // 2
+    t0 = clock(device)
+    with amp:
+        anomalous = model.select_features(backbone(images[:half]))
+    t1 = clock(device)
+    with amp:
+        inputs = [torch.cat([a, c[half:]]) for a, c in zip(anomalous, clean_features)]
+        output = model(inputs, images.shape[-2:])
+    loss, _ = realnet_loss(output, clean_features, mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    t2 = clock(device)
+    return t1 - t0, t2 - t1
+
+
+def measure(args, name, backbone, device):
+    torch.manual_seed(0)
+    model = demo_model(args, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    amp = precision.autocast(name, device)
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    mask = (torch.rand(args.batch_size, 1, args.input_size, args.input_size, device=device)
+            > 0.9).float()
+    with amp:   # the cache is made in the step's precision, as train_realnet.py does
+        clean_features = model.select_features(backbone(images))
+    times = [one_step(backbone, model, optimizer, images, clean_features, mask, amp, device)
+             for _ in range(args.warmup + args.repeats)][args.warmup:]
+    backbone_s = statistics.median(t[0] for t in times)
+    model_s = statistics.median(t[1] for t in times)
+    return {"precision": name, "backbone_ms": round(1e3 * backbone_s, 1),
+            "model_ms": round(1e3 * model_s, 1), "step_ms": round(1e3 * (backbone_s + model_s), 1),
+            "trainable_parameters": count_parameters(model)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)   # thread CPU time is the whole cost with one thread
+    for name in args.precisions:
+        precision.check_precision(name, device)
+    backbone = load_backbone("random", args.layers).to(device)
+    rows = [measure(args, name, backbone, device) for name in args.precisions]
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores" if device.type == "cpu"
+               else torch.cuda.get_device_name(device))
+    print(f"{time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, "
+          f"{'1 thread, thread CPU time' if device.type == 'cpu' else 'synchronised wall time'}")
+    print(f"input {args.input_size} px, layers {args.layers}, AFS dims {args.dims}, width "
+          f"{args.width_ratio}, batch {args.batch_size} (half anomalous), median of "
+          f"{args.repeats} steps")
+    print("| precision | backbone on the anomalous half, ms | UNets + RRS + discriminator "
+          "+ Adam, ms | step, ms |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['precision']} | {r['backbone_ms']} | {r['model_ms']} | {r['step_ms']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "machine": machine,
+                       "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
