@@ -37,7 +37,7 @@ import time
 import numpy as np
 import torch
 
-from realnet import cli, data, metrics, runs, viz
+from realnet import cli, data, metrics, precision, runs, viz
 from realnet import export, predict as predict_outputs, threshold as decision
 from realnet.features import FeatureExtractor
 from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest, load_checkpoint
@@ -73,6 +73,7 @@ def parse_args(argv=None):
                         "torch.export program (.pt2) to this path, checked against the eager "
                         "model on the first --batch-size test images (--predict DIR's if given)")
     cli.add_workers_arg(p)
+    precision.add_precision_arg(p, "the backbone, UNets and discriminator (maps stay float32)")
     cli.add_device_arg(p)
     p.add_argument("--out", default=None, help="output folder (default <checkpoint folder>/eval)")
     return p.parse_args(argv)
@@ -143,6 +144,8 @@ def throughput(model, features, images, device, repeats):
     return {"images_per_s": round(len(images) * repeats / seconds, 3), "batch": len(images), "repeats": repeats,
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
             "cpu_threads": torch.get_num_threads(), "input_size": int(images.shape[-1]),
+            "autocast": str(torch.get_autocast_dtype(device.type))
+            if torch.is_autocast_enabled(device.type) else None,
             "measures": "backbone + AFS + reconstruction + RRS + discriminator, no data loading, synchronised"}
 
 
@@ -397,6 +400,9 @@ def check_args(args):
     cli.refuse_ignored(args, "format", "auto", "data", "it gives the layout of --data")
     cli.refuse_ignored(args, "threshold", None, "predict", "the pixel threshold of its masks")
     cli.refuse_ignored(args, "threshold_file", None, "predict", "it decides OK/NG of its images")
+    if args.export and args.precision != "fp32":
+        raise cli.UserError(f"--precision {args.precision} with --export: the exported program is "
+                            "float32 (run it under torch.autocast to lower its precision)")
 
 
 def check_pool(pool, image_score, input_size):
@@ -405,41 +411,25 @@ def check_pool(pool, image_score, input_size):
                             f"(the checkpoint's input size)")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
-    device = cli.resolve_device(args.device)
-    model, features, ckpt = load_model(args.checkpoint, args.backbone_weights, device)
-    size = model.config["input_size"]
-    check_pool(args.pool, args.image_score, size)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    prepare_output_folder(out, files=("metrics.json", "scores.csv", "args.json", "predictions.csv",
-                                      "predict_args.json", "threshold.json", "export.json"),
-                          subfolders=("panels", "predict", "maps", "masks"))
-    print(describe(model.config))
+def predict_folder(args, model, features, ckpt, device, out, size):
+    """--predict DIR: score, decide and map every image of a folder (no labels)."""
+    digest = decision.weights_digest(ckpt["state_dict"])
+    threshold = decision.resolve(ckpt.get("threshold"), args.threshold_file, args.threshold,
+                                 digest, args.image_score, args.pool)
+    paths, _ = predict(model, features, args.predict, device, out, args.batch_size, args.workers,
+                       args.image_score, args.pool, threshold)
+    if threshold is not None:   # what was used, for --threshold-file (edit it to tune)
+        atomic_write_json(os.path.join(out, "threshold.json"),
+                          decision.to_file(threshold, digest, args.checkpoint))
+    sample = torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths[:args.batch_size]])
+    speed = throughput(model, features, sample.to(device), device, args.throughput_repeats)
+    atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
+    # not args.json: in the same folder, that describes metrics.json
+    runs.save_args(args, out, "predict_args.json")
 
-    if args.export:
-        images = check_batch(args, ckpt, size, device)
-        report = export.export_and_check(model, features, images, args.export)
-        atomic_write_json(os.path.join(out, "export.json"), report)
-        print(export.describe(report) + f"; {os.path.join(out, 'export.json')}")
-        return
-    if args.predict:
-        digest = decision.weights_digest(ckpt["state_dict"])
-        threshold = decision.resolve(ckpt.get("threshold"), args.threshold_file, args.threshold,
-                                     digest, args.image_score, args.pool)
-        paths, _ = predict(model, features, args.predict, device, out, args.batch_size, args.workers,
-                           args.image_score, args.pool, threshold)
-        if threshold is not None:   # what was used, for --threshold-file (edit it to tune)
-            atomic_write_json(os.path.join(out, "threshold.json"),
-                              decision.to_file(threshold, digest, args.checkpoint))
-        sample = torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths[:args.batch_size]])
-        speed = throughput(model, features, sample.to(device), device, args.throughput_repeats)
-        atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
-        # not args.json: in the same folder, that describes metrics.json
-        runs.save_args(args, out, "predict_args.json")
-        return
 
+def evaluate_test_set(args, model, features, ckpt, device, out, size):
+    """The test split of every category: metrics.json, scores.csv, panels/."""
     dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"), f"--checkpoint {args.checkpoint!r}")
     categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
     for category in categories:   # a missing mask or category: refused before any output
@@ -467,6 +457,33 @@ def main(argv=None):
     print_table(results, summary)
     print(f"throughput {speed['images_per_s']} images/s (batch {speed['batch']}, {speed['device']}); "
           f"wrote {os.path.join(out, 'metrics.json')}, scores.csv, panels/")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    device = cli.resolve_device(args.device)
+    precision.check_precision(args.precision, device)
+    model, features, ckpt = load_model(args.checkpoint, args.backbone_weights, device)
+    size = model.config["input_size"]
+    check_pool(args.pool, args.image_score, size)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    prepare_output_folder(out, files=("metrics.json", "scores.csv", "args.json", "predictions.csv",
+                                      "predict_args.json", "threshold.json", "export.json"),
+                          subfolders=("panels", "predict", "maps", "masks"))
+    print(describe(model.config))
+
+    if args.export:
+        images = check_batch(args, ckpt, size, device)
+        report = export.export_and_check(model, features, images, args.export)
+        atomic_write_json(os.path.join(out, "export.json"), report)
+        print(export.describe(report) + f"; {os.path.join(out, 'export.json')}")
+        return
+    with precision.autocast(args.precision, device):   # the networks' arithmetic
+        if args.predict:
+            predict_folder(args, model, features, ckpt, device, out, size)
+        else:
+            evaluate_test_set(args, model, features, ckpt, device, out, size)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,9 @@ def require_plain(obj, where="checkpoint"):
     """Raise TypeError unless `obj` is made of tensors and plain types only: what
     torch.load(weights_only=True) reads back. Catches a stage that would save, say, a numpy
     array, when it saves instead of when the file is read (a programming error)."""
-    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+    # type(), not isinstance(): numpy.float64 is a float subclass that torch.save pickles
+    # as a numpy object, which weights_only=True refuses
+    if obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, torch.Tensor):
         return
     if isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):

@@ -94,6 +94,8 @@ def test_a_checkpoint_holding_an_object_is_refused_in_one_line_without_running_i
 def test_checkpoints_are_written_with_tensors_and_plain_types_only(tmp_path):
     with pytest.raises(TypeError, match=r"state.pt\['rng'\] is a ndarray"):
         atomic_torch_save({"rng": np.zeros(3)}, str(tmp_path / "state.pt"))
+    with pytest.raises(TypeError, match=r"state.pt\['f1'\] is a float64"):   # a float subclass
+        atomic_torch_save({"f1": np.float64(0.5)}, str(tmp_path / "state.pt"))
     assert os.listdir(tmp_path) == []
     plain = {"a": [1, 2.5, "x", None, True, (3, 4)], 0: {"t": torch.arange(3)}}
     atomic_torch_save(plain, str(tmp_path / "ok.pt"))

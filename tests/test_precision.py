@@ -1,5 +1,6 @@
 """--precision: bf16 autocast on the CPU gives anomaly maps close to fp32's, trains, and
 resumes only in the precision it started in; fp16 is refused on the CPU in one line."""
+import csv
 import json
 import os
 
@@ -71,3 +72,25 @@ def test_fp16_is_refused_on_the_cpu_in_one_line(demo):  # noqa: F811
     with pytest.raises(UserError, match="--precision fp16"):
         precision.check_precision("fp16", torch.device("cpu"))
     precision.check_precision("bf16", torch.device("cpu"))   # accepted
+
+
+def test_evaluate_in_bf16_reports_scores_close_to_fp32(demo, trained):  # noqa: F811
+    scores = {}
+    for name in ("fp32", "bf16"):
+        out = str(demo["root"] / f"eval_{name}")
+        run("evaluate.py", "--checkpoint", trained, "--precision", name, "--workers", "0",
+            "--panels", "0", "--throughput-repeats", "1", "--out", out)
+        with open(os.path.join(out, "scores.csv")) as f:
+            scores[name] = [float(row["score"]) for row in csv.DictReader(f)]
+        with open(os.path.join(out, "metrics.json")) as f:
+            report = json.load(f)
+        assert report["args"]["precision"] == name
+        assert report["throughput"]["autocast"] == (None if name == "fp32" else "torch.bfloat16")
+    assert len(scores["fp32"]) == len(scores["bf16"]) == 7
+    assert max(abs(a - b) for a, b in zip(scores["fp32"], scores["bf16"])) < SCORE_MAX_ABS
+    for extra in (["--precision", "fp16", "--device", "cpu"],
+                  ["--precision", "bf16", "--export", str(demo["root"] / "m.pt2")]):
+        line = one_line_error(run("evaluate.py", "--checkpoint", trained, *extra,
+                                  "--out", str(demo["root"] / "eval_refused"), check=False))
+        assert "--precision" in line, line
+    assert not os.path.exists(demo["root"] / "eval_refused")
