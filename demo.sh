@@ -37,7 +37,11 @@ DIFFUSION_STEPS=${DIFFUSION_STEPS:-300}
 SDAS_COUNT=${SDAS_COUNT:-64}
 AFS_BATCHES=${AFS_BATCHES:-4}        # batches of 16 synthetic anomalies (paper: 64)
 TRAIN_STEPS=${TRAIN_STEPS:-1500}
-PRECISION=${PRECISION:-fp32}         # RealNet training arithmetic; bf16: ~25 % less CPU per step
+native_bf16() {  # bfloat16 in hardware: a CPU with AVX512-BF16 or AMX, or an NVIDIA GPU
+    grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null || nvidia-smi -L >/dev/null 2>&1
+}
+# RealNet's arithmetic in stage 4: bf16 (autocast) where the hardware has it, fp32 elsewhere
+PRECISION=${PRECISION:-$(native_bf16 && echo bf16 || echo fp32)}
 PYTHON=${PYTHON:-python3}
 TIMES=()
 
@@ -82,7 +86,7 @@ select_features() {  # AFS is a pure function of its inputs: a finished file is 
 }
 stage "3 select features" select_features select_features.py --data "$DATA" --category "$CATEGORY" \
     --sdas "$OUT/sdas" --dtd "$DTD" --backbone-weights random \
-    --input-size "$SIZE" --layers 1 2 --dims 32 64 --batches "$AFS_BATCHES" --out "$OUT"
+    --input-size "$SIZE" --layers 1 2 --dims 64 128 --batches "$AFS_BATCHES" --out "$OUT"
 
 stage "4 train RealNet" "$PYTHON" train_realnet.py --afs "$OUT/afs.pt" \
     --width-ratio 0.25 --batch-size 8 --steps "$TRAIN_STEPS" --lr 1e-3 --lr-schedule cosine \

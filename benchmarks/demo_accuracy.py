@@ -16,7 +16,8 @@ the terminal, to OUT/demo_accuracy.json and to OUT/demo_accuracy.md.
 
 The protocol: the table says, per category, whether demo.sh's flags were chosen by looking
 at its test split (TUNING below: washer and granite for the step count and the rate
-schedule, weave for the older flags; tablet never). Nothing here chooses anything.
+schedule, washer alone for the AFS dims with bf16, weave for the older flags; tablet
+never). Nothing here chooses anything.
 
     python3 benchmarks/demo_accuracy.py                       # all four, about 50 min on 2 cores
     python3 benchmarks/demo_accuracy.py --categories washer   # one
@@ -47,8 +48,9 @@ from realnet.backbone import load_backbone  # noqa: E402
 
 DEMO_CATEGORIES = ["washer", "tablet", "granite", "weave"]
 # Which categories' test splits were looked at while choosing demo.sh's flags, and for what.
-TUNING = {"washer": "tuned (steps, schedule)", "granite": "tuned (steps, schedule)",
-          "weave": "tuned earlier (dims, width, lr, batch)", "tablet": "untuned"}
+TUNING = {"washer": "tuned (steps, schedule, AFS dims + bf16)",
+          "granite": "tuned (steps, schedule)",
+          "weave": "tuned earlier (width, lr, batch)", "tablet": "untuned"}
 METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 
 
