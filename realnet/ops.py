@@ -122,8 +122,8 @@ def rrs_select(feats, recons, k_max, k_mean, running_mean, running_var, training
                                     training, momentum, eps, process_group=process_group)
     feats, recons = list(feats), list(recons)
     dtypes = {t.dtype for t in feats + recons}
-    reduced = bool(dtypes & {torch.bfloat16, torch.float16})
-    if len(dtypes) > 1 or (reduced and feats[0].device.type == "cpu"):
+    if dtypes & {torch.bfloat16, torch.float16} and (len(dtypes) > 1
+                                                   or feats[0].device.type == "cpu"):
         # Under autocast the features (backbone) and the reconstructions (UNets) can differ in
         # dtype, and the CPU kernels take float32/float64 only (the CUDA ones also bf16/fp16):
         # RRS then runs in float32, which the small residual differences deserve anyway.

@@ -298,8 +298,16 @@ def test_bad_inputs_rrs():
         _rrs(f, r[:1])
     with pytest.raises(RuntimeError, match="float32 or float64"):
         _rrs([t.long() for t in f], [t.long() for t in r])
-    with pytest.raises(RuntimeError, match="CUDA-only"):
-        _rrs([t.half() for t in f], [t.half() for t in r])
+    with pytest.raises(RuntimeError, match="CUDA-only"):   # the kernel itself
+        torch.ops.realnet.rrs_stats([t.half() for t in f], [t.half() for t in r])
+    # rrs_select runs bf16/fp16 on the CPU (autocast) in float32, and mixed reduced dtypes too
+    noisy = [t + 0.1 * torch.rand(t.shape) for t in f]
+    for low_f, low_r in (([t.bfloat16() for t in f], [t.bfloat16() for t in noisy]),
+                         (f, [t.half() for t in noisy])):
+        got = _rrs(low_f, low_r)
+        expected = _rrs([t.float() for t in low_f], [t.float() for t in low_r])
+        assert got[0].dtype == torch.float32
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
     with pytest.raises(RuntimeError, match="one dtype"):
         _rrs(f, [r[0].double(), r[1]])
     with pytest.raises(RuntimeError, match="larger than the channel count"):
