@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from realnet import precision  # noqa: E402
 from realnet.backbone import Backbone, load_backbone  # noqa: E402
+from realnet.features import FeatureExtractor  # noqa: E402
 from realnet.model import RealNet, build_config, count_parameters, realnet_loss  # noqa: E402
 
 
@@ -69,12 +70,12 @@ def clock(device):
     return time.thread_time()
 
 
-def one_step(backbone, model, optimizer, images, clean_features, mask, amp, device):
+def one_step(features, model, optimizer, images, clean_features, mask, amp, device):
     """One training step as train_realnet.py takes it; returns (backbone s, model s)."""
     half = len(images) // 2
     t0 = clock(device)
     with amp:
-        anomalous = model.select_features(backbone(images[:half]))
+        anomalous = features(images[:half])
     t1 = clock(device)
     with amp:
         inputs = [torch.cat([a, c[half:]]) for a, c in zip(anomalous, clean_features)]
@@ -95,9 +96,10 @@ def measure(args, name, backbone, device):
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     mask = (torch.rand(args.batch_size, 1, args.input_size, args.input_size, device=device)
             > 0.9).float()
+    features = FeatureExtractor(backbone, model)   # backbone -> AFS, as in training
     with amp:   # the cache is made in the step's precision, as train_realnet.py does
-        clean_features = model.select_features(backbone(images))
-    times = [one_step(backbone, model, optimizer, images, clean_features, mask, amp, device)
+        clean_features = features(images)
+    times = [one_step(features, model, optimizer, images, clean_features, mask, amp, device)
              for _ in range(args.warmup + args.repeats)][args.warmup:]
     backbone_s = statistics.median(t[0] for t in times)
     model_s = statistics.median(t[1] for t in times)
