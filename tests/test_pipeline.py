@@ -51,7 +51,7 @@ def test_every_stage_runs_and_hands_its_output_to_the_next(pipeline):
     # 3 -> 4: the AFS file, computed with anomalies from those SDAS images
     afs = torch.load(out / "afs.pt", map_location="cpu", weights_only=False)
     assert afs["kind"] == "afs" and afs["layers"] == [1, 2] and [len(i) for i in afs["indices"]] == [64, 128]
-    assert afs["anomaly_source"]["sdas_images"] == 4
+    assert afs["anomaly_source"]["sdas_images"] == 4 and afs["anomaly_source"]["foreground"] == "none"
     assert (out / "afs_scores.png").is_file()
     # 4 -> 5: the RealNet checkpoint, trained with that AFS file and both anomaly sources
     args = json.load(open(out / "realnet" / "args.json"))
