@@ -159,7 +159,8 @@ def main(argv=None):
     if args.table:
         with open(args.table) as f:
             saved = json.load(f)
-        print(table(saved["categories"], saved["tuning"]))   # as recorded with those results
+        # the tuning recorded with those results (files from before it was recorded: "-")
+        print(table(saved["categories"], saved.get("tuning", {c: "-" for c in saved["categories"]})))
         return
     os.chdir(ROOT)
     if not os.path.isdir(args.data) and args.data == "data/demo":
