@@ -9,7 +9,11 @@
 The parts of one step (batch B, half of it synthetic anomalies):
   backbone   the frozen WideResNet50-2 on the B/2 anomalous images (the clean half and every
              reconstruction target come from train_realnet's feature cache)
-  model      reconstruction UNets + RRS + discriminator, forward, loss, backward, Adam
+  UNets      the reconstruction UNets' forward pass, one per level
+  head       RRS, the discriminator and the loss, forward
+  backward   the whole backward pass (the segmentation loss reaches the UNets through RRS)
+  Adam       the optimiser step
+Not in the step: anomaly synthesis, which train_realnet.py's loader workers do beside it.
 On the CPU each part is timed in CPU time of the calling thread (`time.thread_time`, with
 one intra-op thread), so that other jobs on the machine change the figures little; on
 CUDA in synchronised wall time. The median of --repeats steps after --warmup.
@@ -39,7 +43,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input-size", type=int, default=128, help="image side (demo: 128)")
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="backbone layers (demo)")
-    p.add_argument("--dims", type=int, nargs="+", default=[32, 64], help="AFS channels per layer")
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128],
+                   help="AFS channels per layer (demo)")
     p.add_argument("--width-ratio", type=float, default=0.25, help="UNet width (demo: 0.25)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step (demo: 8)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
@@ -70,22 +75,37 @@ def clock(device):
     return time.thread_time()
 
 
+PARTS = {   # part of a step -> what the table calls it
+    "backbone_ms": "backbone on the anomalous half",
+    "unets_ms": "reconstruction UNets, forward",
+    "head_ms": "RRS + discriminator + loss, forward",
+    "backward_ms": "backward, all of it",
+    "adam_ms": "Adam",
+}
+
+
 def one_step(features, model, optimizer, images, clean_features, mask, amp, device):
-    """One training step as train_realnet.py takes it; returns (backbone s, model s)."""
+    """One training step as train_realnet.py takes it; returns the seconds of each part
+    (PARTS order). The end of the UNets' forward is read by a hook on RRS, so that the
+    step itself is RealNet.forward, not a copy of it."""
     half = len(images) // 2
-    t0 = clock(device)
+    marks = [clock(device)]
     with amp:
         anomalous = features(images[:half])
-    t1 = clock(device)
+    marks.append(clock(device))
+    hook = model.rrs.register_forward_pre_hook(lambda *_: marks.append(clock(device)))
     with amp:
         inputs = [torch.cat([a, c[half:]]) for a, c in zip(anomalous, clean_features)]
         output = model(inputs, images.shape[-2:])
+    hook.remove()
     loss, _ = realnet_loss(output, clean_features, mask)
+    marks.append(clock(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    marks.append(clock(device))
     optimizer.step()
-    t2 = clock(device)
-    return t1 - t0, t2 - t1
+    marks.append(clock(device))
+    return [b - a for a, b in zip(marks, marks[1:])]
 
 
 def measure(args, name, backbone, device):
@@ -101,11 +121,13 @@ def measure(args, name, backbone, device):
         clean_features = features(images)
     times = [one_step(features, model, optimizer, images, clean_features, mask, amp, device)
              for _ in range(args.warmup + args.repeats)][args.warmup:]
-    backbone_s = statistics.median(t[0] for t in times)
-    model_s = statistics.median(t[1] for t in times)
-    return {"precision": name, "backbone_ms": round(1e3 * backbone_s, 1),
-            "model_ms": round(1e3 * model_s, 1), "step_ms": round(1e3 * (backbone_s + model_s), 1),
-            "trainable_parameters": count_parameters(model)}
+    row = {"precision": name}
+    for i, part in enumerate(PARTS):
+        row[part] = round(1e3 * statistics.median(t[i] for t in times), 1)
+    row["model_ms"] = round(1e3 * statistics.median(sum(t[1:]) for t in times), 1)
+    row["step_ms"] = round(1e3 * statistics.median(sum(t) for t in times), 1)
+    row["trainable_parameters"] = count_parameters(model)
+    return row
 
 
 def main(argv=None):
@@ -124,11 +146,11 @@ def main(argv=None):
     print(f"input {args.input_size} px, layers {args.layers}, AFS dims {args.dims}, width "
           f"{args.width_ratio}, batch {args.batch_size} (half anomalous), median of "
           f"{args.repeats} steps")
-    print("| precision | backbone on the anomalous half, ms | UNets + RRS + discriminator "
-          "+ Adam, ms | step, ms |")
-    print("|---|---|---|---|")
+    print("| precision | " + " | ".join(f"{what}, ms" for what in PARTS.values()) + " | step, ms |")
+    print("|---" * (len(PARTS) + 2) + "|")
     for r in rows:
-        print(f"| {r['precision']} | {r['backbone_ms']} | {r['model_ms']} | {r['step_ms']} |")
+        print(f"| {r['precision']} | " + " | ".join(str(r[part]) for part in PARTS)
+              + f" | {r['step_ms']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "machine": machine,
