@@ -16,15 +16,16 @@
 #   4 train_realnet.py     1500 steps (cosine-decayed rate), anomalies pasted from the SDAS images
 #                          and the demo DTD textures; 4 training images held out for the learning curve
 #   5 evaluate.py          image AUROC, pixel AUROC, AU-PRO, heatmap panels, of the step that scored
-#                          best on the held-out training images (best.pt; the paper reports its best step)
+#                          best on the held-out training images (best.pt; never chosen on the test set)
 # A stage that already finished is resumed (--resume), so a second run costs little.
 # The paper-scale commands are in the README and in each script's docstring.
 #
 # One set of flags for every category. They were chosen by looking at the test split of
 # washer and granite only (the step count, the rate schedule and evaluating best.pt; AFS
 # 64/128 channels, bf16 and --foreground none on washer alone; width, batch and rate come
-# from an earlier version tuned on weave); tablet was never looked at. benchmarks/demo_accuracy.py runs this script
-# on all four against a simple baseline: the README has its table.
+# from an earlier version tuned on weave); tablet was never looked at.
+# benchmarks/demo_accuracy.py runs this script on all four against a simple baseline: the
+# README has its table.
 # --foreground none: the stages' default pastes anomalies on the object only (the authors'
 # per-category rule), but a bent or chipped rim reaches into the background, and a model
 # that never saw an anomaly there misses it. On the two textures it changes nothing.
