@@ -17,8 +17,9 @@ the terminal, to OUT/demo_accuracy.json and to OUT/demo_accuracy.md.
 The protocol: the table says, per category, whether demo.sh's flags were chosen by looking
 at its test split (TUNING below: washer and granite for the step count, the rate
 schedule and evaluating best.pt rather than the last step; washer alone for the AFS dims
-with bf16 and for --foreground none; weave for the older flags; tablet never). Nothing here chooses anything. The issue's goal per category:
-RealNet at or above the baseline on all three metrics, and image AUROC >= 0.95.
+with bf16 and for --foreground none; weave for the older flags; tablet never). Nothing
+here chooses anything. The issue's goal per category: RealNet at or above the baseline on
+all three metrics, and image AUROC >= 0.95.
 
     python3 benchmarks/demo_accuracy.py                       # all four, about 50 min on 2 cores
     python3 benchmarks/demo_accuracy.py --categories washer   # one
