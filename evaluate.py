@@ -400,6 +400,12 @@ def check_args(args):
     cli.refuse_ignored(args, "format", "auto", "data", "it gives the layout of --data")
     cli.refuse_ignored(args, "threshold", None, "predict", "the pixel threshold of its masks")
     cli.refuse_ignored(args, "threshold_file", None, "predict", "it decides OK/NG of its images")
+    if args.predict:   # it scores a folder; flags of the labelled test split would be ignored
+        for name, default in (("data", None), ("categories", None), ("fpr_limit", 0.3)):
+            if getattr(args, name) != default:
+                raise cli.UserError(f"{cli.flag(name)} {getattr(args, name)} has no effect with "
+                                    f"--predict (it scores the images of {args.predict!r}, "
+                                    "without labels; leave out --predict to evaluate a test split)")
     if args.export and args.precision != "fp32":
         raise cli.UserError(f"--precision {args.precision} with --export: the exported program is "
                             "float32 (run it under torch.autocast to lower its precision)")

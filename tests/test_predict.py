@@ -125,6 +125,9 @@ def test_bad_predict_inputs_get_one_line(trained):
     line = one_line_error(predict(trained, trained["model"], out, "--image-score", "max",
                                   check=False))
     assert "--image-score max" in line
+    line = one_line_error(predict(trained, trained["model"], out, "--categories", "washer",
+                                  check=False))
+    assert "--categories washer has no effect with --predict" in line
 
 
 def test_evaluation_pictures_use_the_stored_threshold_and_report_it_on_the_test_set(trained):
