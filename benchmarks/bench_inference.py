@@ -37,7 +37,6 @@ PREFIX.json and PREFIX.txt (machine, date, torch version, command, load average)
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -45,6 +44,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.isolated import in_fresh_process  # noqa: E402
 
 # (layers, AFS dims per layer, input side, UNet width ratio, k_max = k_mean)
 SCALES = {
@@ -193,13 +194,7 @@ def worker(spec, queue):
 
 
 def measure(spec):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=worker, args=(spec, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+    return in_fresh_process(worker, spec)
 
 
 # ----------------------------------------------------------------------------------------
@@ -306,8 +301,17 @@ def main():
         sys.exit("error: --precisions fp16 needs CUDA (use fp32 or bf16 on the CPU)")
     variants = [v for v in (args.variants or ("fused,reference" if args.quick else
                                                "fused,reference,compiled")).split(",") if v]
-    batches = [int(b) for b in args.batches.split(",") if b]
-    if not set(batches) <= {1, 16}:
+    if not set(variants) <= {"fused", "reference", "compiled"}:
+        sys.exit(f"error: --variants {args.variants}: expected a comma-separated choice of "
+                 "fused, reference, compiled")
+    if not set(precisions) <= {"fp32", "bf16", "fp16"}:
+        sys.exit(f"error: --precisions {args.precisions}: expected a comma-separated choice of "
+                 "fp32, bf16, fp16")
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError:
+        batches = None
+    if not batches or not set(batches) <= {1, 16}:
         sys.exit(f"error: --batches {args.batches}: the protocol's batches are 1 and 16")
     threads = os.environ.get("OMP_NUM_THREADS")
     command = " ".join(([f"OMP_NUM_THREADS={threads}"] if threads else []) + ["python3"]

@@ -17,13 +17,14 @@ Each variant runs in its own process, so one's memory cannot inflate another's:
 """
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.isolated import in_fresh_process  # noqa: E402
 
 LEVELS = [(256, 64), (512, 32), (512, 16), (256, 8)]  # (channels, side) per residual level
 K_MAX = K_MEAN = 256
@@ -123,13 +124,7 @@ def worker(spec, queue):
 
 
 def measure(spec):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=worker, args=(spec, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_fresh_process(worker, spec)
 
 
 def main():

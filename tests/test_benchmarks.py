@@ -1,8 +1,9 @@
 """The training-step benchmark at the smallest scale: it runs, names every part of a step,
 and the parts add up to the step (timings themselves are not asserted: they live in
-benchmarks/results/)."""
+benchmarks/results/); the inference benchmark refuses a variant it does not know."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -32,3 +33,14 @@ def test_train_step_parts_add_up(tmp_path, capsys):
     assert row["model_ms"] < row["step_ms"]
     for what in bench_train_step.PARTS.values():
         assert what in printed
+
+
+@pytest.mark.parametrize("flag, value", [("--variants", "eager"), ("--precisions", "fp8"),
+                                         ("--batches", "x")])
+def test_inference_benchmark_refuses_unknown_choices_in_one_line(flag, value):
+    script = os.path.join(os.path.dirname(bench_train_step.__file__), "bench_inference.py")
+    done = subprocess.run([sys.executable, script, "--device", "cpu", flag, value],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().startswith(f"error: {flag} {value}"), done.stderr
+    assert "Traceback" not in done.stderr
