@@ -1,6 +1,7 @@
 """Using a trained model: the OK/NG threshold train_realnet.py stores (--val-fraction),
 evaluate.py --predict (score, decision, mask, map, CSV), --export, and their one-line
-errors. The tiny demo data set and helpers of tests/test_train_eval.py."""
+errors; benchmarks/stage_maps.py on the same model. The tiny demo data set and helpers of
+tests/test_train_eval.py."""
 import csv
 import json
 import os
@@ -155,3 +156,26 @@ def test_export_writes_a_program_equal_to_the_eager_model(trained):
     report = json.load(open(os.path.join(out, "export.json")))
     assert report["max_abs_difference"] == {"batch of 4": 0.0, "batch of 1": 0.0}
     assert "rrs_gather" in report["fused_ops_in_graph"]
+
+
+def test_stage_maps_scores_the_discriminator_exactly_as_evaluate_does(trained):
+    evaluated = str(trained["root"] / "evaluated_for_stage_maps")
+    evaluate(trained["model"], evaluated, "--panels", "0")
+    reported = json.load(open(os.path.join(evaluated, "metrics.json")))["categories"]["washer"]
+    table = str(trained["root"] / "stage_maps.json")
+    result = run("benchmarks/stage_maps.py", "--checkpoint", trained["model"], "--json", table,
+                 "--batch-size", "3")
+    maps = json.load(open(table))["maps"]
+    assert set(maps) == {"all", *reported["per_defect"]}
+    levels = len(torch.load(trained["model"], weights_only=False)["config"]["levels"])
+    assert set(maps["all"]) == {"discriminator", "rrs residuals",
+                                *(f"level {n} energy" for n in range(1, levels + 1))}
+    for metric in ("image_auroc", "pixel_auroc", "au_pro"):   # another batch size, the same numbers
+        assert maps["all"]["discriminator"][metric] == pytest.approx(reported[metric], abs=1e-6)
+        for defect, numbers in reported["per_defect"].items():
+            assert maps[defect]["discriminator"][metric] == pytest.approx(numbers[metric], abs=1e-6)
+    assert all(0 <= v <= 1 for row in maps.values() for m in row.values() for v in m.values())
+    assert "level 1 energy" in result.stdout
+    line = one_line_error(run("benchmarks/stage_maps.py", "--checkpoint", trained["model"],
+                              "--batch-size", "0", check=False))
+    assert "--batch-size must be >= 1" in line

@@ -1,0 +1,113 @@
+"""Which stage of a trained RealNet localises the anomalies? Four maps of one test split.
+
+RealNet's anomaly map is the discriminator's output; its input is the residuals that RRS
+kept; those come from the reconstruction of each level. This script scores the same test
+images with each of these, so that a reader can see where a miss comes from:
+
+    discriminator   RealNet's anomaly map (what evaluate.py reports)
+    rrs residuals   the sum over channels of the residuals RRS kept (the discriminator's
+                    input), upsampled to the image
+    level N energy  sum over the level's AFS channels of (features - reconstruction)^2,
+                    upsampled to the image: what reconstruction alone would say
+
+and prints image AUROC / pixel AUROC / AU-PRO of each, for the whole split and per defect
+type, with the same metric code and image score as evaluate.py.
+
+    python3 benchmarks/stage_maps.py --checkpoint runs/demo/tablet/realnet/best.pt
+    python3 benchmarks/stage_maps.py --checkpoint CKPT --json out.json
+
+A diagnosis, not a method: pick the map RealNet reports by looking at these numbers on a
+test split, and that split no longer measures anything.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import evaluate  # noqa: E402
+from realnet import cli, data, runs  # noqa: E402
+from realnet.files import atomic_write_json  # noqa: E402
+
+METRICS = ("image_auroc", "pixel_auroc", "au_pro")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model.pt or best.pt from train_realnet.py")
+    p.add_argument("--category", default=None, help="test split to score (default: the checkpoint's first)")
+    p.add_argument("--data", default=None, help="data set root (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=16, help="test images per forward pass")
+    p.add_argument("--json", default=None, help="also write the table to this file")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def stage_maps(model, features, test_set, batch_size):
+    """{map name: (N, S, S) array} and the masks (N, S, S) of every test image."""
+    size = model.config["input_size"]
+    maps, masks = {}, []
+    upsample = lambda x: F.interpolate(x.float(), size=(size, size), mode="bilinear",
+                                       align_corners=False)[:, 0]
+    for batch in torch.utils.data.DataLoader(test_set, batch_size=batch_size):
+        levels = features(batch["image"])
+        out = model(levels, (size, size))
+        found = {"discriminator": out["anomaly_map"].float(),
+                 "rrs residuals": upsample(out["selected"].sum(1, keepdim=True))}
+        for n, (level, recon) in enumerate(zip(levels, out["reconstructions"]), start=1):
+            found[f"level {n} energy"] = upsample(((level.float() - recon.float()) ** 2).sum(1, keepdim=True))
+        for name, value in found.items():
+            maps.setdefault(name, []).append(value.numpy())
+        masks.append(batch["mask"][:, 0].numpy())
+    return {name: np.concatenate(v) for name, v in maps.items()}, np.concatenate(masks)
+
+
+def score(anomaly_maps, masks, labels, rows):
+    """Image AUROC, pixel AUROC, AU-PRO of the images `rows`, as evaluate.py computes them."""
+    m = anomaly_maps[rows]
+    scores = evaluate.score_images(m, "avgpool", 16)
+    result, _ = evaluate.compute_metrics(m, masks[rows], labels[rows], np.ones(int(labels[rows].sum()), bool),
+                                         scores, 0.3)
+    return {k: result[k] for k in METRICS}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cli.require_positive(batch_size=args.batch_size)
+    model, features, ckpt = evaluate.load_model(args.checkpoint, None, torch.device("cpu"))
+    dataset = runs.open_recorded_dataset(args.data, None, ckpt.get("dataset"),
+                                         f"--checkpoint {args.checkpoint!r}")
+    category = args.category or ckpt["categories"][0]
+    samples = dataset.test(category)
+    if any(s.label == 1 and s.mask is None for s in samples):
+        raise cli.UserError(f"category {category!r}: some anomalous test images have no "
+                            "ground-truth mask; the pixel metrics need them")
+    maps, masks = stage_maps(model, features, data.TestSet(samples, model.config["input_size"]),
+                             args.batch_size)
+    labels = np.array([s.label for s in samples], dtype=bool)
+    defects = np.array([s.defect for s in samples])
+    groups = {"all": np.ones(len(samples), bool)}
+    groups.update({d: (defects == d) | ~labels for d in sorted(set(defects[labels]))})
+    table = {group: {name: score(m, masks, labels, rows) for name, m in maps.items()}
+             for group, rows in groups.items()}
+
+    print(f"{category}: {len(samples)} test images, checkpoint {args.checkpoint} (step {ckpt.get('step')})")
+    print(f"{'images':<10} {'map':<16} {'image':>6} {'pixel':>6} {'AU-PRO':>7}")
+    for group, row in table.items():
+        for name, values in row.items():
+            print(f"{group:<10} {name:<16} " + " ".join(f"{values[k]:>6.3f}" if k != "au_pro"
+                                                         else f"{values[k]:>7.3f}" for k in METRICS))
+    if args.json:
+        atomic_write_json(args.json, {"checkpoint": os.path.abspath(args.checkpoint),
+                                      "step": ckpt.get("step"), "category": category, "maps": table})
+
+
+if __name__ == "__main__":
+    cli.run(main)
