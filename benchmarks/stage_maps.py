@@ -11,7 +11,7 @@ images with each of these, so that a reader can see where a miss comes from:
                     upsampled to the image: what reconstruction alone would say
 
 and prints image AUROC / pixel AUROC / AU-PRO of each, for the whole split and per defect
-type, with the same metric code and image score as evaluate.py.
+type, with the same metric code and image score as evaluate.py (on the CPU).
 
     python3 benchmarks/stage_maps.py --checkpoint runs/demo/tablet/realnet/best.pt
     python3 benchmarks/stage_maps.py --checkpoint CKPT --json out.json
@@ -82,7 +82,7 @@ def main(argv=None):
     args = parse_args(argv)
     cli.require_positive(batch_size=args.batch_size)
     model, features, ckpt = evaluate.load_model(args.checkpoint, None, torch.device("cpu"))
-    dataset = runs.open_recorded_dataset(args.data, None, ckpt.get("dataset"),
+    dataset = runs.open_recorded_dataset(args.data, "auto", ckpt.get("dataset"),
                                          f"--checkpoint {args.checkpoint!r}")
     category = args.category or ckpt["categories"][0]
     samples = dataset.test(category)
