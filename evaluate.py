@@ -45,6 +45,9 @@ from realnet.files import prepare_output_folder
 from realnet.model import RealNet, describe
 from realnet.progress import Progress
 
+# The protocol's defaults (flags below); benchmarks/stage_maps.py scores with the same ones
+IMAGE_SCORE, POOL, FPR_LIMIT = "avgpool", 16, 0.3
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 5: evaluate RealNet (image/pixel AUROC, exact AU-PRO).",
@@ -54,10 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--categories", default=None, help="comma-separated (default: the checkpoint's)")
     p.add_argument("--backbone-weights", default=None,
                    help="imagenet | PATH.pth | random (default: the weights the checkpoint was trained with)")
-    p.add_argument("--image-score", default="avgpool", choices=["avgpool", "max"],
+    p.add_argument("--image-score", default=IMAGE_SCORE, choices=["avgpool", "max"],
                    help="avgpool: max of the pooled map (authors); max: max of the map (MVTec's script)")
-    p.add_argument("--pool", type=int, default=16, help="average-pooling window of --image-score avgpool")
-    p.add_argument("--fpr-limit", type=float, default=0.3, help="AU-PRO integration limit (MVTec AD)")
+    p.add_argument("--pool", type=int, default=POOL, help="average-pooling window of --image-score avgpool")
+    p.add_argument("--fpr-limit", type=float, default=FPR_LIMIT, help="AU-PRO integration limit (MVTec AD)")
     p.add_argument("--batch-size", type=int, default=16, help="test batch size, also the throughput batch")
     p.add_argument("--throughput-repeats", type=int, default=5, help="timed forward passes (after 2 warm-up)")
     p.add_argument("--panels", type=int, default=-1, help="heatmap panels per category (-1 all, 0 none)")
@@ -184,6 +187,11 @@ def compute_metrics(maps, masks, labels, has_masks, scores, fpr_limit):
     return result, missing
 
 
+def defect_rows(labels, defects):
+    """Per defect type, the test images its metrics are computed on: its own and every good one."""
+    return {defect: (defects == defect) | ~labels for defect in sorted(set(defects[labels]))}
+
+
 def evaluate_category(model, features, dataset, category, device, out, batch_size, workers, image_score, pool,
                       fpr_limit, panels, stored_threshold):
     samples = dataset.test(category)
@@ -199,9 +207,7 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
 
     result, missing = compute_metrics(maps, masks, labels, has_masks, scores, fpr_limit)
     per_defect = {}
-    good = ~labels
-    for defect in sorted(set(defects[labels])):
-        rows = (defects == defect) | good
+    for defect, rows in defect_rows(labels, defects).items():
         sub_has_masks = np.array([s.mask is not None for s in samples if s.label == 1 and s.defect == defect])
         numbers, why = compute_metrics(maps[rows], masks[rows], labels[rows], sub_has_masks, scores[rows],
                                        fpr_limit)
@@ -210,7 +216,7 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
             per_defect[defect]["not_computed"] = why
 
     picture = picture_threshold(stored_threshold, maps, masks, labels, has_masks)
-    result.update({"images": len(samples), "good": int(good.sum()), "anomalous": int(labels.sum()),
+    result.update({"images": len(samples), "good": int((~labels).sum()), "anomalous": int(labels.sum()),
                    "per_defect": per_defect, "picture_threshold": picture})
     if stored_threshold:
         result["stored_threshold"] = decision.on_test_set(stored_threshold, scores, labels,
@@ -401,7 +407,7 @@ def check_args(args):
     cli.refuse_ignored(args, "threshold", None, "predict", "the pixel threshold of its masks")
     cli.refuse_ignored(args, "threshold_file", None, "predict", "it decides OK/NG of its images")
     if args.predict:   # it scores a folder; flags of the labelled test split would be ignored
-        for name, default in (("data", None), ("categories", None), ("fpr_limit", 0.3)):
+        for name, default in (("data", None), ("categories", None), ("fpr_limit", FPR_LIMIT)):
             if getattr(args, name) != default:
                 raise cli.UserError(f"{cli.flag(name)} {getattr(args, name)} has no effect with "
                                     f"--predict (it scores the images of {args.predict!r}, "

@@ -20,7 +20,6 @@ A diagnosis, not a method: pick the map RealNet reports by looking at these numb
 test split, and that split no longer measures anything.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -72,9 +71,9 @@ def stage_maps(model, features, test_set, batch_size):
 def score(anomaly_maps, masks, labels, rows):
     """Image AUROC, pixel AUROC, AU-PRO of the images `rows`, as evaluate.py computes them."""
     m = anomaly_maps[rows]
-    scores = evaluate.score_images(m, "avgpool", 16)
+    scores = evaluate.score_images(m, evaluate.IMAGE_SCORE, evaluate.POOL)
     result, _ = evaluate.compute_metrics(m, masks[rows], labels[rows], np.ones(int(labels[rows].sum()), bool),
-                                         scores, 0.3)
+                                         scores, evaluate.FPR_LIMIT)
     return {k: result[k] for k in METRICS}
 
 
@@ -93,8 +92,7 @@ def main(argv=None):
                              args.batch_size)
     labels = np.array([s.label for s in samples], dtype=bool)
     defects = np.array([s.defect for s in samples])
-    groups = {"all": np.ones(len(samples), bool)}
-    groups.update({d: (defects == d) | ~labels for d in sorted(set(defects[labels]))})
+    groups = {"all": np.ones(len(samples), bool), **evaluate.defect_rows(labels, defects)}
     table = {group: {name: score(m, masks, labels, rows) for name, m in maps.items()}
              for group, rows in groups.items()}
 
