@@ -5,6 +5,8 @@
     python3 evaluate.py --checkpoint runs/demo/realnet/model.pt --predict my_images/   # no labels
     python3 evaluate.py --checkpoint runs/demo/realnet/model.pt --export model.pt2     # deploy
 
+The anomaly map is the one the checkpoint reports (train_realnet.py --anomaly-map): the
+discriminator's probability (the paper), or the fused map, in standard scores.
 Metrics, per category (and their mean for a unified model):
   image AUROC   score = max of the 16x16 average-pooled anomaly map (the authors' choice;
                 --image-score max for the plain maximum)
@@ -42,7 +44,7 @@ from realnet import export, predict as predict_outputs, threshold as decision
 from realnet.features import FeatureExtractor
 from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest, load_checkpoint
 from realnet.files import prepare_output_folder
-from realnet.model import RealNet, describe
+from realnet.model import ANOMALY_MAPS, RealNet, describe
 from realnet.progress import Progress
 
 # The protocol's defaults (flags below); benchmarks/stage_maps.py scores with the same ones
@@ -117,7 +119,8 @@ def sync(device):
 
 @torch.no_grad()
 def forward(model, features, images):
-    """Images (B, 3, S, S), ImageNet-normalised -> anomaly maps (B, S, S) in [0, 1]."""
+    """Images (B, 3, S, S), ImageNet-normalised -> anomaly maps (B, S, S): probabilities in
+    [0, 1], or with the fused map (model.fused) standard scores (0: a normal pixel's mean)."""
     return model(features(images), images.shape[-2:])["anomaly_map"]
 
 
@@ -229,7 +232,7 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
     rows_csv = [(category, s.image, s.defect, s.label, float(sc)) for s, sc in zip(samples, scores)]
     if panels:
         write_panels(samples, maps, masks, scores, picture["value"], picture["note"], size,
-                     os.path.join(out, "panels", category), panels)
+                     os.path.join(out, "panels", category), panels, probability=not model.fused)
     return result, rows_csv
 
 
@@ -257,14 +260,21 @@ def picture_threshold(stored, maps, masks, labels, has_masks):
                          "stores no threshold)"}
 
 
-def heat_panel(image, anomaly_map, threshold):
-    panel = viz.overlay(image, anomaly_map)  # the map is a probability: no rescaling
+def heat_panel(image, anomaly_map, threshold, probability=True):
+    """The map in colour over the image, with the threshold's contour. A probability is
+    shown as it is (blue 0, red 1); a fused map (standard scores, unbounded) on 0 to twice
+    the threshold, so the contour sits mid-scale (without a threshold: 0 to its maximum)."""
+    shown = anomaly_map
+    if not probability:
+        top = 2 * threshold if threshold is not None else anomaly_map.max()
+        shown = anomaly_map / max(float(top), 1e-12)
+    panel = viz.overlay(image, shown)
     if threshold is not None:
         panel = viz.draw_contour(panel, anomaly_map >= threshold, color=(255, 0, 0), thickness=2)
     return panel
 
 
-def write_panels(samples, maps, masks, scores, threshold, note, size, folder, limit):
+def write_panels(samples, maps, masks, scores, threshold, note, size, folder, limit, probability):
     # a limited number of panels: take the defect types (and good) in turn
     by_defect = {}
     for i, s in enumerate(samples):
@@ -277,7 +287,7 @@ def write_panels(samples, maps, masks, scores, threshold, note, size, folder, li
         s = samples[i]
         image = data.load_image(s.image, size)
         row = viz.hstack([viz.labelled(image, "image"), viz.labelled(viz.mask_to_uint8(masks[i]), "ground truth"),
-                          viz.labelled(heat_panel(image, maps[i], threshold), f"score {scores[i]:.3f}")])
+                          viz.labelled(heat_panel(image, maps[i], threshold, probability), f"score {scores[i]:.3f}")])
         row = viz.labelled(row, f"{s.defect} {os.path.basename(s.image)} | {note}")
         name = f"{s.defect}_{os.path.splitext(os.path.basename(s.image))[0]}.png"
         atomic_save_image(viz.to_pil(row), os.path.join(folder, name))
@@ -332,7 +342,7 @@ def predict(model, features, folder, device, out, batch_size, workers, image_sco
         image = data.load_image(path, size)
         verdict = f" {row[2]}" if row[2] else ""
         row_picture = viz.hstack([viz.labelled(image, "image"), viz.labelled(
-            heat_panel(image, anomaly_map, pixel), f"score {score:.3f}{verdict}")])
+            heat_panel(image, anomaly_map, pixel, not model.fused), f"score {score:.3f}{verdict}")])
         picture = viz.labelled(row_picture, f"{os.path.basename(path)} | {note}")
         atomic_save_image(viz.to_pil(picture), os.path.join(out, "predict", name + ".png"))
     decided = [row[2] for row in rows if row[2]]
@@ -350,9 +360,10 @@ def predict(model, features, folder, device, out, batch_size, workers, image_sco
 # The report
 # ----------------------------------------------------------------------------------------
 
-def protocol(image_score, pool, fpr_limit, input_size):
+def protocol(image_score, pool, fpr_limit, input_size, anomaly_map):
     """How every number in metrics.json was computed, in words."""
-    return {"image_score": f"max of the {pool}x{pool} average-pooled map (stride 1, no padding)"
+    return {"anomaly_map": f"{anomaly_map}: {ANOMALY_MAPS[anomaly_map]}",
+            "image_score": f"max of the {pool}x{pool} average-pooled map (stride 1, no padding)"
             if image_score == "avgpool" else "max of the map",
             "resolution": f"{input_size}x{input_size} (the input size; masks resized with nearest)",
             "au_pro": f"MVTec AD definition, exact, FPR limit {fpr_limit}",
@@ -463,7 +474,8 @@ def evaluate_test_set(args, model, features, ckpt, device, out, size):
                        "step": ckpt.get("step"), "selected_on": ckpt.get("selected_on"),
                        "unified": ckpt.get("unified", False)},
         "data": dataset.describe(), "categories": results, "mean": summary, "throughput": speed,
-        "protocol": protocol(args.image_score, args.pool, args.fpr_limit, size), "args": cli.args_to_dict(args)})
+        "protocol": protocol(args.image_score, args.pool, args.fpr_limit, size,
+                             model.config.get("anomaly_map", "discriminator")), "args": cli.args_to_dict(args)})
     write_csv(os.path.join(out, "scores.csv"), ["category", "path", "defect", "label", "score"], rows)
     runs.save_args(args, out)   # with the files it describes, not before: a failed run keeps both
     print_table(results, summary)

@@ -15,19 +15,20 @@ Adam 1e-4, 1000 epochs):
     python3 train_realnet.py --afs runs/bottle/afs.pt --out runs/bottle/realnet
 
 The demo at small scale (random backbone, layers 1-2 at 128 px, AFS 64/128 channels; about
-8 minutes on 2 CPU cores in bf16; weave reaches image AUROC 1.000, pixel AUROC 0.998),
+8 minutes on 2 CPU cores in bf16; weave reaches image AUROC 1.000, pixel AUROC 0.999),
 after demo.sh's stages 1-3:
 
     python3 train_realnet.py --afs runs/demo/weave/afs.pt --width-ratio 0.25 --batch-size 8 \\
         --steps 1500 --lr 1e-3 --lr-schedule cosine --val-fraction 0.1 --val-every 100 \\
-        --precision bf16 --out runs/demo/weave/realnet
+        --anomaly-map fused --precision bf16 --out runs/demo/weave/realnet
     torchrun --nproc_per_node 2 train_realnet.py ...   # DDP: the same model as one process
 
 Writes to --out: model.pt (what evaluate.py reads), state.pt (everything needed to
 continue: --resume), loss.jsonl, args.json, and with --val-fraction best.pt, val.jsonl and
 learning_curve.png (the held-out metrics and the loss against the step). With
 --val-fraction, model.pt and best.pt also hold the OK/NG threshold chosen on the held-out
-images (--threshold-rule f1 | fpr; realnet/threshold.py) that evaluate.py --predict uses.
+images (--threshold-rule f1 | fpr; realnet/threshold.py) that evaluate.py --predict uses,
+and with --anomaly-map fused the mean and std that standardise the map (realnet/model.py).
 One model over several categories (`--categories a,b,c`, "unified") is an option beyond the
 paper, which trains one model per category.
 """
@@ -43,7 +44,8 @@ from realnet import cli, distributed, precision, runs, threshold as decision
 from realnet.features import FeatureExtractor, make_cache, pair_features
 from realnet.files import atomic_torch_save, file_digest, load_checkpoint
 from realnet.files import prepare_output_folder
-from realnet.model import ARCHITECTURES, RealNet, build_config, count_parameters, describe
+from realnet.model import ANOMALY_MAPS, ARCHITECTURES, RealNet, build_config, count_parameters
+from realnet.model import describe
 from realnet.model import realnet_loss
 from realnet.progress import Progress
 from realnet.stream import AnomalyStream, StreamSampler, dump_examples
@@ -72,6 +74,11 @@ def parse_args(argv=None):
     add("--retention", type=float, default=1 / 3, help="residual channels RRS keeps (paper)")
     add("--k-max", type=int, default=None, help="RRS channels ranked by max (M*retention/2)")
     add("--k-mean", type=int, default=None, help="RRS channels ranked by mean (M*retention/2)")
+    add("--anomaly-map", default="discriminator", choices=sorted(ANOMALY_MAPS),
+        help="what the model reports: discriminator (the paper: its class-1 probability) | "
+             "fused (beyond the paper: the discriminator's map and each level's reconstruction "
+             "energy, standardised on the held-out normal images and averaged; needs "
+             "--val-fraction)")
     add("--batch-size", type=int, default=16, help="global batch size (paper)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (paper)")
     add("--lr-schedule", default="constant", choices=["constant", "cosine"],
@@ -84,7 +91,8 @@ def parse_args(argv=None):
         help="hold out this share of the TRAINING images to choose the checkpoint on (0: last)")
     add("--val-every", type=int, default=500, help="steps between validations (--val-fraction)")
     add("--val-metric", default="pixel_auroc", choices=["pixel_auroc", "au_pro", "image_auroc"],
-        help="what best.pt maximises on the held-out training images")
+        help="what best.pt maximises on the held-out training images (the discriminator's "
+             "map: the synthetic anomalies are what it was trained to find)")
     add("--threshold-rule", default="f1", choices=sorted(decision.RULES),
         help="the OK/NG threshold stored in model.pt, chosen on the held-out images "
              "(--val-fraction): f1 (F1-optimal vs their synthetic anomalies) | fpr (at most "
@@ -117,6 +125,9 @@ def check_args(args, ddp):
     precision.check_precision(args.precision, ddp.device)
     if not 0 <= args.target_fpr < 1:
         raise cli.UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
+    if args.anomaly_map == "fused" and args.val_fraction <= 0:
+        raise cli.UserError("--anomaly-map fused standardises its parts on held-out normal "
+                            "images: give --val-fraction > 0 (e.g. 0.1)")
 
 
 def fill_from_afs(args, afs):
@@ -167,7 +178,8 @@ def open_inputs(args, device):
     backbone = runs.load_recorded_backbone(afs.get("backbone"), args.backbone_weights,
                                            afs["layers"], what)
     config = build_config(afs, args.arch, args.width_ratio, args.retention, args.k_max,
-                          args.k_mean, args.input_size, strides=backbone.strides)
+                          args.k_mean, args.input_size, strides=backbone.strides,
+                          anomaly_map=args.anomaly_map)
     return afs, dataset, categories, backbone.to(device), config | {"backbone": backbone.identity}
 
 
@@ -283,8 +295,9 @@ def validate_and_keep_best(model, features, val, held_out, step, best, metric, b
     """Validate on the held-out training images, log to val.jsonl and draw the learning
     curve; choose this step's threshold; best.pt: the best step (with its threshold).
     Returns (best, threshold)."""
-    maps = validation_maps(model, features, val, next(model.parameters()).device, batch_size)
-    scores = validation_metrics(maps, val)
+    discriminator_maps, maps = validation_maps(model, features, val,
+                                               next(model.parameters()).device, batch_size)
+    scores = validation_metrics(discriminator_maps, val)
     threshold = choose_threshold(maps, val, step, threshold_rule, target_fpr)
     with open(os.path.join(out, VAL_LOG), "a") as f:
         runs.log_line(f, {"step": step, **scores})
@@ -439,7 +452,7 @@ def main(argv=None):
     if saved_step != step and ddp.is_main:   # a finished run resumed: nothing left to train
         if val is not None:
             with amp:
-                maps = validation_maps(model, features, val, ddp.device, args.batch_size)
+                _, maps = validation_maps(model, features, val, ddp.device, args.batch_size)
             threshold = choose_threshold(maps, val, step, args.threshold_rule, args.target_fpr)
         save_run(out, model, optimizer, scaler, run, step, best,
                  with_threshold(extra, threshold, step))

@@ -1,14 +1,18 @@
-"""Which stage of a trained RealNet localises the anomalies? Four maps of one test split.
+"""Which stage of a trained RealNet localises the anomalies? Its maps of one test split.
 
 RealNet's anomaly map is the discriminator's output; its input is the residuals that RRS
 kept; those come from the reconstruction of each level. This script scores the same test
 images with each of these, so that a reader can see where a miss comes from:
 
-    discriminator   RealNet's anomaly map (what evaluate.py reports)
+    discriminator   the discriminator's map (the paper's; what evaluate.py reports for a
+                    model trained with the default --anomaly-map discriminator)
     rrs residuals   the sum over channels of the residuals RRS kept (the discriminator's
                     input), upsampled to the image
     level N energy  sum over the level's AFS channels of (features - reconstruction)^2,
                     upsampled to the image: what reconstruction alone would say
+    fused           with a model trained with --anomaly-map fused: the map it reports
+                    instead (evaluate.py), the standardised mean of the discriminator's
+                    map and the level energies
 
 and prints image AUROC / pixel AUROC / AU-PRO of each, for the whole split and per defect
 type, with the same metric code and image score as evaluate.py (on the CPU).
@@ -58,10 +62,12 @@ def stage_maps(model, features, test_set, batch_size):
     for batch in torch.utils.data.DataLoader(test_set, batch_size=batch_size):
         levels = features(batch["image"])
         out = model(levels, (size, size))
-        found = {"discriminator": out["anomaly_map"].float(),
+        found = {"discriminator": out["discriminator_map"].float(),
                  "rrs residuals": upsample(out["selected"].sum(1, keepdim=True))}
         for n, (level, recon) in enumerate(zip(levels, out["reconstructions"]), start=1):
             found[f"level {n} energy"] = upsample(((level.float() - recon.float()) ** 2).sum(1, keepdim=True))
+        if model.fused:   # what the model reports (evaluate.py): their standardised mean
+            found["fused"] = out["anomaly_map"].float()
         for name, value in found.items():
             maps.setdefault(name, []).append(value.numpy())
         masks.append(batch["mask"][:, 0].numpy())

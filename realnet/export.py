@@ -2,7 +2,8 @@
 
     images (B, 3, S, S), ImageNet-normalised
       -> frozen backbone -> AFS -> reconstruction UNets -> RRS -> discriminator
-      -> anomaly maps (B, S, S) in [0, 1]
+      -> anomaly maps (B, S, S): in [0, 1], or standard scores with --anomaly-map fused
+         (the reconstruction energies and the stored mean and std are part of the graph)
 
 torch.export traces this into a single graph (an ExportedProgram, saved as .pt2) with
 the batch size left free. The fused RRS operators stay in it as calls of

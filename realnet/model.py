@@ -8,6 +8,12 @@
 
     loss = CE(logits, mask) + sum_k MSE(G_k(phi_k(A)), phi_k(I))     A anomalous, I clean
 
+Beyond the paper, a model configured with anomaly_map "fused" reports another map: the mean
+of the standard scores of the discriminator's map and of each level's reconstruction
+energy, sum_c (phi_k - G_k(phi_k))^2 (RealNet.fuse). Their mean and std on normal images
+come from held-out training images (train_realnet.py measures them at every validation).
+Training is the same either way: the loss never sees the fused map.
+
 The architecture follows the authors' code (docs/method.md, section 6): their
 "ResBlock" has a single conv, down-sampling is average pooling, up-sampling two separate
 transposed convs, attention sits on levels 1 and 2 and in the middle, and the output conv
@@ -34,6 +40,12 @@ ARCHITECTURES = {
     "C": "neighbouring layers paired: the coarser one upsampled and concatenated to the finer",
 }
 
+ANOMALY_MAPS = {
+    "discriminator": "the discriminator's class-1 probability, in [0, 1] (the paper)",
+    "fused": "beyond the paper: the mean of the standard scores of the discriminator's map and "
+             "of each level's reconstruction energy, standardised on held-out normal images",
+}
+
 
 def level_layers(arch, layers):
     """Which backbone layers feed each reconstruction level. A: [[1], [2], [3], [4]];
@@ -50,12 +62,15 @@ def level_layers(arch, layers):
 
 
 def build_config(afs, arch="A", width_ratio=0.5, retention=1 / 3, k_max=None, k_mean=None,
-                 input_size=None, strides=(4, 8, 16, 32)):
+                 input_size=None, strides=(4, 8, 16, 32), anomaly_map="discriminator"):
     """The model configuration from an AFS file (a dict as written by select_features.py).
 
     Channels after AFS: M = sum of the AFS dims. RRS keeps k_max = k_mean = M * retention / 2
-    by default (the paper: M = 1536, 256 + 256 kept, retention 1/3).
+    by default (the paper: M = 1536, 256 + 256 kept, retention 1/3). anomaly_map: one of
+    ANOMALY_MAPS, what the model reports (RealNet.forward).
     """
+    if anomaly_map not in ANOMALY_MAPS:
+        raise ValueError(f"unknown anomaly map {anomaly_map!r}; expected one of {sorted(ANOMALY_MAPS)}")
     layers = [int(layer) for layer in afs["layers"]]
     dims = [int(d) for d in afs["dims"]]
     total = sum(dims)
@@ -80,6 +95,7 @@ def build_config(afs, arch="A", width_ratio=0.5, retention=1 / 3, k_max=None, k_
         "residual_layers": 2,
         "input_size": int(input_size if input_size is not None else afs["input_size"]),
         "backbone": afs.get("backbone"),
+        "anomaly_map": anomaly_map,
     }
     if config["k_max"] + config["k_mean"] < 1 or min(config["k_max"], config["k_mean"]) < 0 \
             or max(config["k_max"], config["k_mean"]) > total:
@@ -335,6 +351,10 @@ class RealNet(nn.Module):
                                      config["rrs_momentum"], config["rrs_eps"])
         self.discriminator = Discriminator(config["k_max"] + config["k_mean"], config["residual_layers"])
         self.process_group = None
+        self.fused = config.get("anomaly_map", "discriminator") == "fused"
+        if self.fused:   # mean and std of each part of the map on normal images (standardise)
+            self.register_buffer("map_mean", torch.zeros(1 + len(channels)))
+            self.register_buffer("map_std", torch.ones(1 + len(channels)))
 
     def set_process_group(self, group):
         """Under DDP: RRS ranks and the discriminator's BatchNorm normalises with the
@@ -362,12 +382,49 @@ class RealNet(nn.Module):
 
     def forward(self, features, image_size):
         """features: the AFS-selected features of the (possibly anomalous) images, one
-        tensor per level. Returns reconstructions, selected residuals, logits, anomaly map."""
+        tensor per level. Returns reconstructions, selected residuals, logits, the
+        discriminator's map and the anomaly map the model reports (config "anomaly_map"):
+        the discriminator's map (the paper), or with "fused" also `map_parts` and their
+        standardised mean (see fuse)."""
         reconstructions = [g(f) for g, f in zip(self.reconstruction, features)]
         selected, indices = self.rrs(features, reconstructions, self.process_group)
         logits = self.discriminator(selected, image_size)
-        return {"reconstructions": reconstructions, "selected": selected, "rrs_indices": indices,
-                "logits": logits, "anomaly_map": torch.softmax(logits.float(), dim=1)[:, 1]}
+        discriminator_map = torch.softmax(logits.float(), dim=1)[:, 1]
+        out = {"reconstructions": reconstructions, "selected": selected, "rrs_indices": indices,
+               "logits": logits, "discriminator_map": discriminator_map,
+               "anomaly_map": discriminator_map}
+        if self.fused:
+            out["map_parts"] = map_parts(discriminator_map, features, reconstructions)
+            out["anomaly_map"] = self.fuse(out["map_parts"])
+        return out
+
+    def fuse(self, parts):
+        """The fused anomaly map (B, S, S): the mean over the parts of (part - mean) / std, with
+        the mean and std that `standardise` measured on normal images. Each part then counts
+        in units of its own spread on normal images, wherever its raw scale lies."""
+        shape = (1, -1, 1, 1)
+        return ((parts - self.map_mean.view(shape)) / self.map_std.view(shape)).mean(dim=1)
+
+    @torch.no_grad()
+    def standardise(self, normal_parts):
+        """Measure the mean and std of each part over every pixel of `normal_parts`
+        (N, P, S, S), the map parts of normal images the model was not trained on."""
+        parts = normal_parts.float().transpose(0, 1).reshape(normal_parts.shape[1], -1)
+        self.map_mean.copy_(parts.mean(dim=1))
+        self.map_std.copy_(parts.std(dim=1, correction=0).clamp_min(1e-12))
+
+
+def map_parts(discriminator_map, features, reconstructions):
+    """(B, 1 + levels, S, S): the discriminator's map, then each level's reconstruction energy
+    sum_c (phi_k - G_k(phi_k))^2 (eq. 5's error, per position), upsampled to the map's size.
+    The energy sees every AFS channel of a level; the discriminator sees the RRS-kept ones
+    through a network trained on synthetic anomalies only, and can miss a real defect that
+    does not look like them (a bulge, a thin scratch) while the energy still shows it."""
+    size = discriminator_map.shape[-2:]
+    energies = [F.interpolate(((f.float() - r.float()) ** 2).sum(1, keepdim=True), size=size,
+                              mode="bilinear", align_corners=False)
+                for f, r in zip(features, reconstructions)]
+    return torch.cat([discriminator_map[:, None]] + energies, dim=1)
 
 
 def realnet_loss(output, clean_features, mask):
@@ -387,5 +444,6 @@ def describe(config):
     widths = [max(1, int(config["width_ratio"] * c)) for c in level_channels(config)]
     return (f"RealNet arch {config['arch']}: levels {config['levels']} with {level_channels(config)} channels "
             f"(UNet widths {widths}), RRS keeps {config['k_max']}+{config['k_mean']} of "
-            f"{sum(level_channels(config))}, input {config['input_size']}")
+            f"{sum(level_channels(config))}, input {config['input_size']}"
+            + (", map fused" if config.get("anomaly_map") == "fused" else ""))
 

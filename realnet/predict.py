@@ -2,8 +2,9 @@
 
     predictions.csv       file, score, decision (OK / NG, empty without a threshold),
                           threshold (the image threshold), mask, map (paths under OUT)
-    maps/<name>.npy       the raw anomaly map, float32, at the model's input size (S x S),
-                          values in [0, 1] (class 1 of the discriminator's softmax)
+    maps/<name>.npy       the raw anomaly map, float32, at the model's input size (S x S):
+                          class 1 of the discriminator's softmax, in [0, 1], or for a model
+                          trained with --anomaly-map fused its standard scores (unbounded)
     masks/<name>.png      the binary defect mask at the input image's own size: 255 where
                           the map, bilinearly resized to that size, is >= the pixel
                           threshold, else 0 (only with a threshold)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from . import metrics, runs, viz
+from . import data, metrics, runs, viz
 from .cli import UserError
 from .files import atomic_save_image
 
@@ -29,23 +29,37 @@ def split_validation(samples, fraction, seed):
 
 
 def make_validation_set(stream, n_images):
-    """Fixed samples: every held-out image once normal and once with a synthetic anomaly."""
+    """Fixed samples: the first 2 n of the held-out stream (half normal, half with a
+    synthetic anomaly), and under "normal" each held-out image once as it is (what a
+    fused map is standardised on)."""
     items = [stream[g] for g in range(2 * n_images)]
     return {key: torch.stack([it[key] for it in items]) for key in ("image", "mask")} | \
-        {"anomalous": torch.tensor([it["anomalous"] for it in items])}
+        {"anomalous": torch.tensor([it["anomalous"] for it in items]),
+         "normal": torch.stack([data.to_tensor(stream.clean_image(i)) for i in range(n_images)])}
 
 
 @torch.no_grad()
 def validation_maps(model, features, val, device, batch_size):
-    """The anomaly maps (N, S, S) of the validation set, in eval mode, as numpy."""
+    """The validation set's maps in eval mode, as numpy (N, S, S) arrays: (the
+    discriminator's maps, the anomaly maps the model reports). A model with the fused map
+    (RealNet.fuse) is first standardised on the held-out images as they are (val["normal"]),
+    so that its anomaly maps, and the checkpoint saved after this, use this step's mean
+    and std."""
     was_training = model.training
     model.eval()
-    maps = []
-    for start in range(0, len(val["image"]), batch_size):
-        images = val["image"][start:start + batch_size].to(device)
-        maps.append(model(features(images), images.shape[-2:])["anomaly_map"].float().cpu())
+
+    def outputs(images, key):
+        return torch.cat([model(features(images[i:i + batch_size].to(device)),
+                                images.shape[-2:])[key].float() for i in range(0, len(images), batch_size)])
+
+    if model.fused:
+        model.standardise(outputs(val["normal"], "map_parts"))
+        parts = outputs(val["image"], "map_parts")
+        discriminator, anomaly = parts[:, 0].cpu(), model.fuse(parts).cpu()
+    else:
+        discriminator = anomaly = outputs(val["image"], "discriminator_map").cpu()
     model.train(was_training)
-    return torch.cat(maps).numpy()
+    return discriminator.numpy(), anomaly.numpy()
 
 
 def validation_metrics(maps, val):
@@ -56,7 +70,8 @@ def validation_metrics(maps, val):
 
 
 def validate(model, features, val, device, batch_size):
-    return validation_metrics(validation_maps(model, features, val, device, batch_size), val)
+    """The metrics of the discriminator's maps (what best.pt is chosen on)."""
+    return validation_metrics(validation_maps(model, features, val, device, batch_size)[0], val)
 
 
 VAL_LOG = "val.jsonl"

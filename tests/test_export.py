@@ -10,8 +10,9 @@ from test_invariance import SIZE, images, tiny_model
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="needs the compiled extension")
 
 
-def test_the_exported_program_holds_the_fused_ops_and_matches_the_eager_model(tmp_path):
-    model, features = tiny_model()
+@pytest.mark.parametrize("anomaly_map", ["discriminator", "fused"])
+def test_the_exported_program_holds_the_fused_ops_and_matches_the_eager_model(tmp_path, anomaly_map):
+    model, features = tiny_model(anomaly_map)
     batch = images(3, 0)
     path = str(tmp_path / "model.pt2")
     report = export.export_and_check(model, features, batch, path)

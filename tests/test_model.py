@@ -269,3 +269,38 @@ def test_k_and_input_sizes_the_model_cannot_use_are_refused_in_one_line():
     with pytest.raises(UserError, match="layer2's .*multiple of 32"):
         M.build_config(afs, input_size=48)     # layer1 (12x12) halves twice, layer2 (6x6) not
     assert M.build_config(afs, arch="C", input_size=48)["input_size"] == 48   # C: layer1's size
+
+
+def test_fused_map_is_the_mean_standard_score_of_the_discriminator_and_the_energies():
+    afs = fake_afs()
+    model = M.RealNet(M.build_config(afs, anomaly_map="fused")).eval()
+    paper = M.RealNet(M.build_config(afs))
+    assert not paper.fused and "map_mean" not in paper.state_dict()
+    assert model.state_dict()["map_mean"].shape == (4,)   # discriminator + 3 levels
+    features = model.select_features(fake_backbone_features(3))
+    with torch.no_grad():
+        for g in model.reconstruction:   # non-zero reconstructions: energies that differ
+            torch.nn.init.normal_(g.out[2].weight, std=0.1)
+        out = model(features, (64, 64))
+    parts = out["map_parts"]
+    assert parts.shape == (3, 4, 64, 64)
+    assert torch.equal(parts[:, 0], out["discriminator_map"])
+    for level, (f, r) in enumerate(zip(features, out["reconstructions"]), start=1):
+        energy = F.interpolate(((f - r) ** 2).sum(1, keepdim=True), size=(64, 64), mode="bilinear")
+        torch.testing.assert_close(parts[:, level], energy[:, 0])
+    # before standardise: mean 0, std 1, so the map is the parts' plain mean
+    torch.testing.assert_close(out["anomaly_map"], parts.mean(1))
+    model.standardise(parts[:2])
+    flat = parts[:2].transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(model.map_mean, flat.mean(1))
+    torch.testing.assert_close(model.map_std, flat.std(1, correction=0))
+    fused = model(features, (64, 64))["anomaly_map"]
+    expected = sum((parts[:, p] - flat[p].mean()) / flat[p].std(correction=0) for p in range(4)) / 4
+    torch.testing.assert_close(fused, expected)
+    assert abs(fused[:2].mean().item()) < 1e-4   # standardised on these: mean 0
+    # the mean and std are weights: they travel with the checkpoint
+    again = M.RealNet(model.config)
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again.eval()(features, (64, 64))["anomaly_map"], fused)
+    with pytest.raises(ValueError, match="unknown anomaly map"):
+        M.build_config(afs, anomaly_map="energy")

@@ -140,6 +140,42 @@ def test_training_loss_falls_then_evaluation_reports_everything(demo):
     assert sorted(os.listdir(os.path.join(out, "predicted", "predict"))) == ["000.png", "001.png"]
 
 
+def test_fused_map_is_standardised_on_the_held_out_images_and_reported(demo):
+    out = str(demo["root"] / "fused")
+    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--anomaly-map", "fused"),
+                              check=False))
+    assert "--anomaly-map fused" in line and "--val-fraction" in line
+    run("train_realnet.py", *train_args(demo, out, "--anomaly-map", "fused", "--val-fraction", "0.25",
+                                        "--val-every", "5", steps=10))
+    best = torch.load(os.path.join(out, "best.pt"), weights_only=False)
+    assert best["config"]["anomaly_map"] == "fused" and best["threshold"] is not None
+    model, features, _ = evaluate.load_model(os.path.join(out, "best.pt"), None, torch.device("cpu"))
+    # the mean and std stored are those of the held-out normal images, at best.pt's step
+    samples = [s for s in runs.open_recorded_dataset(None, "auto", best["dataset"], "test").train("washer")
+               if s.image in best["selected_on"]["held_out_images"]]
+    images = torch.stack([evaluate.data.TestSet(samples, SIZE)[i]["image"] for i in range(len(samples))])
+    with torch.no_grad():
+        parts = model(features(images), (SIZE, SIZE))["map_parts"]
+    flat = parts.transpose(0, 1).reshape(parts.shape[1], -1)
+    torch.testing.assert_close(model.map_mean, flat.mean(1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.map_std, flat.std(1, correction=0), rtol=1e-4, atol=1e-6)
+
+    run("evaluate.py", "--checkpoint", os.path.join(out, "best.pt"), "--workers", "0",
+        "--throughput-repeats", "1")
+    report = json.load(open(os.path.join(out, "eval", "metrics.json")))
+    assert report["protocol"]["anomaly_map"].startswith("fused")
+    assert "stored in the checkpoint" in report["categories"]["washer"]["picture_threshold"]["chosen_on"]
+    assert len(os.listdir(os.path.join(out, "eval", "panels", "washer"))) == 7
+    # the diagnosis scores the reported map as evaluate.py does, and the paper's map beside it
+    table = os.path.join(out, "stage_maps.json")
+    run(os.path.join("benchmarks", "stage_maps.py"), "--checkpoint", os.path.join(out, "best.pt"),
+        "--json", table)
+    maps = json.load(open(table))["maps"]["all"]
+    assert set(maps) == {"discriminator", "rrs residuals", "level 1 energy", "level 2 energy", "fused"}
+    for name in ("image_auroc", "pixel_auroc", "au_pro"):
+        assert maps["fused"][name] == pytest.approx(report["categories"]["washer"][name], abs=1e-9)
+
+
 def test_training_that_would_learn_nothing_is_refused_in_one_line(demo):
     out = str(demo["root"] / "learns_nothing")
     for flag, value in (("--steps", "0"), ("--steps", "-5"), ("--lr", "nan"), ("--lr", "0")):
