@@ -19,8 +19,8 @@ at its test split (TUNING below: washer and granite for the step count, the rate
 schedule, evaluating best.pt rather than the last step and the fused anomaly map; washer
 alone for the AFS dims with bf16 and for --foreground none; weave for the older flags;
 tablet never, though a diagnosis, benchmarks/stage_maps.py, looked at its test split
-before the fused map was chosen). Nothing here chooses anything. The issue's goal per category: RealNet at or above the baseline on
-all three metrics, and image AUROC >= 0.95.
+before the fused map was chosen). Nothing here chooses anything. The issue's goal per
+category: RealNet at or above the baseline on all three metrics, and image AUROC >= 0.95.
 
     python3 benchmarks/demo_accuracy.py                       # all four, about 50 min on 2 cores
     python3 benchmarks/demo_accuracy.py --categories washer   # one

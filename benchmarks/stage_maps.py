@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 from realnet import cli, data, runs  # noqa: E402
 from realnet.files import atomic_write_json  # noqa: E402
+from realnet.model import map_parts  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 
@@ -62,10 +63,12 @@ def stage_maps(model, features, test_set, batch_size):
     for batch in torch.utils.data.DataLoader(test_set, batch_size=batch_size):
         levels = features(batch["image"])
         out = model(levels, (size, size))
-        found = {"discriminator": out["discriminator_map"].float(),
+        # the discriminator's map, then each level's energy (what a fused map is made of)
+        parts = map_parts(out["discriminator_map"], levels, out["reconstructions"])
+        found = {"discriminator": parts[:, 0],
                  "rrs residuals": upsample(out["selected"].sum(1, keepdim=True))}
-        for n, (level, recon) in enumerate(zip(levels, out["reconstructions"]), start=1):
-            found[f"level {n} energy"] = upsample(((level.float() - recon.float()) ** 2).sum(1, keepdim=True))
+        for n in range(1, parts.shape[1]):
+            found[f"level {n} energy"] = parts[:, n]
         if model.fused:   # what the model reports (evaluate.py): their standardised mean
             found["fused"] = out["anomaly_map"].float()
         for name, value in found.items():

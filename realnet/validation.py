@@ -69,11 +69,6 @@ def validation_metrics(maps, val):
             "image_auroc": metrics.image_auroc(labels, metrics.image_scores(maps))}
 
 
-def validate(model, features, val, device, batch_size):
-    """The metrics of the discriminator's maps (what best.pt is chosen on)."""
-    return validation_metrics(validation_maps(model, features, val, device, batch_size)[0], val)
-
-
 VAL_LOG = "val.jsonl"
 VAL_METRICS = {"pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO", "image_auroc": "image AUROC"}
 LOSSES = {"loss": "loss", "segmentation": "segmentation (CE)",
