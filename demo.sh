@@ -15,7 +15,8 @@
 #                          synthetic anomalies anywhere in the image (--foreground none, see below)
 #   4 train_realnet.py     1500 steps (cosine-decayed rate), anomalies pasted from the SDAS images
 #                          and the demo DTD textures; 4 training images held out for the learning curve;
-#                          the fused anomaly map (--anomaly-map fused, see below)
+#                          the fused anomaly map (--anomaly-map fused, see below); after training, the
+#                          4 held-out good images calibrate the map's scale and the OK/NG threshold (fp32)
 #   5 evaluate.py          image AUROC, pixel AUROC, AU-PRO, heatmap panels, of the step that scored
 #                          best on the held-out training images (best.pt; never chosen on the test set)
 # A stage that already finished is resumed (--resume), so a second run costs little.
@@ -31,9 +32,9 @@
 # --foreground none: the stages' default pastes anomalies on the object only (the authors'
 # per-category rule), but a bent or chipped rim reaches into the background, and a model
 # that never saw an anomaly there misses it. On the two textures it changes nothing.
-# --anomaly-map fused (beyond the paper): the reported map is the mean of the standard scores
-# of the discriminator's map and of each level's reconstruction energy, their mean and std
-# measured on the 4 held-out normal images. At demo scale the discriminator, trained on
+# --anomaly-map fused (beyond the paper): the reported map is the mean of the discriminator's
+# log-odds and of each level's reconstruction energy, each scaled by calibration on the 4
+# held-out normal images. At demo scale the discriminator, trained on
 # pasted textures only, misses defects the reconstruction still shows (a bulge, a thin
 # scratch); the paper-scale commands in the README keep the paper's map (the default).
 set -euo pipefail
@@ -51,6 +52,7 @@ DIFFUSION_STEPS=${DIFFUSION_STEPS:-300}
 SDAS_COUNT=${SDAS_COUNT:-64}
 AFS_BATCHES=${AFS_BATCHES:-4}        # batches of 16 synthetic anomalies (paper: 64)
 TRAIN_STEPS=${TRAIN_STEPS:-1500}
+SEED=${SEED:-0}                      # seed of every stage (a seed repetition changes them all)
 native_bf16() {  # bfloat16 in hardware: a CPU with AVX512-BF16 or AMX, or an NVIDIA GPU
     grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null || nvidia-smi -L >/dev/null 2>&1
 }
@@ -89,10 +91,10 @@ fi
 
 stage "1 diffusion" "$PYTHON" train_diffusion.py --data "$DATA" --categories "$CATEGORY" \
     --preset tiny --image-size "$DIFFUSION_SIZE" --steps "$DIFFUSION_STEPS" --batch-size 8 --lr 1e-3 \
-    --sample-every 0 --log-every 50 --out "$OUT/diffusion" --resume
+    --sample-every 0 --log-every 50 --seed "$SEED" --out "$OUT/diffusion" --resume
 
 stage "2 synthesize" "$PYTHON" synthesize.py --checkpoint "$OUT/diffusion/model.pt" \
-    --category "$CATEGORY" --count "$SDAS_COUNT" --out "$OUT/sdas"
+    --category "$CATEGORY" --count "$SDAS_COUNT" --seed "$SEED" --out "$OUT/sdas"
 
 select_features() {  # AFS is a pure function of its inputs: a finished file is kept, not redone
     if [ -f "$OUT/afs.pt" ]; then echo "$OUT/afs.pt is there already (delete it to redo AFS)"; return; fi
@@ -100,12 +102,13 @@ select_features() {  # AFS is a pure function of its inputs: a finished file is 
 }
 stage "3 select features" select_features select_features.py --data "$DATA" --category "$CATEGORY" \
     --sdas "$OUT/sdas" --dtd "$DTD" --backbone-weights random \
-    --input-size "$SIZE" --layers 1 2 --dims 64 128 --batches "$AFS_BATCHES" --foreground none --out "$OUT"
+    --input-size "$SIZE" --layers 1 2 --dims 64 128 --batches "$AFS_BATCHES" --foreground none \
+    --seed "$SEED" --out "$OUT"
 
 stage "4 train RealNet" "$PYTHON" train_realnet.py --afs "$OUT/afs.pt" \
     --width-ratio 0.25 --batch-size 8 --steps "$TRAIN_STEPS" --lr 1e-3 --lr-schedule cosine \
     --val-fraction 0.1 --val-every 100 --anomaly-map fused --precision "$PRECISION" \
-    --out "$OUT/realnet" --resume
+    --seed "$SEED" --out "$OUT/realnet" --resume
 
 # The checkpoint the held-out training images chose (best.pt: never the test set); model.pt,
 # the last step, where validation chose none (no held-out image had a usable score).
@@ -126,6 +129,12 @@ print(f"\n=== {category}: image AUROC {m['image_auroc']:.3f} | pixel AUROC {m['p
       f"AU-PRO {m['au_pro']:.3f}   ({m['good']} good, {m['anomalous']} defective test images; random backbone)")
 print(f"    {os.path.basename(checkpoint['path'])}, step {checkpoint['step']}: "
       f"{checkpoint['selected_on']['rule']}")
+verdict = m.get("calibration_on_test") or {}
+if "balanced_accuracy" in verdict:
+    print(f"    OK/NG (threshold {verdict['image']:.3f}, calibrated on held-out good training images): "
+          f"test FPR {verdict['image_fpr']:.2f}, recall {verdict['image_recall']:.2f}, balanced accuracy "
+          f"{verdict['balanced_accuracy']:.3f} (the best any threshold reaches here: "
+          f"{verdict['best_balanced_accuracy']:.3f})")
 sheets = sorted(glob.glob(os.path.join(out, "diffusion", "samples", "*.png")))
 print("look at:")
 print(f"  heatmaps (image | ground truth | anomaly map)  {os.path.join(out, 'eval', 'panels', category)}/")

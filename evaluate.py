@@ -13,20 +13,22 @@ Metrics, per category (and their mean for a unified model):
   pixel AUROC   over all pixels of all test images
   AU-PRO        MVTec AD's exact definition up to FPR 0.3 (realnet/metrics.py)
 and per defect type (that defect's images with all good images). No AUROC is ever flipped,
-the checkpoint is whatever train_realnet.py chose WITHOUT the test set. The contour in
-the pictures is the pixel threshold stored in the checkpoint (chosen without labels on
-held-out training images, train_realnet.py --val-fraction); a checkpoint without one gets
-the F1-optimal pixel threshold of the test set, for the pictures only (they say which). No
-AUROC or AU-PRO depends on a threshold; metrics.json adds how the stored one does on the
-test set (stored_threshold).
+the checkpoint is whatever train_realnet.py chose WITHOUT the test set. The OK/NG
+thresholds and the fused map's scale are the checkpoint's calibration (fitted on good
+held-out training images after training, realnet/calibration.py), or those of
+--calibration FILE (python3 -m realnet.calibration). The contour in the pictures is the
+calibrated pixel threshold; a checkpoint without one gets the F1-optimal pixel threshold of
+the test set, for the pictures only (they say which). No AUROC or AU-PRO depends on a
+threshold; metrics.json adds how the calibrated image threshold does on the test set
+(calibration_on_test: FPR, recall, balanced accuracy and the best any threshold reaches).
 Throughput: images/s of the model's forward (backbone, AFS, reconstruction, RRS,
 discriminator; no data loading), device synchronised, batch and device stated.
 
 Writes to --out (default: <checkpoint folder>/eval): metrics.json, scores.csv (path,
-defect, label, score) and panels/<category>/<defect>_<name>.png (image | ground truth |
+defect, label, score, OK/NG by the calibrated threshold) and panels/<category>/<defect>_<name>.png (image | ground truth |
 anomaly map with the contour). With --predict DIR (realnet/predict.py): predictions.csv
 (file, score, OK/NG, threshold, mask, map), maps/<name>.npy, masks/<name>.png,
-threshold.json and predict/<name>.png. With --export PATH (realnet/export.py): the
+calibration.json (the one used) and predict/<name>.png. With --export PATH (realnet/export.py): the
 inference model as a torch.export program, reloaded and compared with the eager model
 (export.json); nothing else is run.
 """
@@ -39,12 +41,12 @@ import time
 import numpy as np
 import torch
 
-from realnet import cli, data, metrics, precision, runs, viz
-from realnet import export, predict as predict_outputs, threshold as decision
-from realnet.features import FeatureExtractor
-from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest, load_checkpoint
+from realnet import calibration, cli, data, metrics, precision, runs, viz
+from realnet import export, predict as predict_outputs
+from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest
 from realnet.files import prepare_output_folder
-from realnet.model import ANOMALY_MAPS, RealNet, describe
+from realnet.inference import anomaly_maps as forward, load_model
+from realnet.model import ANOMALY_MAPS, describe
 from realnet.progress import Progress
 
 # The protocol's defaults (flags below); benchmarks/stage_maps.py scores with the same ones
@@ -67,12 +69,15 @@ def parse_args(argv=None):
     p.add_argument("--throughput-repeats", type=int, default=5, help="timed forward passes (after 2 warm-up)")
     p.add_argument("--panels", type=int, default=-1, help="heatmap panels per category (-1 all, 0 none)")
     p.add_argument("--predict", default=None, help="score the images of this folder (no labels needed)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="with --predict: the pixel threshold of the masks and the contour "
-                        "(replaces the stored one; the OK/NG decision keeps the stored one)")
-    p.add_argument("--threshold-file", default=None,
-                   help="with --predict: the thresholds of this threshold.json (written by "
-                        "--predict; default: those stored in the checkpoint)")
+    p.add_argument("--calibration", default=None,
+                   help="the calibration file to use (python3 -m realnet.calibration, or the "
+                        "calibration.json of an earlier --predict; default: the checkpoint's)")
+    p.add_argument("--image-threshold", type=float, default=None,
+                   help="with --predict: NG when the image score is >= this (replaces the "
+                        "calibrated one; recorded as set by hand)")
+    p.add_argument("--pixel-threshold", type=float, default=None,
+                   help="with --predict: the masks and the contour are map >= this (replaces "
+                        "the calibrated one; recorded as set by hand)")
     p.add_argument("--export", default=None,
                    help="only export the inference model (backbone to anomaly map) as a "
                         "torch.export program (.pt2) to this path, checked against the eager "
@@ -85,43 +90,12 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# The model
+# The model's maps
 # ----------------------------------------------------------------------------------------
-
-def load_model(path, backbone_weights, device):
-    """Rebuild the model from its checkpoint and reload the frozen backbone it was trained
-    with (the checkpoint stores its identity, not its weights); refuse another backbone.
-    Returns (model, features: image -> AFS features, checkpoint)."""
-    ckpt = load_checkpoint(path, "--checkpoint", kind="realnet")
-    config = ckpt["config"]
-    backbone = runs.load_recorded_backbone(config.get("backbone"), backbone_weights, config["layers"],
-                                           f"--checkpoint {path!r}")
-    broken = [name for name, value in ckpt["state_dict"].items()
-              if value.is_floating_point() and not torch.isfinite(value).all()]
-    if broken:   # a diverged training: its maps would be NaN, and no metric defined
-        raise cli.UserError(f"--checkpoint {path!r}: {len(broken)} weight tensor(s) are not "
-                            f"finite (e.g. {broken[0]}): the training diverged; train again "
-                            "with a lower --lr")
-    model = RealNet(config)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise cli.UserError(f"--checkpoint {path!r}: its weights do not fit its configuration "
-                            f"({str(e).splitlines()[0]})")
-    model = model.to(device).eval()
-    return model, FeatureExtractor(backbone.to(device), model), ckpt
-
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def forward(model, features, images):
-    """Images (B, 3, S, S), ImageNet-normalised -> anomaly maps (B, S, S): probabilities in
-    [0, 1], or with the fused map (model.fused) standard scores (0: a normal pixel's mean)."""
-    return model(features(images), images.shape[-2:])["anomaly_map"]
 
 
 def anomaly_maps(model, features, dataset, device, batch_size, workers, label):
@@ -196,7 +170,7 @@ def defect_rows(labels, defects):
 
 
 def evaluate_category(model, features, dataset, category, device, out, batch_size, workers, image_score, pool,
-                      fpr_limit, panels, stored_threshold):
+                      fpr_limit, panels, calibrated):
     samples = dataset.test(category)
     if not samples:
         raise cli.UserError(f"{dataset.root!r}: category {category!r} has no test images")
@@ -218,18 +192,19 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
         if why:
             per_defect[defect]["not_computed"] = why
 
-    picture = picture_threshold(stored_threshold, maps, masks, labels, has_masks)
+    picture = picture_threshold(calibrated, maps, masks, labels, has_masks)
     result.update({"images": len(samples), "good": int((~labels).sum()), "anomalous": int(labels.sum()),
                    "per_defect": per_defect, "picture_threshold": picture})
-    if stored_threshold:
-        result["stored_threshold"] = decision.on_test_set(stored_threshold, scores, labels,
-                                                          image_score, pool)
+    if calibrated:
+        result["calibration_on_test"] = calibration.on_test_set(calibrated, scores, labels)
     if missing:
         result["not_computed"] = missing
         for name, why in missing.items():
             print(f"{category}: {name} not computed: {why}")
 
-    rows_csv = [(category, s.image, s.defect, s.label, float(sc)) for s, sc in zip(samples, scores)]
+    image_threshold = calibrated and calibrated.get("image")
+    rows_csv = [(category, s.image, s.defect, s.label, float(sc),
+                 predict_outputs.decide(sc, image_threshold)) for s, sc in zip(samples, scores)]
     if panels:
         write_panels(samples, maps, masks, scores, picture["value"], picture["note"], size,
                      os.path.join(out, "panels", category), panels, probability=not model.fused)
@@ -240,24 +215,24 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
 # Pictures
 # ----------------------------------------------------------------------------------------
 
-def picture_threshold(stored, maps, masks, labels, has_masks):
-    """The contour of the pictures: the pixel threshold stored in the checkpoint (chosen
-    without labels), else the F1-optimal one of the test set, for the pictures only."""
-    if stored and stored.get("pixel") is not None:
-        rule = stored["rule"]
-        return {"value": stored["pixel"], "pixel_f1": None,
-                "chosen_on": f"{stored['chosen_on']}, rule {rule} (stored in the checkpoint)",
-                "note": f"contour: map >= {stored['pixel']:.3f}, stored threshold ({rule}, "
-                        "no test labels)"}
+def picture_threshold(calibrated, maps, masks, labels, has_masks):
+    """The contour of the pictures: the calibrated pixel threshold (no labels), else the
+    F1-optimal one of the test set, for the pictures only."""
+    if calibrated and calibrated.get("pixel") is not None:
+        how = calibrated.get("rule") if calibrated.get("set_by") == "calibration" else "by hand"
+        return {"value": calibrated["pixel"], "pixel_f1": None,
+                "chosen_on": f"calibration ({calibrated['used_from']}), rule {how}",
+                "note": f"contour: map >= {calibrated['pixel']:.3f}, calibrated ({how}, no "
+                        "test labels)"}
     value, f1 = (None, None)
     if labels.any() and has_masks.all():
         value, f1 = metrics.f1_optimal_threshold(maps, masks)
     note = (f"contour: map >= {value:.3f}, F1-optimal on the test set, for pictures only (no "
-            "stored threshold)" if value is not None else
-            "no contour: no stored threshold, no test masks")
+            "calibration)" if value is not None else
+            "no contour: no calibration, no test masks")
     return {"value": value, "pixel_f1": f1, "note": note,
             "chosen_on": "the test set, FOR THE PICTURES ONLY (no metric uses it; the checkpoint "
-                         "stores no threshold)"}
+                         "is not calibrated)"}
 
 
 def heat_panel(image, anomaly_map, threshold, probability=True):
@@ -318,16 +293,16 @@ class FolderImages(torch.utils.data.Dataset):
 
 def predict(model, features, folder, device, out, batch_size, workers, image_score, pool,
             threshold):
-    """Score every image of `folder`; with a threshold (realnet/threshold.py) also decide
+    """Score every image of `folder`; with a calibration (realnet/calibration.py) also decide
     OK/NG and write a binary mask. Writes what realnet/predict.py describes."""
     folder = cli.require_dir(folder, "--predict")
     paths = data.list_images(folder)
     if not paths:
         raise cli.UserError(f"--predict: folder {folder!r} has no images ({', '.join(data.IMAGE_EXTENSIONS)})")
     if threshold is None:
-        print("note: no threshold: the checkpoint stores none (train with --val-fraction > 0) "
-              "and no --threshold-file or --threshold was given: scores and maps only, no "
-              "OK/NG, no masks")
+        print("note: no threshold: the checkpoint is not calibrated (train with --val-fraction "
+              "> 0, or python3 -m realnet.calibration) and no --calibration, --image-threshold "
+              "or --pixel-threshold was given: scores and maps only, no OK/NG, no masks")
     size = model.config["input_size"]
     maps, _ = anomaly_maps(model, features, FolderImages(paths, size), device, batch_size, workers, "predict")
     scores = score_images(maps, image_score, pool)
@@ -336,7 +311,7 @@ def predict(model, features, folder, device, out, batch_size, workers, image_sco
             for path, name, anomaly_map, score in zip(paths, names, maps, scores)]
     write_csv(os.path.join(out, "predictions.csv"), predict_outputs.CSV_COLUMNS, rows)
     pixel = threshold and threshold.get("pixel")
-    note = (f"contour: map >= {pixel:.4f} ({threshold['source']})" if pixel is not None
+    note = (f"contour: map >= {pixel:.4f} ({threshold['used_from']})" if pixel is not None
             else "no threshold")
     for path, name, anomaly_map, score, row in zip(paths, names, maps, scores, rows):
         image = data.load_image(path, size)
@@ -415,8 +390,8 @@ def check_args(args):
     if not 0 < args.fpr_limit <= 1:
         raise cli.UserError(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
     cli.refuse_ignored(args, "format", "auto", "data", "it gives the layout of --data")
-    cli.refuse_ignored(args, "threshold", None, "predict", "the pixel threshold of its masks")
-    cli.refuse_ignored(args, "threshold_file", None, "predict", "it decides OK/NG of its images")
+    cli.refuse_ignored(args, "image_threshold", None, "predict", "it decides OK/NG of its images")
+    cli.refuse_ignored(args, "pixel_threshold", None, "predict", "the threshold of its masks")
     if args.predict:   # it scores a folder; flags of the labelled test split would be ignored
         for name, default in (("data", None), ("categories", None), ("fpr_limit", FPR_LIMIT)):
             if getattr(args, name) != default:
@@ -428,22 +403,35 @@ def check_args(args):
                             "float32 (run it under torch.autocast to lower its precision)")
 
 
+def use_calibration(args, model, ckpt):
+    """The calibration this run decides with (realnet/calibration.py resolve), its map
+    scale put into the model; a note of what it rests on."""
+    calibrated = calibration.resolve(
+        ckpt.get("calibration"), args.calibration, args.image_threshold, args.pixel_threshold,
+        calibration.weights_digest(model.state_dict()), model.fused, args.image_score,
+        args.pool, args.precision)
+    if calibrated is not None and calibrated.get("map_scale"):
+        calibration.set_map_scale(model, calibrated["map_scale"])
+    if calibrated is not None:
+        print(calibration.describe(calibrated) + f" [{calibrated['used_from']}]")
+        for note in calibrated.get("notes") or []:
+            print("note: " + note)
+    return calibrated
+
+
 def check_pool(pool, image_score, input_size):
     if image_score == "avgpool" and not 1 <= pool <= input_size:
         raise cli.UserError(f"--pool {pool}: expected a window of 1 to {input_size} pixels "
                             f"(the checkpoint's input size)")
 
 
-def predict_folder(args, model, features, ckpt, device, out, size):
+def predict_folder(args, model, features, calibrated, device, out, size):
     """--predict DIR: score, decide and map every image of a folder (no labels)."""
-    digest = decision.weights_digest(ckpt["state_dict"])
-    threshold = decision.resolve(ckpt.get("threshold"), args.threshold_file, args.threshold,
-                                 digest, args.image_score, args.pool)
     paths, _ = predict(model, features, args.predict, device, out, args.batch_size, args.workers,
-                       args.image_score, args.pool, threshold)
-    if threshold is not None:   # what was used, for --threshold-file (edit it to tune)
-        atomic_write_json(os.path.join(out, "threshold.json"),
-                          decision.to_file(threshold, digest, args.checkpoint))
+                       args.image_score, args.pool, calibrated)
+    if calibrated is not None:   # what was used, for --calibration (edit it to tune)
+        atomic_write_json(os.path.join(out, "calibration.json"),
+                          calibrated | {"checkpoint": os.path.abspath(args.checkpoint)})
     sample = torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths[:args.batch_size]])
     speed = throughput(model, features, sample.to(device), device, args.throughput_repeats)
     atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
@@ -451,7 +439,7 @@ def predict_folder(args, model, features, ckpt, device, out, size):
     runs.save_args(args, out, "predict_args.json")
 
 
-def evaluate_test_set(args, model, features, ckpt, device, out, size):
+def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size):
     """The test split of every category: metrics.json, scores.csv, panels/."""
     dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"), f"--checkpoint {args.checkpoint!r}")
     categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
@@ -461,7 +449,7 @@ def evaluate_test_set(args, model, features, ckpt, device, out, size):
     for category in categories:
         results[category], category_rows = evaluate_category(
             model, features, dataset, category, device, out, args.batch_size, args.workers, args.image_score,
-            args.pool, args.fpr_limit, args.panels, ckpt.get("threshold"))
+            args.pool, args.fpr_limit, args.panels, calibrated)
         rows += category_rows
 
     first = data.TestSet(dataset.test(categories[0])[:args.batch_size], size)
@@ -469,18 +457,23 @@ def evaluate_test_set(args, model, features, ckpt, device, out, size):
     speed = throughput(model, features, images, device, args.throughput_repeats)
 
     summary = mean_over_categories(results)
+    learned = ckpt.get("learning_check") or {}
     atomic_write_json(os.path.join(out, "metrics.json"), {
+        "learning_check": learned or None,
         "checkpoint": {"path": os.path.abspath(args.checkpoint), "digest": file_digest(args.checkpoint),
                        "step": ckpt.get("step"), "selected_on": ckpt.get("selected_on"),
                        "unified": ckpt.get("unified", False)},
         "data": dataset.describe(), "categories": results, "mean": summary, "throughput": speed,
         "protocol": protocol(args.image_score, args.pool, args.fpr_limit, size,
                              model.config.get("anomaly_map", "discriminator")), "args": cli.args_to_dict(args)})
-    write_csv(os.path.join(out, "scores.csv"), ["category", "path", "defect", "label", "score"], rows)
+    write_csv(os.path.join(out, "scores.csv"),
+              ["category", "path", "defect", "label", "score", "decision"], rows)
     runs.save_args(args, out)   # with the files it describes, not before: a failed run keeps both
     print_table(results, summary)
     print(f"throughput {speed['images_per_s']} images/s (batch {speed['batch']}, {speed['device']}); "
           f"wrote {os.path.join(out, 'metrics.json')}, scores.csv, panels/")
+    if learned.get("warning"):   # beside the metrics: they rest on a model that did not learn
+        print("WARNING: " + learned["warning"])
 
 
 def main(argv=None):
@@ -493,10 +486,10 @@ def main(argv=None):
     check_pool(args.pool, args.image_score, size)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     prepare_output_folder(out, files=("metrics.json", "scores.csv", "args.json", "predictions.csv",
-                                      "predict_args.json", "threshold.json", "export.json"),
+                                      "predict_args.json", "calibration.json", "export.json"),
                           subfolders=("panels", "predict", "maps", "masks"))
     print(describe(model.config))
-
+    calibrated = use_calibration(args, model, ckpt)   # the fused map's scale goes into the model
     if args.export:
         images = check_batch(args, ckpt, size, device)
         report = export.export_and_check(model, features, images, args.export)
@@ -505,9 +498,9 @@ def main(argv=None):
         return
     with precision.autocast(args.precision, device):   # the networks' arithmetic
         if args.predict:
-            predict_folder(args, model, features, ckpt, device, out, size)
+            predict_folder(args, model, features, calibrated, device, out, size)
         else:
-            evaluate_test_set(args, model, features, ckpt, device, out, size)
+            evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ after demo.sh's stages 1-3:
 Writes to --out: model.pt (what evaluate.py reads), state.pt (everything needed to
 continue: --resume), loss.jsonl, args.json, and with --val-fraction best.pt, val.jsonl and
 learning_curve.png (the held-out metrics and the loss against the step). With
---val-fraction, model.pt and best.pt also hold the OK/NG threshold chosen on the held-out
-images (--threshold-rule f1 | fpr; realnet/threshold.py) that evaluate.py --predict uses,
-and with --anomaly-map fused the mean and std that standardise the map (realnet/model.py).
+--val-fraction, once training is over, model.pt and best.pt are calibrated on the held-out
+normal images (realnet/calibration.py: the fused map's scale and the OK/NG thresholds that
+evaluate.py --predict decides with), in the precision evaluate.py will run
+(--calibrate-precision).
 One model over several categories (`--categories a,b,c`, "unified") is an option beyond the
 paper, which trains one model per category.
 """
@@ -40,7 +41,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from realnet import cli, distributed, precision, runs, threshold as decision
+from realnet import calibration, cli, distributed, precision, runs
 from realnet.features import FeatureExtractor, make_cache, pair_features
 from realnet.files import atomic_torch_save, file_digest, load_checkpoint
 from realnet.files import prepare_output_folder
@@ -50,7 +51,7 @@ from realnet.model import realnet_loss
 from realnet.progress import Progress
 from realnet.stream import AnomalyStream, StreamSampler, dump_examples
 from realnet.synthesis import synthesizers_for
-from realnet.validation import VAL_LOG, make_validation_set, split_validation
+from realnet.validation import VAL_LOG, learning_check, make_validation_set, split_validation
 from realnet.validation import validation_maps, validation_metrics, write_learning_curve
 
 
@@ -76,9 +77,9 @@ def parse_args(argv=None):
     add("--k-mean", type=int, default=None, help="RRS channels ranked by mean (M*retention/2)")
     add("--anomaly-map", default="discriminator", choices=sorted(ANOMALY_MAPS),
         help="what the model reports: discriminator (the paper: its class-1 probability) | "
-             "fused (beyond the paper: the discriminator's map and each level's reconstruction "
-             "energy, standardised on the held-out normal images and averaged; needs "
-             "--val-fraction)")
+             "fused (beyond the paper: the discriminator's log-odds and each level's "
+             "reconstruction energy, each scaled on the held-out normal images by calibration, "
+             "and averaged; needs --val-fraction)")
     add("--batch-size", type=int, default=16, help="global batch size (paper)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (paper)")
     add("--lr-schedule", default="constant", choices=["constant", "cosine"],
@@ -93,12 +94,16 @@ def parse_args(argv=None):
     add("--val-metric", default="pixel_auroc", choices=["pixel_auroc", "au_pro", "image_auroc"],
         help="what best.pt maximises on the held-out training images (the discriminator's "
              "map: the synthetic anomalies are what it was trained to find)")
-    add("--threshold-rule", default="f1", choices=sorted(decision.RULES),
-        help="the OK/NG threshold stored in model.pt, chosen on the held-out images "
-             "(--val-fraction): f1 (F1-optimal vs their synthetic anomalies) | fpr (at most "
-             "--target-fpr of the normal ones called NG)")
+    add("--threshold-rule", default=calibration.DEFAULT_RULE, choices=sorted(calibration.RULES),
+        help="the OK/NG threshold calibration stores in model.pt and best.pt, from the held-out "
+             "images (--val-fraction): normal (the highest good score plus a margin) | fpr (at "
+             "most --target-fpr of the good ones NG) | f1 (F1-optimal vs their synthetic "
+             "anomalies: sits high, real defects are fainter)")
     add("--target-fpr", type=float, default=0.01,
         help="with --threshold-rule fpr: the false-positive rate allowed on normal images")
+    precision.add_precision_arg(p, "calibration after training: the precision evaluate.py "
+                                   "will run in (evaluate.py's default: fp32)",
+                                flag="--calibrate-precision")
     add("--cache-features", default="auto", choices=["auto", "on", "off"],
         help="keep the clean images' features (frozen backbone, no augmentation: exact); "
              "auto = on when they take under 4 GiB")
@@ -123,11 +128,12 @@ def check_args(args, ddp):
                          **({} if args.steps is None else {"steps": args.steps}))
     cli.require_finite_positive(lr=args.lr)
     precision.check_precision(args.precision, ddp.device)
+    precision.check_precision(args.calibrate_precision, ddp.device, "--calibrate-precision")
     if not 0 <= args.target_fpr < 1:
         raise cli.UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
     if args.anomaly_map == "fused" and args.val_fraction <= 0:
-        raise cli.UserError("--anomaly-map fused standardises its parts on held-out normal "
-                            "images: give --val-fraction > 0 (e.g. 0.1)")
+        raise cli.UserError("--anomaly-map fused is calibrated on held-out normal images: "
+                            "give --val-fraction > 0 (e.g. 0.1)")
 
 
 def fill_from_afs(args, afs):
@@ -197,7 +203,10 @@ def run_settings(args, afs, dataset, categories, train_images):
                          "--lr-schedule": args.lr_schedule, "--seed": args.seed,
                          "--precision": args.precision,
                          "train_images": train_images, "--val-fraction": args.val_fraction,
-                         "--val-metric": args.val_metric}}
+                         "--val-metric": args.val_metric},
+            "calibration_settings": {"--threshold-rule": args.threshold_rule,
+                                     "--target-fpr": args.target_fpr,
+                                     "--calibrate-precision": args.calibrate_precision}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -269,7 +278,8 @@ def model_file(model, run, step, selected_on, extra):
     (they are reloaded from --backbone-weights and checked against `backbone`)."""
     return {"kind": "realnet", "version": 1, "config": model.config, "step": step,
             "state_dict": model.state_dict(), "selected_on": selected_on,
-            "backbone": model.config["backbone"], **run, **extra}
+            "backbone": model.config["backbone"], "calibration": None,   # set after training
+            **run, **extra}
 
 
 def save_run(out, model, optimizer, scaler, run, step, best, extra):
@@ -283,22 +293,13 @@ def save_run(out, model, optimizer, scaler, run, step, best, extra):
                       os.path.join(out, runs.STATE_FILE))
 
 
-def choose_threshold(maps, val, step, rule, target_fpr):
-    """The OK/NG threshold of this step's model on the held-out images (realnet/threshold.py),
-    for the image score evaluate.py reports by default."""
-    threshold = decision.choose(maps, val["mask"][:, 0].numpy(), rule, target_fpr)
-    return threshold and threshold | {"step": step}
-
-
 def validate_and_keep_best(model, features, val, held_out, step, best, metric, batch_size, run,
-                           extra, out, threshold_rule, target_fpr):
-    """Validate on the held-out training images, log to val.jsonl and draw the learning
-    curve; choose this step's threshold; best.pt: the best step (with its threshold).
-    Returns (best, threshold)."""
-    discriminator_maps, maps = validation_maps(model, features, val,
-                                               next(model.parameters()).device, batch_size)
-    scores = validation_metrics(discriminator_maps, val)
-    threshold = choose_threshold(maps, val, step, threshold_rule, target_fpr)
+                           extra, out):
+    """Validate on the held-out training images (the discriminator's map against their
+    synthetic anomalies), log to val.jsonl and draw the learning curve; best.pt: the best
+    step. Returns best."""
+    maps = validation_maps(model, features, val, next(model.parameters()).device, batch_size)
+    scores = validation_metrics(maps, val)
     with open(os.path.join(out, VAL_LOG), "a") as f:
         runs.log_line(f, {"step": step, **scores})
     write_learning_curve(out)
@@ -306,20 +307,49 @@ def validate_and_keep_best(model, features, val, held_out, step, best, metric, b
           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
     value = scores[metric]
     if value is None or (best["value"] is not None and value <= best["value"]):
-        return best, threshold
+        return best
     selected_on = {"rule": f"best {metric} on held-out TRAINING images with synthetic anomalies "
                            "(never the test set)", "step": step, "scores": scores,
-                   "held_out_images": [s.image for s in held_out]}
-    best_file = model_file(model, run, step, selected_on, with_threshold(extra, threshold, step))
-    atomic_torch_save(best_file, os.path.join(out, "best.pt"))
-    return {"value": value, "step": step}, threshold
+                   "held_out_images": [s.image for s in held_out],
+                   "validation_samples": {"normal": int((~val["anomalous"]).sum()),
+                                          "synthetic_anomaly": int(val["anomalous"].sum()),
+                                          "distinct_images": val["distinct"]}}
+    atomic_torch_save(model_file(model, run, step, selected_on, extra),
+                      os.path.join(out, "best.pt"))
+    return {"value": value, "step": step}
 
 
-def with_threshold(extra, threshold, step):
-    """The checkpoint entries plus the threshold, if it was chosen on this step's model."""
-    if threshold is None or threshold["step"] != step:
-        return extra
-    return extra | {"threshold": threshold}
+def calibrate_checkpoints(out, config, features, val, args, device):
+    """Calibration, once training is over (realnet/calibration.py): model.pt and best.pt
+    each get the fused map's scale and the OK/NG thresholds of their own weights, fitted on
+    the held-out normal images (each once) in --calibrate-precision. Returns
+    {file name: calibration record}."""
+    def good():   # the held-out images as they are, each once
+        return (val["normal"][i:i + args.batch_size]
+                for i in range(0, len(val["normal"]), args.batch_size))
+
+    def synthetic():   # for rule f1 only: the held-out samples with a synthetic anomaly
+        images = val["image"][val["anomalous"]]
+        return (images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size))
+
+    records, learned = {}, learning_check(out)
+    for name in ("best.pt", "model.pt"):
+        path = os.path.join(out, name)
+        if not os.path.exists(path):
+            continue
+        checkpoint = load_checkpoint(path, name, kind="realnet")
+        model = RealNet(config).to(device)
+        model.load_state_dict(checkpoint["state_dict"])
+        record = calibration.calibrate(
+            model, FeatureExtractor(features.backbone, model), good, device, args.threshold_rule, args.target_fpr,
+            args.calibrate_precision, synthetic if args.threshold_rule == "f1" else None,
+            source=f"{len(val['normal'])} held-out TRAINING images of --val-fraction "
+                   f"{args.val_fraction} (never the test set)")
+        checkpoint["state_dict"] = model.state_dict()
+        checkpoint["calibration"], checkpoint["learning_check"] = record, learned
+        atomic_torch_save(checkpoint, path)
+        records[name] = record
+    return records
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,26 +366,24 @@ def print_plan(config, model, categories, n_images, held_out, total_steps, batch
           f"process(es) on {ddp.device}, clean-image features {'cached' if cache else 'computed'}")
 
 
-def print_done(step, started, out, best, metric, threshold, rule, validated):
+def print_done(step, started, out, best, metric, records, validated):
     note = ""
     if best["step"]:
         note = f", best.pt from step {best['step']} ({metric} {best['value']:.4f})"
     print(f"done: {step} steps in {time.time() - started:.0f} s; model "
           f"{os.path.join(out, 'model.pt')}{note}")
-    if threshold is None:
-        print("no OK/NG threshold stored: " + (
-            f"the held-out images do not allow --threshold-rule {rule} (f1 needs normal and "
-            "anomalous ones, fpr normal ones)"
-            if validated else "choose one with --val-fraction > 0 (held-out images)"))
+    if not records:
+        print("not calibrated: " + ("no held-out image" if validated else
+                                    "give --val-fraction > 0 (held-out images)")
+              + "; no OK/NG threshold stored (python3 -m realnet.calibration makes one)")
         return
-    target = f" {threshold['target_fpr']}" if threshold["rule"] == "fpr" else ""
-    held = threshold["on_held_out"]
-    images = threshold["held_out_images"]
-    print(f"OK/NG threshold ({threshold['rule']}{target}, on {images['normal']} normal + "
-          f"{images['anomalous']} synthetic-anomaly held-out images): "
-          f"image score >= {threshold['image']:.4f} is NG (held-out FPR {held['image_fpr']:.3f}"
-          + (f", recall {held['image_recall']:.3f}" if held["image_recall"] is not None else "")
-          + f"); mask: map >= {threshold['pixel']:.4f}")
+    for name, record in records.items():   # best.pt first: what the README evaluates
+        print(f"{name}: {calibration.describe(record)}")
+    for note in dict.fromkeys(n for record in records.values() for n in record["notes"]):
+        print("note: " + note)
+    warning = (learning_check(out) or {}).get("warning")
+    if warning:
+        print("WARNING: " + warning)
 
 
 def write_examples(stream, n, folder):
@@ -417,7 +445,7 @@ def main(argv=None):
         write_examples(stream, args.dump if start_step == 0 else 0, os.path.join(out, "examples"))
 
     model.train()
-    step, saved_step, started, threshold = start_step, None, time.time(), None
+    step, saved_step, started = start_step, None, time.time()
     with open(log_path, "a") as log:
         for batch in loader:
             # one step: half normal, half synthetic anomalies; reconstruct, segment, learn
@@ -441,25 +469,21 @@ def main(argv=None):
                 progress.update(step, items=args.batch_size)
             if val is not None and (step % args.val_every == 0 or last):
                 with amp:
-                    best, threshold = validate_and_keep_best(
-                        model, features, val, held_out, step, best, args.val_metric,
-                        args.batch_size, run, extra, out, args.threshold_rule, args.target_fpr)
+                    best = validate_and_keep_best(model, features, val, held_out, step, best,
+                                                  args.val_metric, args.batch_size, run, extra,
+                                                  out)
             if step % args.save_every == 0 or last:
                 if ddp.is_main:
-                    save_run(out, model, optimizer, scaler, run, step, best,
-                             with_threshold(extra, threshold, step))
+                    save_run(out, model, optimizer, scaler, run, step, best, extra)
                 saved_step = step
     if saved_step != step and ddp.is_main:   # a finished run resumed: nothing left to train
-        if val is not None:
-            with amp:
-                _, maps = validation_maps(model, features, val, ddp.device, args.batch_size)
-            threshold = choose_threshold(maps, val, step, args.threshold_rule, args.target_fpr)
-        save_run(out, model, optimizer, scaler, run, step, best,
-                 with_threshold(extra, threshold, step))
+        save_run(out, model, optimizer, scaler, run, step, best, extra)
+    records = {}
+    if ddp.is_main and val is not None:   # after training: what turns maps into verdicts
+        records = calibrate_checkpoints(out, config, features, val, args, ddp.device)
     distributed.barrier(ddp)
     if ddp.is_main:
-        print_done(step, started, out, best, args.val_metric, threshold, args.threshold_rule,
-                   val is not None)
+        print_done(step, started, out, best, args.val_metric, records, val is not None)
     distributed.cleanup(ddp)
 
 

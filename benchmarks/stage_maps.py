@@ -10,9 +10,10 @@ images with each of these, so that a reader can see where a miss comes from:
                     input), upsampled to the image
     level N energy  sum over the level's AFS channels of (features - reconstruction)^2,
                     upsampled to the image: what reconstruction alone would say
+    discriminator log-odds   its logit 1 - logit 0 (the fused map's first part)
     fused           with a model trained with --anomaly-map fused: the map it reports
-                    instead (evaluate.py), the standardised mean of the discriminator's
-                    map and the level energies
+                    instead (evaluate.py), the calibrated mean of the discriminator's
+                    log-odds and the level energies
 
 and prints image AUROC / pixel AUROC / AU-PRO of each, for the whole split and per defect
 type, with the same metric code and image score as evaluate.py (on the CPU).
@@ -35,8 +36,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402
-from realnet import cli, data, runs  # noqa: E402
+from realnet import calibration, cli, data, runs  # noqa: E402
 from realnet.files import atomic_write_json  # noqa: E402
+from realnet.inference import load_model  # noqa: E402
 from realnet.model import map_parts  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "au_pro")
@@ -63,13 +65,14 @@ def stage_maps(model, features, test_set, batch_size):
     for batch in torch.utils.data.DataLoader(test_set, batch_size=batch_size):
         levels = features(batch["image"])
         out = model(levels, (size, size))
-        # the discriminator's map, then each level's energy (what a fused map is made of)
-        parts = map_parts(out["discriminator_map"], levels, out["reconstructions"])
-        found = {"discriminator": parts[:, 0],
+        # the discriminator's log-odds, then each level's energy (the fused map's parts)
+        parts = map_parts(out["logits"], levels, out["reconstructions"])
+        found = {"discriminator": out["discriminator_map"].float(),
+                 "discriminator log-odds": parts[:, 0],
                  "rrs residuals": upsample(out["selected"].sum(1, keepdim=True))}
         for n in range(1, parts.shape[1]):
             found[f"level {n} energy"] = parts[:, n]
-        if model.fused:   # what the model reports (evaluate.py): their standardised mean
+        if model.fused:   # what the model reports (evaluate.py): their calibrated mean
             found["fused"] = out["anomaly_map"].float()
         for name, value in found.items():
             maps.setdefault(name, []).append(value.numpy())
@@ -89,7 +92,12 @@ def score(anomaly_maps, masks, labels, rows):
 def main(argv=None):
     args = parse_args(argv)
     cli.require_positive(batch_size=args.batch_size)
-    model, features, ckpt = evaluate.load_model(args.checkpoint, None, torch.device("cpu"))
+    model, features, ckpt = load_model(args.checkpoint, None, torch.device("cpu"))
+    if model.fused:   # the map scale of the checkpoint's calibration (evaluate.py's default)
+        if not ckpt.get("calibration"):
+            raise cli.UserError(f"--checkpoint {args.checkpoint!r}: the fused map is not "
+                                "calibrated (python3 -m realnet.calibration)")
+        calibration.set_map_scale(model, ckpt["calibration"]["map_scale"])
     dataset = runs.open_recorded_dataset(args.data, "auto", ckpt.get("dataset"),
                                          f"--checkpoint {args.checkpoint!r}")
     category = args.category or ckpt["categories"][0]

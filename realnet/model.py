@@ -352,9 +352,11 @@ class RealNet(nn.Module):
         self.discriminator = Discriminator(config["k_max"] + config["k_mean"], config["residual_layers"])
         self.process_group = None
         self.fused = config.get("anomaly_map", "discriminator") == "fused"
-        if self.fused:   # mean and std of each part of the map on normal images (standardise)
-            self.register_buffer("map_mean", torch.zeros(1 + len(channels)))
-            self.register_buffer("map_std", torch.ones(1 + len(channels)))
+        if self.fused:   # per part of the map: its centre and scale on normal images, and
+            # whether it counts (realnet/calibration.py fits them after training)
+            self.register_buffer("map_centre", torch.zeros(1 + len(channels)))
+            self.register_buffer("map_scale", torch.ones(1 + len(channels)))
+            self.register_buffer("map_weight", torch.ones(1 + len(channels)))
 
     def set_process_group(self, group):
         """Under DDP: RRS ranks and the discriminator's BatchNorm normalises with the
@@ -393,38 +395,40 @@ class RealNet(nn.Module):
         out = {"reconstructions": reconstructions, "selected": selected, "rrs_indices": indices,
                "logits": logits, "discriminator_map": discriminator_map,
                "anomaly_map": discriminator_map}
-        if self.fused:
-            out["map_parts"] = map_parts(discriminator_map, features, reconstructions)
+        if self.fused and not self.training:   # training never uses the fused map
+            out["map_parts"] = map_parts(logits, features, reconstructions)
             out["anomaly_map"] = self.fuse(out["map_parts"])
         return out
 
+    def part_names(self):
+        """What each part of the fused map is (map_parts' order)."""
+        return ["discriminator log-odds"] + [f"level {i + 1} energy"
+                                             for i in range(len(self.reconstruction))]
+
     def fuse(self, parts):
-        """The fused anomaly map (B, S, S): the mean over the parts of (part - mean) / std, with
-        the mean and std that `standardise` measured on normal images. Each part then counts
-        in units of its own spread on normal images, wherever its raw scale lies."""
+        """The fused anomaly map (B, S, S): the weighted mean over the parts of
+        (part - centre) / scale, with the centre, scale and weight that calibration measured
+        on normal images (realnet/calibration.py). Each part then counts in units of its
+        own spread on normal pixels, wherever its raw scale lies."""
         shape = (1, -1, 1, 1)
-        return ((parts - self.map_mean.view(shape)) / self.map_std.view(shape)).mean(dim=1)
-
-    @torch.no_grad()
-    def standardise(self, normal_parts):
-        """Measure the mean and std of each part over every pixel of `normal_parts`
-        (N, P, S, S), the map parts of normal images the model was not trained on."""
-        parts = normal_parts.float().transpose(0, 1).reshape(normal_parts.shape[1], -1)
-        self.map_mean.copy_(parts.mean(dim=1))
-        self.map_std.copy_(parts.std(dim=1, correction=0).clamp_min(1e-12))
+        z = (parts - self.map_centre.view(shape)) / self.map_scale.view(shape)
+        return (z * self.map_weight.view(shape)).sum(dim=1) / self.map_weight.sum()
 
 
-def map_parts(discriminator_map, features, reconstructions):
-    """(B, 1 + levels, S, S): the discriminator's map, then each level's reconstruction energy
+def map_parts(logits, features, reconstructions):
+    """(B, 1 + levels, S, S): the discriminator's log-odds of "anomalous" (logit 1 - logit 0,
+    unbounded: its probability saturates at 0 on normal pixels, where a tiny spread would make
+    any firing outweigh every other part), then each level's reconstruction energy
     sum_c (phi_k - G_k(phi_k))^2 (eq. 5's error, per position), upsampled to the map's size.
     The energy sees every AFS channel of a level; the discriminator sees the RRS-kept ones
     through a network trained on synthetic anomalies only, and can miss a real defect that
     does not look like them (a bulge, a thin scratch) while the energy still shows it."""
-    size = discriminator_map.shape[-2:]
+    size = logits.shape[-2:]
+    log_odds = (logits[:, 1] - logits[:, 0]).float()
     energies = [F.interpolate(((f.float() - r.float()) ** 2).sum(1, keepdim=True), size=size,
                               mode="bilinear", align_corners=False)
                 for f, r in zip(features, reconstructions)]
-    return torch.cat([discriminator_map[:, None]] + energies, dim=1)
+    return torch.cat([log_odds[:, None]] + energies, dim=1)
 
 
 def realnet_loss(output, clean_features, mask):

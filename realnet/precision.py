@@ -21,17 +21,17 @@ from .cli import UserError
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def add_precision_arg(parser, what):
-    """--precision, documented with `what` the stage runs in it."""
-    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+def add_precision_arg(parser, what, flag="--precision"):
+    """--precision (or `flag`), documented with `what` the stage runs in it."""
+    parser.add_argument(flag, default="fp32", choices=list(PRECISIONS),
                         help=f"arithmetic of {what}: fp32 (paper) | bf16 (autocast) | "
                              "fp16 (autocast, CUDA only)")
 
 
-def check_precision(precision, device):
+def check_precision(precision, device, flag="--precision"):
     """fp16 needs CUDA: refuse it on the CPU before any work."""
     if precision == "fp16" and device.type != "cuda":
-        raise UserError(f"--precision fp16 needs a CUDA device (--device is {device}); "
+        raise UserError(f"{flag} fp16 needs a CUDA device (--device is {device}); "
                         "on the CPU use --precision bf16 or fp32")
 
 

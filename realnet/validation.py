@@ -30,36 +30,28 @@ def split_validation(samples, fraction, seed):
 
 def make_validation_set(stream, n_images):
     """Fixed samples: the first 2 n of the held-out stream (half normal, half with a
-    synthetic anomaly), and under "normal" each held-out image once as it is (what a
-    fused map is standardised on)."""
+    synthetic anomaly; the stream draws images per epoch, so an image can appear twice and
+    another not at all: `distinct` counts them), what best.pt is chosen on; and under
+    "normal" each held-out image once as it is, what calibration is fitted on."""
     items = [stream[g] for g in range(2 * n_images)]
     return {key: torch.stack([it[key] for it in items]) for key in ("image", "mask")} | \
         {"anomalous": torch.tensor([it["anomalous"] for it in items]),
+         "distinct": len({it["index"] for it in items}),
          "normal": torch.stack([data.to_tensor(stream.clean_image(i)) for i in range(n_images)])}
 
 
 @torch.no_grad()
 def validation_maps(model, features, val, device, batch_size):
-    """The validation set's maps in eval mode, as numpy (N, S, S) arrays: (the
-    discriminator's maps, the anomaly maps the model reports). A model with the fused map
-    (RealNet.fuse) is first standardised on the held-out images as they are (val["normal"]),
-    so that its anomaly maps, and the checkpoint saved after this, use this step's mean
-    and std."""
+    """The discriminator's maps of the validation samples in eval mode, (N, S, S) numpy:
+    what it was trained to produce on synthetic anomalies, so what best.pt is chosen on."""
     was_training = model.training
     model.eval()
-
-    def outputs(images, key):
-        return torch.cat([model(features(images[i:i + batch_size].to(device)),
-                                images.shape[-2:])[key].float() for i in range(0, len(images), batch_size)])
-
-    if model.fused:
-        model.standardise(outputs(val["normal"], "map_parts"))
-        parts = outputs(val["image"], "map_parts")
-        discriminator, anomaly = parts[:, 0].cpu(), model.fuse(parts).cpu()
-    else:
-        discriminator = anomaly = outputs(val["image"], "discriminator_map").cpu()
+    images = val["image"]
+    maps = torch.cat([model(features(images[i:i + batch_size].to(device)),
+                            images.shape[-2:])["discriminator_map"].float().cpu()
+                      for i in range(0, len(images), batch_size)])
     model.train(was_training)
-    return discriminator.numpy(), anomaly.numpy()
+    return maps.numpy()
 
 
 def validation_metrics(maps, val):
@@ -67,6 +59,30 @@ def validation_metrics(maps, val):
     labels = masks.reshape(len(masks), -1).max(axis=1) > 0
     return {"pixel_auroc": metrics.pixel_auroc(maps, masks), "au_pro": metrics.au_pro(maps, masks),
             "image_auroc": metrics.image_auroc(labels, metrics.image_scores(maps))}
+
+
+# Below this held-out pixel AUROC (chance: 0.5) at the end of training, the model has not
+# learnt to find its own synthetic anomalies: nothing downstream can be trusted, and the
+# cause is upstream of the test split (the anomaly source, AFS, the training budget).
+NOT_LEARNED_BELOW = 0.7
+
+
+def learning_check(out):
+    """The last held-out validation of a run (OUT/val.jsonl) and, when its pixel AUROC is
+    near chance, one sentence saying so and what to look at. None without validation."""
+    entries = runs.read_log(os.path.join(out, VAL_LOG))
+    if not entries or entries[-1].get("pixel_auroc") is None:
+        return None
+    last = entries[-1]
+    check = {"step": last["step"], "held_out_pixel_auroc": last["pixel_auroc"], "warning": None}
+    if last["pixel_auroc"] < NOT_LEARNED_BELOW:
+        check["warning"] = (
+            f"the model did not learn to find its own synthetic anomalies on this category: "
+            f"held-out pixel AUROC {last['pixel_auroc']:.2f} at step {last['step']} (chance "
+            f"0.5, below {NOT_LEARNED_BELOW}); its maps and verdicts mean little. Look at "
+            f"{os.path.join(out, 'learning_curve.png')} and the SDAS contact sheet "
+            "(synthesize.py's preview/contact_sheet.png): are the anomalies visible?")
+    return check
 
 
 VAL_LOG = "val.jsonl"

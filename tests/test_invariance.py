@@ -21,7 +21,7 @@ TOLERANCE = 1e-5
 def tiny_model(anomaly_map="discriminator"):
     """A tiny RealNet on a random backbone (layers 1-2), all weights and running statistics
     random, so that every part (UNets, RRS ranking, BatchNorm; with the fused map its
-    standardisation) shapes the map."""
+    calibration) shapes the map."""
     backbone = load_backbone("random", (1, 2))
     g = torch.Generator().manual_seed(0)
     afs = {"layers": [1, 2], "dims": [8, 16],
@@ -32,7 +32,7 @@ def tiny_model(anomaly_map="discriminator"):
     model = RealNet(build_config(afs, width_ratio=0.5, strides=backbone.strides, anomaly_map=anomaly_map))
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if name.endswith("running_var") or name == "map_std":
+            if name.endswith("running_var") or name == "map_scale":
                 tensor.uniform_(0.5, 2.0, generator=g)
             elif tensor.is_floating_point():
                 # std 0.1: logits of order 1 (std 0.2 gives logits of 100+, which magnify

@@ -271,12 +271,14 @@ def test_k_and_input_sizes_the_model_cannot_use_are_refused_in_one_line():
     assert M.build_config(afs, arch="C", input_size=48)["input_size"] == 48   # C: layer1's size
 
 
-def test_fused_map_is_the_mean_standard_score_of_the_discriminator_and_the_energies():
+def test_fused_map_is_the_weighted_mean_of_the_scaled_log_odds_and_energies():
     afs = fake_afs()
     model = M.RealNet(M.build_config(afs, anomaly_map="fused")).eval()
     paper = M.RealNet(M.build_config(afs))
-    assert not paper.fused and "map_mean" not in paper.state_dict()
-    assert model.state_dict()["map_mean"].shape == (4,)   # discriminator + 3 levels
+    assert not paper.fused and "map_centre" not in paper.state_dict()
+    assert model.state_dict()["map_scale"].shape == (4,)   # discriminator + 3 levels
+    assert model.part_names() == ["discriminator log-odds", "level 1 energy",
+                                  "level 2 energy", "level 3 energy"]
     features = model.select_features(fake_backbone_features(3))
     with torch.no_grad():
         for g in model.reconstruction:   # non-zero reconstructions: energies that differ
@@ -284,23 +286,23 @@ def test_fused_map_is_the_mean_standard_score_of_the_discriminator_and_the_energ
         out = model(features, (64, 64))
     parts = out["map_parts"]
     assert parts.shape == (3, 4, 64, 64)
-    assert torch.equal(parts[:, 0], out["discriminator_map"])
+    torch.testing.assert_close(parts[:, 0], out["logits"][:, 1] - out["logits"][:, 0])
     for level, (f, r) in enumerate(zip(features, out["reconstructions"]), start=1):
         energy = F.interpolate(((f - r) ** 2).sum(1, keepdim=True), size=(64, 64), mode="bilinear")
         torch.testing.assert_close(parts[:, level], energy[:, 0])
-    # before standardise: mean 0, std 1, so the map is the parts' plain mean
+    # uncalibrated: centre 0, scale 1, every part counts: the parts' plain mean
     torch.testing.assert_close(out["anomaly_map"], parts.mean(1))
-    model.standardise(parts[:2])
-    flat = parts[:2].transpose(0, 1).reshape(4, -1)
-    torch.testing.assert_close(model.map_mean, flat.mean(1))
-    torch.testing.assert_close(model.map_std, flat.std(1, correction=0))
+    centre, scale = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 1.0, 2.0, 4.0])
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0])   # level 2 dropped
+    model.map_centre.copy_(centre), model.map_scale.copy_(scale), model.map_weight.copy_(weight)
     fused = model(features, (64, 64))["anomaly_map"]
-    expected = sum((parts[:, p] - flat[p].mean()) / flat[p].std(correction=0) for p in range(4)) / 4
+    expected = sum((parts[:, p] - centre[p]) / scale[p] for p in (0, 1, 3)) / 3
     torch.testing.assert_close(fused, expected)
-    assert abs(fused[:2].mean().item()) < 1e-4   # standardised on these: mean 0
-    # the mean and std are weights: they travel with the checkpoint
+    # the calibration buffers travel with the checkpoint
     again = M.RealNet(model.config)
     again.load_state_dict(model.state_dict())
     torch.testing.assert_close(again.eval()(features, (64, 64))["anomaly_map"], fused)
+    # training never computes the fused map (nothing uses it there)
+    assert "map_parts" not in model.train()(features, (64, 64))
     with pytest.raises(ValueError, match="unknown anomaly map"):
         M.build_config(afs, anomaly_map="energy")

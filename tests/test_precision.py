@@ -10,6 +10,7 @@ import torch
 import evaluate
 from realnet import data, precision
 from realnet.cli import UserError
+from realnet.inference import anomaly_maps, load_model
 from test_train_eval import demo, one_line_error, run, train_args  # noqa: F401 (fixture)
 
 # bf16 keeps 8 significant bits: each product is within 2^-9 (0.2 %) of fp32's, and the
@@ -33,13 +34,13 @@ def trained(demo):  # noqa: F811
 
 
 def test_bf16_maps_are_close_to_fp32_on_the_cpu(demo, trained):  # noqa: F811
-    model, features, _ = evaluate.load_model(trained, None, torch.device("cpu"))
+    model, features, _ = load_model(trained, None, torch.device("cpu"))
     test = data.TestSet(data.open_dataset(demo["data"]).test("washer"), model.config["input_size"])
     images = torch.stack([test[i]["image"] for i in range(len(test))])
     maps = {}
     for name in ("fp32", "bf16"):
         with precision.autocast(name, torch.device("cpu")):
-            maps[name] = evaluate.forward(model, features, images).float()
+            maps[name] = anomaly_maps(model, features, images).float()
     assert maps["fp32"].dtype == maps["bf16"].dtype == torch.float32
     difference = (maps["bf16"] - maps["fp32"]).abs()
     assert difference.mean() < MAP_MEAN_ABS, difference.mean()

@@ -17,7 +17,8 @@ from PIL import Image
 import evaluate
 import train_realnet
 from demo_data import make_demo_dataset, make_demo_textures
-from realnet import runs
+from realnet import calibration, runs
+from realnet.inference import load_model
 from realnet.cli import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def run(script, *args, check=True, env=ENV, launcher=None):
-    command = (launcher or [sys.executable]) + [os.path.join(REPO, script), *map(str, args)]
+    """A stage script of the repository (or, for script "-m", a module: -m NAME ...)."""
+    target = ["-m"] if script == "-m" else [os.path.join(REPO, script)]
+    command = (launcher or [sys.executable]) + target + [*map(str, args)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -119,13 +122,16 @@ def test_training_loss_falls_then_evaluation_reports_everything(demo):
         assert 0.0 <= washer[name] <= 1.0
     assert washer["images"] == 7 and washer["anomalous"] == 4
     assert set(washer["per_defect"]) == {"bent", "chip", "rust", "scratch"}
-    # trained with --val-fraction: the pictures use the threshold chosen without test labels
+    # trained with --val-fraction: the pictures use the calibrated threshold (no test labels)
     assert "stored in the checkpoint" in washer["picture_threshold"]["chosen_on"]
+    on_test = washer["calibration_on_test"]
+    assert 0 <= on_test["balanced_accuracy"] <= on_test["best_balanced_accuracy"] <= 1
     assert report["protocol"]["auroc_flipped"] is False
     assert report["throughput"]["images_per_s"] > 0 and report["throughput"]["batch"] == 7
     with open(os.path.join(out, "eval", "scores.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 7 and {r["label"] for r in rows} == {"0", "1"}
+    assert {r["decision"] for r in rows} <= {"OK", "NG"} and all(r["decision"] for r in rows)
     assert len(os.listdir(os.path.join(out, "eval", "panels", "washer"))) == 7
     assert "washer" in result.stdout and "throughput" in result.stdout
 
@@ -134,31 +140,45 @@ def test_training_loss_falls_then_evaluation_reports_everything(demo):
     for defect, name in (("chip", "000.png"), ("good", "001.png")):
         shutil.copy(os.path.join(demo["data"], "washer", "test", defect, "000.png"), os.path.join(predict_dir, name))
     run("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"), "--predict", predict_dir, "--workers", "0",
-        "--threshold", "0.5", "--out", os.path.join(out, "predicted"), "--throughput-repeats", "1")
+        "--pixel-threshold", "0.5", "--out", os.path.join(out, "predicted"), "--throughput-repeats", "1")
     with open(os.path.join(out, "predicted", "predictions.csv")) as f:
         assert len(list(csv.DictReader(f))) == 2
     assert sorted(os.listdir(os.path.join(out, "predicted", "predict"))) == ["000.png", "001.png"]
 
 
-def test_fused_map_is_standardised_on_the_held_out_images_and_reported(demo):
+def test_fused_map_is_calibrated_on_the_held_out_images_and_reported(demo):
     out = str(demo["root"] / "fused")
     line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--anomaly-map", "fused"),
                               check=False))
     assert "--anomaly-map fused" in line and "--val-fraction" in line
-    run("train_realnet.py", *train_args(demo, out, "--anomaly-map", "fused", "--val-fraction", "0.25",
-                                        "--val-every", "5", steps=10))
+    result = run("train_realnet.py", *train_args(demo, out, "--anomaly-map", "fused",
+                                                 "--val-fraction", "0.25", "--val-every", "5",
+                                                 "--precision", "bf16", steps=10))
+    # the end-of-training line gives best.pt's thresholds (what the README evaluates)
+    assert "best.pt: OK/NG: image score >=" in result.stdout
+    assert "rests on 2 good image(s)" in result.stdout   # too few: said in one line
     best = torch.load(os.path.join(out, "best.pt"), weights_only=False)
-    assert best["config"]["anomaly_map"] == "fused" and best["threshold"] is not None
-    model, features, _ = evaluate.load_model(os.path.join(out, "best.pt"), None, torch.device("cpu"))
-    # the mean and std stored are those of the held-out normal images, at best.pt's step
+    record = best["calibration"]
+    assert best["config"]["anomaly_map"] == "fused" and record["rule"] == "normal"
+    # trained in bf16, calibrated in fp32 (--calibrate-precision: what evaluate.py runs)
+    assert record["precision"] == "fp32" and record["good_images"] == 2
+    # the calibration is that of the held-out training images, each once: refitting on them
+    # reproduces it (on any other image, a test image say, it would differ)
+    model, features, _ = load_model(os.path.join(out, "best.pt"), None, torch.device("cpu"))
     samples = [s for s in runs.open_recorded_dataset(None, "auto", best["dataset"], "test").train("washer")
                if s.image in best["selected_on"]["held_out_images"]]
     images = torch.stack([evaluate.data.TestSet(samples, SIZE)[i]["image"] for i in range(len(samples))])
-    with torch.no_grad():
-        parts = model(features(images), (SIZE, SIZE))["map_parts"]
-    flat = parts.transpose(0, 1).reshape(parts.shape[1], -1)
-    torch.testing.assert_close(model.map_mean, flat.mean(1), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model.map_std, flat.std(1, correction=0), rtol=1e-4, atol=1e-6)
+    refit = calibration.calibrate(model, features, lambda: [images], torch.device("cpu"))
+    assert refit["image"] == pytest.approx(record["image"], rel=1e-5)
+    assert refit["map_scale"]["scale"] == pytest.approx(record["map_scale"]["scale"], rel=1e-5)
+    test_samples = runs.open_recorded_dataset(None, "auto", best["dataset"], "test").test("washer")
+    test_images = torch.stack([evaluate.data.TestSet(test_samples, SIZE)[i]["image"] for i in range(2)])
+    other = calibration.calibrate(model, features, lambda: [test_images], torch.device("cpu"))
+    assert other["image"] != pytest.approx(record["image"], rel=1e-3)
+    # evaluate.py in another precision than the calibration's: refused, never silent
+    line = one_line_error(run("evaluate.py", "--checkpoint", os.path.join(out, "best.pt"),
+                              "--workers", "0", "--precision", "bf16", check=False))
+    assert "fitted in fp32" in line and "recalibrate" in line
 
     run("evaluate.py", "--checkpoint", os.path.join(out, "best.pt"), "--workers", "0",
         "--throughput-repeats", "1")
@@ -171,7 +191,8 @@ def test_fused_map_is_standardised_on_the_held_out_images_and_reported(demo):
     run(os.path.join("benchmarks", "stage_maps.py"), "--checkpoint", os.path.join(out, "best.pt"),
         "--json", table)
     maps = json.load(open(table))["maps"]["all"]
-    assert set(maps) == {"discriminator", "rrs residuals", "level 1 energy", "level 2 energy", "fused"}
+    assert set(maps) == {"discriminator", "discriminator log-odds", "rrs residuals", "level 1 energy",
+                         "level 2 energy", "fused"}
     for name in ("image_auroc", "pixel_auroc", "au_pro"):
         assert maps["fused"][name] == pytest.approx(report["categories"]["washer"][name], abs=1e-9)
 
