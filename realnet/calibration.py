@@ -241,8 +241,9 @@ def describe(record):
     rule = record["rule"] + (f" {record['target_fpr']}" if record.get("target_fpr") else "")
     how = ("set by hand" if record.get("set_by") != "calibration" else
            f"rule {rule}, on {record['good_images']} good image(s), {record['precision']}")
-    return (f"OK/NG: image score >= {record['image']:.4g} is NG; mask: map >= "
-            f"{record['pixel']:.4g} ({how})")
+    value = lambda v: "none" if v is None else f"{v:.4g}"
+    return (f"OK/NG: image score >= {value(record['image'])} is NG; mask: map >= "
+            f"{value(record['pixel'])} ({how})")
 
 
 # ----------------------------------------------------------------------------------------

@@ -189,6 +189,7 @@ def test_resolve_takes_the_file_then_the_stored_one_and_refuses_what_would_misle
     assert "--pixel-threshold" in used["used_from"]
     alone = C.resolve(None, None, 3.0, None, **(args | {"fused": False}))
     assert alone["image"] == 3.0 and alone["pixel"] is None and alone["set_by"] == "hand"
+    assert C.describe(alone) == "OK/NG: image score >= 3 is NG; mask: map >= none (set by hand)"
     path = tmp_path / "c.json"
     path.write_text(json.dumps(stored | {"image": 9.0, "fitted": stored["fitted"]}))
     assert C.resolve(stored, str(path), None, None, **args)["image"] == 9.0
