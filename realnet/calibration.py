@@ -24,10 +24,10 @@ When it runs:
     tied to the weights by their digest; `evaluate.py --calibration FILE` uses it.
 
 The image threshold's rule (--threshold-rule):
-    normal  (default) the good images' range and as much again: from a typical normal
-            pixel (the median of the map over the good images' pixels) to the highest good
-            image score is their range; the threshold lies MARGIN ranges above that
-            highest score. No synthetic anomaly is involved. With n good images a new good
+    normal  (default) the good images' range and MARGIN (0.6) of it again: from a typical
+            normal pixel (the median of the map over the good images' pixels) to the
+            highest good image score is their range; the threshold lies MARGIN ranges above
+            that highest score. No synthetic anomaly is involved. With n good images a new good
             image exceeds their highest score with probability about 1 / (n + 1)
             (exchangeability), and a handful of images underestimate how far good images
             reach: the margin is what makes a small calibration set usable (chosen on the
@@ -61,8 +61,9 @@ RULES = {"normal": "the highest score of the good calibration images, raised by 
          "fpr": "at most the target false-positive rate on the good calibration images",
          "f1": "F1-optimal on held-out good images vs the same images with synthetic anomalies"}
 DEFAULT_RULE = "normal"
-MARGIN = 1.0           # ranges above the highest good score ("normal" rule): twice as far
-                       # from a typical normal pixel as any good image reached
+MARGIN = 0.6           # ranges above the highest good score ("normal" rule): 1.6 times as
+                       # far from a typical normal pixel as any good image reached (chosen
+                       # on the demo's washer and granite, docs/method.md section 8)
 ENOUGH_IMAGES = 20     # good images below which a calibration says it rests on too few
 SCALE_QUANTILE = 0.99  # the fused map's spread: this quantile of a part's normal pixels
 RELATIVE_FLOOR = 1e-3  # a spread below this share of a part's typical size: the part is constant
