@@ -37,6 +37,22 @@ def blend(image, source, mask, delta):
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+_decoded = set()   # paths already decoded in full by this process (unified runs share DTD)
+
+
+def decode_all(paths, what, log=print):
+    """Decode every image of an anomaly source in full, once, before training: an image is
+    drawn at random, so a truncated one (its header reads fine) would otherwise stop the run
+    at whatever step first draws it, hours in at paper scale. UserError naming the file."""
+    todo = [p for p in paths if p not in _decoded]
+    if len(todo) > 500:
+        log(f"checking that {len(todo)} {what}s decode (a damaged one would stop training "
+            "later)")
+    for path in todo:
+        data.decode_fully(path, what)
+        _decoded.add(path)
+
+
 class AnomalySource:
     """Where anomaly appearances come from: an SDAS folder (every image file in it) and/or a
     DTD folder. `draw(rng)` -> (P uint8 (S,S,3), delta, kind, path)."""
@@ -60,6 +76,8 @@ class AnomalySource:
             if not self.dtd:
                 raise UserError(f"--dtd: folder {dtd_dir!r} has no images (expected images/<texture>/*.jpg)")
         self.sdas_dir, self.dtd_dir = sdas_dir, dtd_dir
+        decode_all(self.sdas, "--sdas image")
+        decode_all(self.dtd, "--dtd image")
 
     def describe(self):
         return {"sdas_dir": self.sdas_dir and os.path.abspath(self.sdas_dir), "sdas_images": len(self.sdas),
