@@ -202,13 +202,22 @@ def to_tensor(image_uint8):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+def _orientation(image):
+    """The EXIF orientation (1: upright) from the header. A PNG's eXIf chunk is read where it
+    usually is, before the pixels: PIL's getexif() would decode the whole file to look for
+    one after them."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return image.getexif().get(ORIENTATION_TAG, 1)
+
+
 def image_size_of(path, what="image"):
     """(width, height) as `load_image` reads it (upright: EXIF orientations 5-8 swap the
     sides), from the file header only; UserError if it is not an image."""
     try:
         with Image.open(path) as image:
             width, height = image.size
-            turned = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+            turned = _orientation(image) in (5, 6, 7, 8)
             return (height, width) if turned else (width, height)
     except FileNotFoundError:
         raise UserError(f"{what} {path!r} does not exist")
