@@ -39,8 +39,9 @@ def start_loader(dataset, workers, log=print, **options):
     """DataLoader(dataset, num_workers=workers, **options) with `workers` capped by
     `capped_workers`. `options`: batch_size, sampler, batch_sampler, pin_memory, ... as
     DataLoader takes them; persistent_workers only when there are any workers."""
+    persistent = options.pop("persistent_workers", False)
     batches = len(torch.utils.data.DataLoader(dataset, **options))   # starts no process
     used = capped_workers(workers, batches, log)
-    if options.pop("persistent_workers", False) and used > 0:
+    if persistent and used > 0:
         options["persistent_workers"] = True
     return torch.utils.data.DataLoader(dataset, num_workers=used, **options)
