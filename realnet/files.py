@@ -4,7 +4,8 @@ Every file a stage produces is written to a temporary name in the same folder an
 renamed over the target (`os.replace` is atomic on POSIX), so a stage killed half-way
 never leaves a truncated checkpoint or JSON behind, and never destroys the previous one.
 A kill during a save can leave the temporary file (.NAME.XXXXXXXX.tmp) behind: the next
-start of the stage removes it (`prepare_output_folder`).
+start of the stage removes it (`prepare_output_folder`). An output folder is owned by one
+run at a time: `prepare_output_folder` locks it until the process ends (`lock_output_folder`).
 
 Checkpoints hold tensors and plain types only (dict, list, tuple, str, int, float, bool,
 None) and are read with `torch.load(weights_only=True)`: opening a downloaded model.pt can
