@@ -53,7 +53,8 @@ def process(script, *args):
 def one_line_error(result, *fragments):
     """Exit code 2, no traceback, and stderr is one 'error: ...' line (the random backbone's
     warning aside); returns it."""
-    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:],
+                                    result.stderr[-3000:])
     assert "Traceback" not in result.stderr
     lines = [l for l in result.stderr.strip().splitlines()
              if not l.startswith(RANDOM_BACKBONE_WARNING)]
@@ -475,13 +476,15 @@ def test_log_every_0_with_resume_keeps_a_finished_runs_files(demo, trained):
     assert snapshot(trained) == before
 
 
-OTHER_FLAGS = {
-    "train_diffusion --workers -1": ("train_diffusion.py", ["--workers", "-1"], "--workers must be >= 0"),
+OTHER_FLAGS = {   # case: (script, flags, expected)
+    "train_diffusion --workers -1": ("train_diffusion.py", ["--workers", "-1"],
+                                     "--workers must be >= 0"),
     "train_diffusion --sample-every -1": ("train_diffusion.py", ["--sample-every", "-1"],
                                           "--sample-every must be >= 0"),
-    "select_features --workers -1": ("select_features.py", ["--workers", "-1", "--category", "washer"],
-                                     "--workers must be >= 0"),
-    "synthesize --sheet-count -1": ("synthesize.py", ["--sheet-count", "-1"], "--sheet-count must be >= 0"),
+    "select_features --workers -1": ("select_features.py", ["--workers", "-1", "--category",
+                                                            "washer"], "--workers must be >= 0"),
+    "synthesize --sheet-count -1": ("synthesize.py", ["--sheet-count", "-1"],
+                                    "--sheet-count must be >= 0"),
     "evaluate --workers -1": ("evaluate.py", ["--workers", "-1"], "--workers must be >= 0"),
     "evaluate --panels -2": ("evaluate.py", ["--panels", "-2"], "--panels must be -1"),
 }

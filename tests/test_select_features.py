@@ -167,7 +167,8 @@ def test_bad_input_is_one_line_without_traceback(demo, tmp_path):
     """As the user sees it: the script in a process of its own (a few cases: each costs an
     interpreter start with torch)."""
     cases = _cases(demo, tmp_path)
-    for expected in ("does not exist", "has no images", "image file is truncated", "layer4, which has 2048"):
+    for expected in ("does not exist", "has no images", "image file is truncated",
+                     "layer4, which has 2048"):
         result = _cli(*cases[expected], "--out", str(tmp_path / "out"))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (expected, result.stderr)
