@@ -145,14 +145,20 @@ def run(main):
 
 
 def require_dir(path, what):
-    """The folder `path` must exist; `what` says what it should hold (used in the error)."""
+    """The folder `path` must exist; `what` says what it should hold (used in the error),
+    and the error says what is there instead (a file) when something is."""
     if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise UserError(f"{what}: {path!r} is a file, expected a folder")
         raise UserError(f"{what}: folder {path!r} does not exist")
     return path
 
 
 def require_file(path, what):
+    """The file `path` must exist (the error says when it is a folder)."""
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise UserError(f"{what}: {path!r} is a folder, expected a file")
         raise UserError(f"{what}: file {path!r} does not exist")
     return path
 

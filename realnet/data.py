@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .cli import UserError
+from .cli import UserError, require_dir
 
 ORIENTATION_TAG = 0x0112   # EXIF Orientation
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -529,8 +529,7 @@ def detect_format(root):
 def open_dataset(root, format="auto", categories=None):
     """Index a data set folder. format: "auto" or one of FORMATS; categories: restrict to
     these (a list or a comma-separated string). UserError on any problem."""
-    if not os.path.isdir(root):
-        raise UserError(f"data set: folder {root!r} does not exist")
+    require_dir(root, "data set")
     if format not in ("auto",) + FORMATS:
         raise UserError(f"unknown data set format {format!r} (expected auto, {', '.join(FORMATS)})")
     fmt = detect_format(root) if format == "auto" else format

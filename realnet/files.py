@@ -22,7 +22,7 @@ import zipfile
 
 import torch
 
-from .cli import UserError
+from .cli import UserError, require_file
 
 
 def _umask():
@@ -242,8 +242,7 @@ def load_checkpoint(path, what, kind=None, map_location="cpu"):
     (e.g. "realnet", "diffusion"), so a diffusion checkpoint given to evaluate.py is
     refused with a sentence instead of a KeyError. Read with weights_only=True.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"{what}: file {path!r} does not exist")
+    require_file(path, what)
     ckpt = safe_torch_load(path, what, map_location)
     if kind is not None:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else None

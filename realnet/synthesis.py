@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from . import data
-from .cli import UserError
+from .cli import UserError, require_dir
 from .masks import FOREGROUND_MODES, foreground_mask, foreground_rule, perlin_mask
 from .textures import list_dtd_images, rand_augment
 
@@ -64,14 +64,12 @@ class AnomalySource:
         self.size = size
         self.sdas, self.dtd = [], []
         if sdas_dir:
-            if not os.path.isdir(sdas_dir):
-                raise UserError(f"--sdas: folder {sdas_dir!r} does not exist")
+            require_dir(sdas_dir, "--sdas")
             self.sdas = data.list_images(sdas_dir)
             if not self.sdas:
                 raise UserError(f"--sdas: folder {sdas_dir!r} has no images (expected the PNGs written by synthesize.py)")
         if dtd_dir:
-            if not os.path.isdir(dtd_dir):
-                raise UserError(f"--dtd: folder {dtd_dir!r} does not exist")
+            require_dir(dtd_dir, "--dtd")
             self.dtd = list_dtd_images(dtd_dir)
             if not self.dtd:
                 raise UserError(f"--dtd: folder {dtd_dir!r} has no images (expected images/<texture>/*.jpg)")

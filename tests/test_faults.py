@@ -583,3 +583,18 @@ def test_an_exported_program_given_as_checkpoint_is_named_so(tmp_path):
     torch.export.save(torch.export.export(Double(), (torch.ones(2),)), path)
     line = one_line_error(stage("evaluate.py", "--checkpoint", path), "an exported program")
     assert "corrupted" not in line
+
+
+def test_a_file_where_a_folder_is_expected_and_the_reverse_are_named_so(demo, trained, tmp_path):
+    picture = os.path.join(demo["data"], "washer", "train", "good", "000.png")
+    model = os.path.join(trained, "model.pt")
+    out = str(tmp_path / "out")
+    one_line_error(stage("train_realnet.py", *train_args(demo, out), "--data", picture),
+                   "data set: '", "000.png' is a file, expected a folder")
+    one_line_error(stage("train_realnet.py", *train_args(demo, out), "--dtd", picture),
+                   "--dtd: '", "is a file, expected a folder")
+    one_line_error(stage("evaluate.py", "--checkpoint", model, "--predict", picture, "--out", out),
+                   "--predict: '", "is a file, expected a folder")
+    one_line_error(stage("evaluate.py", "--checkpoint", trained, "--out", out),
+                   "--checkpoint: '", "is a folder, expected a file")
+    assert set(snapshot(out)) <= {".lock"}   # nothing written (evaluate takes --out first)
