@@ -46,6 +46,7 @@ from realnet import export, predict as predict_outputs
 from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest
 from realnet.files import prepare_output_folder
 from realnet.inference import anomaly_maps as forward, load_model
+from realnet.loaders import start_loader
 from realnet.model import ANOMALY_MAPS, describe
 from realnet.progress import Progress
 
@@ -99,7 +100,7 @@ def sync(device):
 
 
 def anomaly_maps(model, features, dataset, device, batch_size, workers, label):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loader = start_loader(dataset, workers, batch_size=batch_size)
     progress = Progress(len(loader), label, unit="img", every=max(1, len(loader) // 10))
     maps, masks = [], []
     for step, b in enumerate(loader, start=1):
@@ -387,6 +388,9 @@ def check_batch(args, ckpt, size, device):
 def check_args(args):
     """One-line errors for values that cannot work and for flags that would be ignored."""
     cli.require_positive(batch_size=args.batch_size, throughput_repeats=args.throughput_repeats)
+    cli.require_non_negative(workers=args.workers)
+    if args.panels < -1:
+        raise cli.UserError(f"--panels must be -1 (all), 0 (none) or a count (got {args.panels})")
     if not 0 < args.fpr_limit <= 1:
         raise cli.UserError(f"--fpr-limit must be in (0, 1], got {args.fpr_limit}")
     cli.refuse_ignored(args, "format", "auto", "data", "it gives the layout of --data")

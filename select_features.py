@@ -39,6 +39,7 @@ from realnet import cli, data, runs
 from realnet.backbone import Backbone, load_backbone
 from realnet.files import atomic_save_image, atomic_torch_save, load_checkpoint
 from realnet.files import prepare_output_folder
+from realnet.loaders import start_loader
 from realnet.model import require_reconstructable
 from realnet.progress import Progress
 from realnet.stream import AnomalyStream, StreamSampler, dump_examples
@@ -181,6 +182,7 @@ def main(argv=None):
     check_dims(args.layers, args.dims)
     cli.require_positive(batches=args.batches, batch_size=args.batch_size,
                          save_every=args.save_every)
+    cli.require_non_negative(workers=args.workers)
     if args.input_size < 32:
         raise cli.UserError(f"--input-size must be at least 32 (the backbone's stride), got {args.input_size}")
     # train_realnet.py reconstructs every layer's map: an input size it cannot use is refused now
@@ -222,9 +224,9 @@ def main(argv=None):
             atomic_torch_save({"kind": "afs_partial", "settings": settings, "batches_done": step, "sums": sums},
                               partial_path)
 
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
-        sampler=StreamSampler(start, args.batches, args.batch_size))
+    loader = start_loader(stream, args.workers, batch_size=args.batch_size,
+                          pin_memory=device.type == "cuda",
+                          sampler=StreamSampler(start, args.batches, args.batch_size))
     print(f"AFS on {category!r} ({dataset.format}, {len(train)} training images), {args.batches} batches of "
           f"{args.batch_size} at {args.input_size}px, backbone {backbone.identity['weights']}, device {device}")
     started = time.time()

@@ -132,6 +132,7 @@ def check_args(args):
     if a > b:
         raise cli.UserError(f"--strength {a} {b}: expected A <= B (s ~ U(A, B))")
     cli.require_positive(count=args.count, batch_size=args.batch_size, steps=args.steps)
+    cli.require_non_negative(sheet_count=args.sheet_count)
     if args.eta < 0:
         raise cli.UserError(f"--eta must be >= 0 (got {args.eta})")
     if args.eta != 0 and args.sampler != "ddim":

@@ -36,6 +36,7 @@ from realnet import adm, cli, distributed, runs, viz
 from realnet.data import DiffusionImages, open_dataset
 from realnet.diffusion import GaussianDiffusion, default_schedule
 from realnet.files import atomic_save_image, atomic_torch_save, prepare_output_folder
+from realnet.loaders import start_loader
 from realnet.progress import Progress
 from realnet.stream import StepBatches
 
@@ -96,6 +97,7 @@ def check_args(args):
                          image_size=args.image_size, sheet_columns=args.sheet_columns,
                          sample_steps=args.sample_steps, log_every=args.log_every,
                          save_every=args.save_every)
+    cli.require_non_negative(workers=args.workers, sample_every=args.sample_every)
     cli.require_finite_positive(lr=args.lr, grad_clip=args.grad_clip)   # nan: learns nothing
     if not 0.0 <= args.ema < 1.0:
         raise cli.UserError(f"--ema must be in [0, 1) (got {args.ema})")
@@ -289,8 +291,8 @@ def main(argv=None):
     positions = range(ddp.rank, args.batch_size, ddp.world_size)   # this rank's places in a batch
     sampler = StepBatches(len(dataset), args.batch_size, start_step * args.accumulate,
                           args.steps * args.accumulate, args.seed, ddp.rank, ddp.world_size)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                               persistent_workers=workers > 0))
+    batches = iter(start_loader(dataset, workers, log, batch_sampler=sampler,
+                                persistent_workers=True))
     progress = Progress(args.steps, "diffusion", every=args.log_every, start_step=start_step,
                         enabled=ddp.is_main)
     sums, count = [0.0, 0.0, 0.0], 0   # loss, mse, vb since the last log line

@@ -45,6 +45,7 @@ from realnet import calibration, cli, distributed, precision, runs
 from realnet.features import FeatureExtractor, make_cache, pair_features
 from realnet.files import atomic_torch_save, file_digest, load_checkpoint
 from realnet.files import prepare_output_folder
+from realnet.loaders import capped_workers
 from realnet.model import ANOMALY_MAPS, ARCHITECTURES, RealNet, build_config, count_parameters
 from realnet.model import describe
 from realnet.model import realnet_loss
@@ -124,9 +125,19 @@ def parse_args(argv=None):
 def check_args(args, ddp):
     """What would make a run learn nothing, refused before any work."""
     distributed.require_divisible_batch(args.batch_size, ddp)
-    cli.require_positive(epochs=args.epochs,
+    cli.require_positive(epochs=args.epochs, save_every=args.save_every,
+                         val_every=args.val_every, log_every=args.log_every,
                          **({} if args.steps is None else {"steps": args.steps}))
-    cli.require_finite_positive(lr=args.lr)
+    cli.require_non_negative(workers=args.workers, dump=args.dump)
+    cli.require_finite_positive(lr=args.lr, width_ratio=args.width_ratio)
+    if not 0 <= args.retention <= 1:
+        raise cli.UserError(f"--retention must be in [0, 1], got {args.retention}")
+    if not 0 <= args.normal_ratio < 1:
+        raise cli.UserError(f"--normal-ratio must be in [0, 1) (1 leaves no synthetic anomaly "
+                            f"to learn from), got {args.normal_ratio}")
+    if not 0 <= args.val_fraction < 1:
+        raise cli.UserError(f"--val-fraction must be in [0, 1) (a share of the training "
+                            f"images), got {args.val_fraction}")
     precision.check_precision(args.precision, ddp.device)
     precision.check_precision(args.calibrate_precision, ddp.device, "--calibrate-precision")
     if not 0 <= args.target_fpr < 1:
@@ -134,6 +145,7 @@ def check_args(args, ddp):
     if args.anomaly_map == "fused" and args.val_fraction <= 0:
         raise cli.UserError("--anomaly-map fused is calibrated on held-out normal images: "
                             "give --val-fraction > 0 (e.g. 0.1)")
+    args.workers = capped_workers(args.workers, args.steps)   # no more than can help
 
 
 def fill_from_afs(args, afs):

@@ -57,6 +57,13 @@ def require_positive(**values):
             raise UserError(f"{flag(name)} must be >= 1 (got {value})")
 
 
+def require_non_negative(**values):
+    """Each named value must be >= 0: require_non_negative(workers=args.workers)."""
+    for name, value in values.items():
+        if value is not None and value < 0:
+            raise UserError(f"{flag(name)} must be >= 0 (got {value})")
+
+
 def require_finite_positive(**values):
     """Each named value must be a finite number > 0: require_finite_positive(lr=args.lr)."""
     for name, value in values.items():
@@ -107,15 +114,30 @@ def add_workers_arg(parser, default=2):
     """--workers; default None: 4 with CUDA, 0 on a CPU (the stage decides)."""
     why = "" if default is not None else "; default: 4 with CUDA, 0 on a CPU (they would compete)"
     parser.add_argument("--workers", type=int, default=default,
-                        help="data loader processes (0 = in-process)" + why)
+                        help="data loader processes (0 = in-process; capped to the CPU cores "
+                             "and the batches)" + why)
+
+
+def worker_error_line(message):
+    """The original message of an error that torch re-raised from a DataLoader worker
+    ("Caught UserError in DataLoader worker process 1. Original Traceback ... UserError:
+    <message>"), or `message` itself when it is not such a wrapper."""
+    text = str(message)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    marker = UserError.__name__ + ": "
+    last = [line for line in text.splitlines() if marker in line]
+    return last[-1].split(marker, 1)[1] if last else text.splitlines()[0]
 
 
 def run(main):
-    """Call `main()`; print a `UserError` as one line and exit 2 instead of a traceback."""
+    """Call `main()`; print a `UserError` as one line and exit 2 instead of a traceback (one
+    raised in a DataLoader worker too: torch re-raises it with the worker's traceback in its
+    message, `worker_error_line` takes the original line back out)."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {worker_error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -123,14 +145,20 @@ def run(main):
 
 
 def require_dir(path, what):
-    """The folder `path` must exist; `what` says what it should hold (used in the error)."""
+    """The folder `path` must exist; `what` says what it should hold (used in the error),
+    and the error says what is there instead (a file) when something is."""
     if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise UserError(f"{what}: {path!r} is a file, expected a folder")
         raise UserError(f"{what}: folder {path!r} does not exist")
     return path
 
 
 def require_file(path, what):
+    """The file `path` must exist (the error says when it is a folder)."""
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise UserError(f"{what}: {path!r} is a folder, expected a file")
         raise UserError(f"{what}: file {path!r} does not exist")
     return path
 

@@ -26,11 +26,24 @@ Supported layouts (`open_dataset(root, format="auto")` recognises them from the 
                                               accepted, so an MVTec category folder reads as is)
                The category is the name of <root>.
 
-In every layout a mask is found by the image's name: `<name>_mask.<ext>` or `<name>.<ext>`
-with any image extension. Every defective test image needs a mask, every mask needs its
-image, and a mask must have the size of its image; anything else is a `UserError` naming
-the file. Images of any mode are read as RGB (grayscale replicated); a mask pixel > 0 is
-anomalous.
+Training needs <category>/train/good only (the stages before evaluate.py never read the test
+split); test/ and the masks are read and checked by `DatasetIndex.test`, where evaluate.py
+uses them. In every layout a mask is found by the image's name: `<name>_mask.<ext>` or
+`<name>.<ext>` with any image extension. Every defective test image needs a mask, every mask
+needs its image, and a mask must have the size of its image; anything else is a `UserError`
+naming the file.
+
+Reading pixels, in one place (`load_image`, `load_mask`): the EXIF orientation is applied
+to images and masks alike (upright, as a viewer shows them); every bit depth is put on the
+8-bit scale (16-bit PNG/TIFF divided by 257, not clipped to white; float images from [0, 1]
+or [0, 255]); palette, 1-bit, grey+alpha, RGBA and CMYK images read as RGB without alpha;
+grey is replicated to RGB. A mask pixel is anomalous at 128 or above of 255 (`MASK_LEVEL`);
+a mask whose values all lie below 128 is a label mask (VisA's class values): > 0 is
+anomalous. A "mask" with more than 5 % grey pixels (between 32 and 223) or, below 128, more
+than 16 distinct values is refused as not a mask. Training images are decoded in full when
+the stage starts (`DatasetIndex.train`), so a truncated file stops it there. A file named
+like an image that is a broken link, not readable or not a file is skipped, and one line
+per folder counts them (`list_images`).
 
 Category order: for the known data sets the authors' class-id order (docs/method.md), which the
 class-conditional diffusion model uses; otherwise sorted. A category's class id is its
@@ -42,10 +55,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .cli import UserError
+from .cli import UserError, require_dir
 
+ORIENTATION_TAG = 0x0112   # EXIF Orientation
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 FORMATS = ("mvtec", "mpdd", "btad", "visa", "visa_csv", "folder")
 
@@ -79,33 +93,103 @@ class Sample:
 # ----------------------------------------------------------------------------------------
 
 def _open(path, what):
+    """The decoded image at `path`, turned upright (its EXIF orientation applied, as every
+    viewer shows it); UserError naming the file otherwise."""
     try:
-        image = Image.open(path)
-        image.load()
-        return image
+        with Image.open(path) as image:
+            image.load()   # decodes every byte: a truncated file fails here, not later
+            return ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise UserError(f"{what} {path!r} does not exist")
     except Exception as e:  # not an image, truncated, unsupported
-        raise UserError(f"{what} {path!r} is not a readable image ({type(e).__name__}: {e})".splitlines()[0])
+        first = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise UserError(f"{what} {path!r} is not a readable image ({first})")
+
+
+def _levels(image, path, what):
+    """The image's pixel values as float32 on the 8-bit scale 0..255: (H, W) for one channel,
+    (H, W, C) for colour. 16- and 32-bit integer images (PIL modes I;16*, I: 16-bit PNG and
+    TIFF) are scaled by 255/65535, not clipped (which would turn them white); float images
+    (mode F) in [0, 1] are scaled by 255, in [0, 255] kept, in [0, 65535] scaled as 16 bits."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        return np.clip(np.asarray(image, np.float64), 0, 65535).astype(np.float32) * (255 / 65535)
+    if mode == "F":
+        values = np.asarray(image, np.float32)
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 65535:
+            raise UserError(f"{what} {path!r} is a float image with values outside [0, 65535] "
+                            "(expected [0, 1], [0, 255] or [0, 65535])")
+        top = values.max()
+        return values * (255.0 if top <= 1 else 1.0 if top <= 255 else 255 / 65535)
+    if mode in ("L", "RGB"):
+        return np.asarray(image, np.float32)
+    if mode == "1":   # 1-bit: 0 and 255
+        return np.asarray(image.convert("L"), np.float32)
+    if mode in ("LA", "La"):   # grey without its alpha channel
+        return np.asarray(image.getchannel(0), np.float32)
+    if mode in ("P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        # colour without the alpha channel (transparency is not what the camera saw); a
+        # palette through RGBA, as PIL asks for palettes with a transparent entry
+        source = image.convert("RGBA") if mode in ("P", "PA") else image
+        return np.asarray(source.convert("RGB"), np.float32)
+    raise UserError(f"{what} {path!r}: unsupported pixel format {mode!r}")
+
+
+def _to_uint8(levels):
+    return np.clip(np.rint(levels), 0, 255).astype(np.uint8)
 
 
 def load_image(path, size=None):
-    """(size, size, 3) uint8 RGB; PIL bilinear resize (antialiased when shrinking, as the
-    authors' torchvision Resize); gray -> RGB. size=None keeps the original size."""
-    image = _open(path, "image").convert("RGB")
+    """(size, size, 3) uint8 RGB, upright (EXIF orientation applied); every bit depth on the
+    8-bit scale (`_levels`), grey replicated to RGB, alpha dropped; PIL bilinear resize
+    (antialiased when shrinking, as the authors' torchvision Resize). size=None keeps the
+    original size."""
+    levels = _to_uint8(_levels(_open(path, "image"), path, "image"))
+    if levels.ndim == 2:
+        levels = np.repeat(levels[..., None], 3, axis=-1)
+    image = Image.fromarray(levels, "RGB")
     if size is not None and image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
     return np.asarray(image, dtype=np.uint8).copy()
 
 
+# A mask pixel is anomalous at MASK_LEVEL or above, of 255 (half the scale: a 0/255 mask saved
+# as JPEG, with 1-3 in its background and 250-255 in its defect, reads as it was drawn). A
+# mask whose values all lie below MASK_LEVEL is a label mask (VisA's: 0 and a small class
+# value): any value > 0 is anomalous. A mask is refused when more than MASK_GREY_SHARE of its
+# pixels are grey, between MASK_NEAR and 255 - MASK_NEAR (a photo or a soft map, not a mask),
+# or when a label mask has more than MASK_MAX_LABELS distinct values.
+MASK_LEVEL = 128
+MASK_NEAR = 32
+MASK_GREY_SHARE = 0.05
+MASK_MAX_LABELS = 16
+
+
+def binarize_mask(levels, path):
+    """(H, W) levels on the 0..255 scale -> (H, W) bool, by the rule above; UserError naming
+    the file when it is not a mask."""
+    if levels.max() >= MASK_LEVEL:
+        grey = float(np.mean((levels > MASK_NEAR) & (levels < 255 - MASK_NEAR)))
+        if grey > MASK_GREY_SHARE:
+            raise UserError(f"mask {path!r} is not a mask: {grey:.0%} of its pixels are grey "
+                            f"levels between {MASK_NEAR} and {255 - MASK_NEAR} (expected 0 for "
+                            f"normal and 255 for defect, at most {MASK_GREY_SHARE:.0%} between)")
+        return levels >= MASK_LEVEL
+    labels = np.unique(levels)
+    if len(labels) > MASK_MAX_LABELS:
+        raise UserError(f"mask {path!r} is not a mask: {len(labels)} distinct values all below "
+                        f"{MASK_LEVEL} (expected 0 and 255, or 0 and a few class values)")
+    return levels > 0
+
+
 def load_mask(path, size=None):
-    """(size, size) float32 in {0, 1}: any pixel > 0 is anomalous (VisA stores small class
-    values, MVTec 255); nearest resize so the mask stays binary."""
-    mask = _open(path, "mask")
-    values = np.asarray(mask)
-    if values.ndim == 3:      # an RGB(A) mask: anomalous where any colour channel is set
-        values = values[..., :3].max(axis=-1)
-    binary = Image.fromarray(((values > 0) * 255).astype(np.uint8))
+    """(size, size) float32 in {0, 1}, upright like its image (EXIF orientation applied):
+    binarised by `binarize_mask` (at MASK_LEVEL of 255; a label mask: > 0). A colour mask is
+    anomalous where any colour channel is; nearest resize so the mask stays binary."""
+    levels = _levels(_open(path, "mask"), path, "mask")
+    if levels.ndim == 3:
+        levels = levels.max(axis=-1)
+    binary = Image.fromarray(binarize_mask(levels, path).astype(np.uint8) * 255)
     if size is not None and binary.size != (size, size):
         binary = binary.resize((size, size), Image.NEAREST)
     return (np.asarray(binary) > 0).astype(np.float32)
@@ -118,15 +202,34 @@ def to_tensor(image_uint8):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+def _orientation(image):
+    """The EXIF orientation (1: upright) from the header. A PNG's eXIf chunk is read where it
+    usually is, before the pixels: PIL's getexif() would decode the whole file to look for
+    one after them."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return image.getexif().get(ORIENTATION_TAG, 1)
+
+
 def image_size_of(path, what="image"):
-    """(width, height) from the file header only; UserError if it is not an image."""
+    """(width, height) as `load_image` reads it (upright: EXIF orientations 5-8 swap the
+    sides), from the file header only; UserError if it is not an image."""
     try:
         with Image.open(path) as image:
-            return image.size
+            width, height = image.size
+            turned = _orientation(image) in (5, 6, 7, 8)
+            return (height, width) if turned else (width, height)
     except FileNotFoundError:
         raise UserError(f"{what} {path!r} does not exist")
     except Exception as e:
-        raise UserError(f"{what} {path!r} is not a readable image ({type(e).__name__}: {e})".splitlines()[0])
+        first = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise UserError(f"{what} {path!r} is not a readable image ({first})")
+
+
+def decode_fully(path, what="image"):
+    """Decode every byte of the image at `path` (a truncated file passes a header read and
+    fails only when its pixels are needed); UserError naming the file otherwise."""
+    _open(path, what)
 
 
 class TestSet(torch.utils.data.Dataset):
@@ -180,12 +283,33 @@ def is_image_file(name):
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(folder):
-    """Image files directly in `folder`, sorted by path (other files are ignored)."""
+_reported_skips = set()   # folders whose skipped files were already reported (once each)
+
+
+def list_images(folder, log=print):
+    """Image files directly in `folder`, sorted by path (other files are ignored). A name that
+    looks like an image but cannot be read is skipped, and counted: one line per folder says
+    how many and why (broken link, not readable, not a file)."""
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                  if is_image_file(n) and os.path.isfile(os.path.join(folder, n)))
+    found, skipped = [], {}
+    for name in os.listdir(folder):
+        if not is_image_file(name):
+            continue
+        path = os.path.join(folder, name)
+        why = ("broken link" if os.path.islink(path) and not os.path.exists(path) else
+               "not a file" if not os.path.isfile(path) else
+               "not readable" if not os.access(path, os.R_OK) else None)
+        if why:
+            skipped.setdefault(why, []).append(path)
+        else:
+            found.append(path)
+    if skipped and folder not in _reported_skips:
+        _reported_skips.add(folder)
+        reasons = ", ".join(f"{len(paths)} {why} (e.g. {sorted(paths)[0]!r})"
+                            for why, paths in sorted(skipped.items()))
+        log(f"note: skipped {sum(map(len, skipped.values()))} file(s) in {folder}: {reasons}")
+    return sorted(found)
 
 
 def _subfolders(folder):
@@ -211,8 +335,8 @@ def _check_mask_size(image, mask):
         raise UserError(f"mask {mask!r} is {mw}x{mh} but its image {image!r} is {w}x{h}")
 
 
-def _read_tree(category_dir, category, mask_folders=MASK_FOLDERS):
-    """The MVTec-like tree of one category -> (train samples, test samples)."""
+def _read_train(category_dir, category):
+    """The normal training images of one MVTec-like category (<category_dir>/train/good)."""
     train_root = os.path.join(category_dir, "train")
     normal = _first_existing(train_root, NORMAL_FOLDERS)
     if normal is None:
@@ -221,9 +345,12 @@ def _read_tree(category_dir, category, mask_folders=MASK_FOLDERS):
     train = [Sample(p, None, 0, "good", category) for p in list_images(normal)]
     if not train:
         raise UserError(f"{normal!r}: no training images (expected {', '.join(IMAGE_EXTENSIONS)} files)")
-    for s in train:
-        image_size_of(s.image)
+    return train
 
+
+def _read_test(category_dir, category, mask_folders=MASK_FOLDERS):
+    """The test images of one MVTec-like category, each defective one with its mask (checked:
+    found, its image's size, no mask without its image)."""
     test_root = os.path.join(category_dir, "test")
     if not os.path.isdir(test_root):
         raise UserError(f"{category_dir!r}: no test folder (expected test/good and test/<defect>)")
@@ -260,7 +387,7 @@ def _read_tree(category_dir, category, mask_folders=MASK_FOLDERS):
                                     f"{os.path.join(test_root, defect, stem)}.<png|jpg|bmp>)")
     if not test:
         raise UserError(f"{test_root!r}: no test images")
-    return train, test
+    return test
 
 
 def _read_visa_csv(root, csv_path):
@@ -304,7 +431,7 @@ class DatasetIndex:
         self.format, self.root, self.categories = format, root, categories
         self._category_dirs = category_dirs or {}
         self._csv_samples = csv_samples
-        self._cache = {}
+        self._train, self._test = {}, {}
 
     def __repr__(self):
         return f"DatasetIndex(format={self.format!r}, root={self.root!r}, categories={self.categories})"
@@ -318,31 +445,42 @@ class DatasetIndex:
                             f"({self.format} layout; it has: {', '.join(self.categories)})")
         return category
 
-    def _samples(self, category):
+    def train(self, category):
+        """Normal training images, sorted by path. Every one is decoded in full once here, so
+        that a truncated file stops the stage at its start, not hours into training. The test
+        split is not read: training needs the training images only."""
         self._check(category)
-        if category not in self._cache:
+        if category not in self._train:
             if self._csv_samples is not None:
-                train, test = self._csv_samples[category]
+                train = self._csv_samples[category][0]
                 if not train:
-                    raise UserError(f"{self.root!r}: no training images of {category!r} in split_csv/1cls.csv")
-                for s in train + test:
+                    raise UserError(f"{self.root!r}: no training images of {category!r} in "
+                                    "split_csv/1cls.csv")
+            else:
+                train = _read_train(self._category_dirs[category], category)
+            for s in train:
+                decode_fully(s.image)
+            self._train[category] = sorted(train, key=lambda s: s.image)
+        return list(self._train[category])
+
+    def test(self, category):
+        """Test images (good and defective, with masks), sorted by path; the masks are checked
+        here, where the test split is used (evaluate.py)."""
+        self._check(category)
+        if category not in self._test:
+            if self._csv_samples is not None:
+                test = self._csv_samples[category][1]
+                if not test:
+                    raise UserError(f"{self.root!r}: no test images of {category!r} in "
+                                    "split_csv/1cls.csv")
+                for s in test:
                     image_size_of(s.image)
                     if s.mask:
                         _check_mask_size(s.image, s.mask)
-                train, test = sorted(train, key=lambda s: s.image), sorted(test, key=lambda s: s.image)
             else:
-                train, test = _read_tree(self._category_dirs[category], category)
-                test = sorted(test, key=lambda s: s.image)
-            self._cache[category] = (train, test)
-        return self._cache[category]
-
-    def train(self, category):
-        """Normal training images, sorted by path."""
-        return list(self._samples(category)[0])
-
-    def test(self, category):
-        """Test images (good and defective, with masks), sorted by path."""
-        return list(self._samples(category)[1])
+                test = _read_test(self._category_dirs[category], category)
+            self._test[category] = sorted(test, key=lambda s: s.image)
+        return list(self._test[category])
 
     def describe(self):
         """JSON-friendly identity (stored in the files the stages write)."""
@@ -358,9 +496,9 @@ def _order(names, format):
 
 
 def _tree_categories(root):
-    """Sub-folders of root that look like an MVTec-like category (have train/ and test/)."""
-    return [n for n in _subfolders(root)
-            if os.path.isdir(os.path.join(root, n, "train")) and os.path.isdir(os.path.join(root, n, "test"))]
+    """Sub-folders of root that look like an MVTec-like category: they have train/ (test/ is
+    optional: training needs the training images only)."""
+    return [n for n in _subfolders(root) if os.path.isdir(os.path.join(root, n, "train"))]
 
 
 def _tree_format(root, names):
@@ -377,21 +515,21 @@ def _tree_format(root, names):
 def detect_format(root):
     if os.path.isfile(os.path.join(root, "split_csv", "1cls.csv")):
         return "visa_csv"
-    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+    if _first_existing(os.path.join(root, "train"), NORMAL_FOLDERS):
         return "folder"
     names = _tree_categories(root)
     if names:
         return _tree_format(root, names)
     raise UserError(
-        f"{root!r}: unknown layout; expected <category>/train/good + <category>/test (MVTec, MPDD, "
-        "BTAD, VisA), split_csv/1cls.csv (VisA download) or train/good + test/<defect> + masks/ (folder)")
+        f"{root!r}: unknown layout; expected <category>/train/good (+ <category>/test for "
+        "evaluation: MVTec, MPDD, BTAD, VisA), split_csv/1cls.csv (VisA download) or "
+        "train/good (+ test/<defect> + masks/: folder)")
 
 
 def open_dataset(root, format="auto", categories=None):
     """Index a data set folder. format: "auto" or one of FORMATS; categories: restrict to
     these (a list or a comma-separated string). UserError on any problem."""
-    if not os.path.isdir(root):
-        raise UserError(f"data set: folder {root!r} does not exist")
+    require_dir(root, "data set")
     if format not in ("auto",) + FORMATS:
         raise UserError(f"unknown data set format {format!r} (expected auto, {', '.join(FORMATS)})")
     fmt = detect_format(root) if format == "auto" else format
@@ -403,17 +541,16 @@ def open_dataset(root, format="auto", categories=None):
         csv_samples = _read_visa_csv(root, csv_path)
         names = list(csv_samples)
     elif fmt == "folder":
-        for sub in ("train", "test"):
-            if not os.path.isdir(os.path.join(root, sub)):
-                raise UserError(f"{root!r}: no {sub}/ folder (the folder layout is train/good, test/good, "
-                                "test/<defect>, masks/<defect>)")
+        if not os.path.isdir(os.path.join(root, "train")):
+            raise UserError(f"{root!r}: no train/ folder (the folder layout is train/good, "
+                            "test/good, test/<defect>, masks/<defect>)")
         name = os.path.basename(os.path.abspath(root))
         category_dirs[name] = root
         names = [name]
     else:
         names = _tree_categories(root)
         if not names:
-            raise UserError(f"{root!r}: no <category>/train and <category>/test folders ({fmt} layout)")
+            raise UserError(f"{root!r}: no <category>/train folders ({fmt} layout)")
         category_dirs = {n: os.path.join(root, n) for n in names}
     ordered = _order(names, fmt)
     if categories is not None:

@@ -4,7 +4,8 @@ Every file a stage produces is written to a temporary name in the same folder an
 renamed over the target (`os.replace` is atomic on POSIX), so a stage killed half-way
 never leaves a truncated checkpoint or JSON behind, and never destroys the previous one.
 A kill during a save can leave the temporary file (.NAME.XXXXXXXX.tmp) behind: the next
-start of the stage removes it (`prepare_output_folder`).
+start of the stage removes it (`prepare_output_folder`). An output folder is owned by one
+run at a time: `prepare_output_folder` locks it until the process ends (`lock_output_folder`).
 
 Checkpoints hold tensors and plain types only (dict, list, tuple, str, int, float, bool,
 None) and are read with `torch.load(weights_only=True)`: opening a downloaded model.pt can
@@ -17,10 +18,11 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 
 import torch
 
-from .cli import UserError
+from .cli import UserError, require_file
 
 
 def _umask():
@@ -84,12 +86,48 @@ def remove_orphaned_temporaries(folder, subfolders=()):
     return removed
 
 
+LOCK_FILE = ".lock"
+_held_locks = {}   # real path of a folder -> its open lock file, kept for the process lifetime
+
+
+def lock_output_folder(path, what="--out"):
+    """Own the folder `path` for the rest of this process: an exclusive `flock` on
+    PATH/.lock, refused in one line when another running process holds it (two runs into one
+    --out would mix their files). The lock file stays open until the process ends: the kernel
+    releases the lock then, however the process ends (even kill -9), so a killed run never
+    leaves the folder stuck. Several calls of one process for one folder take it once. Under
+    torchrun only rank 0 takes it: the ranks of one run share their folder."""
+    key = os.path.realpath(path)
+    if key in _held_locks or int(os.environ.get("RANK", "0")) != 0:
+        return
+    import fcntl   # here: POSIX only, and only the stages (not the package's readers) lock
+    handle = open(os.path.join(path, LOCK_FILE), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"{what} {path!r} is in use by another running process (it holds "
+                        f"{os.path.join(path, LOCK_FILE)}); wait for it to end or choose "
+                        f"another {what}")
+    except OSError:   # a file system without locks (some network mounts): run unlocked
+        pass
+    _held_locks[key] = handle
+
+
+def release_output_folders():
+    """Give up every folder this process owns (a process that runs several stages' main()
+    one after another, as the tests do; a stage itself keeps its folder until it ends)."""
+    while _held_locks:
+        _held_locks.popitem()[1].close()
+
+
 def prepare_output_folder(path, what="--out", clean=True, log=print, files=(), subfolders=()):
     """The output folder of a stage, checked before any long work: it must be a folder (or
     not exist yet: it is created) and writable, and none of the `files` the stage will write
-    there may be a folder (say, left by an earlier --out FOLDER/afs.pt). With `clean`,
-    temporary files of an earlier, killed save are removed from it and from the stage's
-    `subfolders`. A `UserError` names `what` (the flag) otherwise."""
+    there may be a folder (say, left by an earlier --out FOLDER/afs.pt). It is then owned by
+    this process until it ends (`lock_output_folder`: a second run into it is refused). With
+    `clean`, temporary files of an earlier, killed save are removed from it and from the
+    stage's `subfolders`. A `UserError` names `what` (the flag) otherwise."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{what} {path!r} is a file, expected a folder (or a new name)")
     for name in files:
@@ -106,6 +144,7 @@ def prepare_output_folder(path, what="--out", clean=True, log=print, files=(), s
     except OSError as e:
         raise UserError(f"{what} {path!r}: cannot write there ({e.strerror or e}); "
                         "expected a writable folder")
+    lock_output_folder(path, what)
     if clean:
         removed = remove_orphaned_temporaries(path, subfolders)
         if removed:
@@ -153,6 +192,32 @@ def _a(word):
     return ("an " if word[:1].lower() in "aeiou" else "a ") + word
 
 
+def is_exported_program(path):
+    """Whether `path` is a torch.export archive (.pt2, evaluate.py --export): a zip holding
+    an archive_format entry, where a checkpoint holds data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/archive_format") or name == "archive_format"
+                       for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _unreadable(path, what, e):
+    """The one line for a file torch.load cannot read. Not torch's own words: they advise
+    weights_only=False, which would switch off the protection against code in the file."""
+    if is_exported_program(path):
+        return UserError(f"{what}: {path!r} is an exported program (torch.export, .pt2), not a "
+                         "checkpoint: give the model.pt that train_realnet.py wrote")
+    if zipfile.is_zipfile(path):
+        why = "a zip archive without torch's data.pkl: not written by torch.save"
+    else:
+        why = "neither torch.save's zip format nor its legacy one: damaged, cut short, or " \
+              "another kind of file"
+    return UserError(f"{what}: {path!r} is not a readable torch checkpoint ({why}; "
+                     f"{type(e).__name__})")
+
+
 def safe_torch_load(path, what, map_location="cpu"):
     """torch.load with weights_only=True: tensors and plain types only. A file holding any
     other object is refused with one line (unpickling it could run code)."""
@@ -161,15 +226,13 @@ def safe_torch_load(path, what, map_location="cpu"):
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))   # weights_only met an object that is not plain
         if not found:
-            raise UserError(f"{what}: {path!r} is not a readable torch checkpoint "
-                            f"({str(e).splitlines()[0]})")
+            raise _unreadable(path, what, e)
         holds = f" ({found.group(1)})"
         raise UserError(f"{what}: {path!r} holds Python objects{holds}, not only tensors and "
                         "plain types; refused, as loading it could run code (a file written by "
                         "an older version of this project: run that stage again)")
     except Exception as e:  # a truncated or foreign file
-        first = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise UserError(f"{what}: {path!r} is not a readable torch checkpoint ({first})")
+        raise _unreadable(path, what, e)
 
 
 def load_checkpoint(path, what, kind=None, map_location="cpu"):
@@ -179,8 +242,7 @@ def load_checkpoint(path, what, kind=None, map_location="cpu"):
     (e.g. "realnet", "diffusion"), so a diffusion checkpoint given to evaluate.py is
     refused with a sentence instead of a KeyError. Read with weights_only=True.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"{what}: file {path!r} does not exist")
+    require_file(path, what)
     ckpt = safe_torch_load(path, what, map_location)
     if kind is not None:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else None

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from . import data
-from .cli import UserError
+from .cli import UserError, require_dir
 from .masks import FOREGROUND_MODES, foreground_mask, foreground_rule, perlin_mask
 from .textures import list_dtd_images, rand_augment
 
@@ -37,6 +37,22 @@ def blend(image, source, mask, delta):
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+_decoded = set()   # paths already decoded in full by this process (unified runs share DTD)
+
+
+def decode_all(paths, what, log=print):
+    """Decode every image of an anomaly source in full, once, before training: an image is
+    drawn at random, so a truncated one (its header reads fine) would otherwise stop the run
+    at whatever step first draws it, hours in at paper scale. UserError naming the file."""
+    todo = [p for p in paths if p not in _decoded]
+    if len(todo) > 500:
+        log(f"checking that {len(todo)} {what}s decode (a damaged one would stop training "
+            "later)")
+    for path in todo:
+        data.decode_fully(path, what)
+        _decoded.add(path)
+
+
 class AnomalySource:
     """Where anomaly appearances come from: an SDAS folder (every image file in it) and/or a
     DTD folder. `draw(rng)` -> (P uint8 (S,S,3), delta, kind, path)."""
@@ -48,18 +64,18 @@ class AnomalySource:
         self.size = size
         self.sdas, self.dtd = [], []
         if sdas_dir:
-            if not os.path.isdir(sdas_dir):
-                raise UserError(f"--sdas: folder {sdas_dir!r} does not exist")
+            require_dir(sdas_dir, "--sdas")
             self.sdas = data.list_images(sdas_dir)
             if not self.sdas:
                 raise UserError(f"--sdas: folder {sdas_dir!r} has no images (expected the PNGs written by synthesize.py)")
         if dtd_dir:
-            if not os.path.isdir(dtd_dir):
-                raise UserError(f"--dtd: folder {dtd_dir!r} does not exist")
+            require_dir(dtd_dir, "--dtd")
             self.dtd = list_dtd_images(dtd_dir)
             if not self.dtd:
                 raise UserError(f"--dtd: folder {dtd_dir!r} has no images (expected images/<texture>/*.jpg)")
         self.sdas_dir, self.dtd_dir = sdas_dir, dtd_dir
+        decode_all(self.sdas, "--sdas image")
+        decode_all(self.dtd, "--dtd image")
 
     def describe(self):
         return {"sdas_dir": self.sdas_dir and os.path.abspath(self.sdas_dir), "sdas_images": len(self.sdas),

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from realnet import cli, distributed, runs
+from realnet.files import LOCK_FILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--image-size", "16", "--workers", "0", "--sample-steps", "4", "--sheet-columns", "4"]
@@ -210,7 +211,7 @@ def test_synthesize_writes_images_manifest_and_sheet(trained, tmp_path):
     out = tmp_path / "sdas"
     proc = run("synthesize.py", "--checkpoint", os.path.join(trained, "model.pt"), "--category", "square",
                "--count", 5, "--batch-size", 2, "--steps", 5, "--out", out, "--seed", 3)
-    names = sorted(os.listdir(out))
+    names = sorted(set(os.listdir(out)) - {LOCK_FILE})   # the lock file: one run per folder
     assert names == ["manifest.json", "preview"] + [f"square_{i:05d}.png" for i in range(5)]  # only samples are PNGs here
     with Image.open(out / "preview" / "contact_sheet.png") as sheet:
         assert sheet.width > 5 * 96

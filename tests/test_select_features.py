@@ -14,7 +14,7 @@ from realnet import data, stream, synthesis
 from realnet.cli import UserError
 from demo_data import make_demo_dataset, make_demo_textures
 from realnet.files import load_checkpoint
-from tiny_data import mvtec_tree, write_mask
+from tiny_data import mvtec_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -121,17 +121,22 @@ def _cli(*args):
 
 
 def _bad_trees(tmp_path):
-    bad_mask = mvtec_tree(str(tmp_path / "bad_mask"), categories=("bottle",))
-    write_mask(os.path.join(bad_mask, "bottle", "ground_truth", "scratch", "000_mask.png"), size=(10, 10))
-    orphan = mvtec_tree(str(tmp_path / "orphan"), categories=("bottle",))
-    write_mask(os.path.join(orphan, "bottle", "ground_truth", "scratch", "009_mask.png"))
+    """Faults of the training images (the test split and its masks are evaluate.py's)."""
+    empty = mvtec_tree(str(tmp_path / "empty"), categories=("bottle",))
+    for name in os.listdir(os.path.join(empty, "bottle", "train", "good")):
+        os.remove(os.path.join(empty, "bottle", "train", "good", name))
+    truncated = mvtec_tree(str(tmp_path / "truncated"), categories=("bottle",))
+    path = os.path.join(truncated, "bottle", "train", "good", "001.png")
+    content = open(path, "rb").read()
+    with open(path, "wb") as f:   # the header reads; the pixels are cut short
+        f.write(content[:len(content) // 2])
     unreadable = mvtec_tree(str(tmp_path / "unreadable"), categories=("bottle",))
     with open(os.path.join(unreadable, "bottle", "train", "good", "000.png"), "wb") as f:
         f.write(b"\x89PNG garbage")
     (tmp_path / "layout").mkdir()
     (tmp_path / "layout" / "notes.txt").write_text("no images here")
     (tmp_path / "empty_dtd" / "images" / "banded").mkdir(parents=True)
-    return {"bad_mask": bad_mask, "orphan": orphan, "unreadable": unreadable}
+    return {"empty": empty, "truncated": truncated, "unreadable": unreadable}
 
 
 def _cases(demo, tmp_path):
@@ -144,8 +149,8 @@ def _cases(demo, tmp_path):
         "has no images": ["--data", demo["data"], "--category", "washer", "--dtd", str(tmp_path / "empty_dtd")],
         "layer4, which has 2048": ["--data", demo["data"], "--dims", "256", "512", "512", "4096"] + dtd,
         "--category is needed": ["--data", demo["data"]] + dtd,
-        "is 10x10 but its image": ["--data", trees["bad_mask"]] + dtd,
-        "has no test image": ["--data", trees["orphan"]] + dtd,
+        "no training images": ["--data", trees["empty"]] + dtd,
+        "image file is truncated": ["--data", trees["truncated"]] + dtd,
         "is not a readable image": ["--data", trees["unreadable"]] + dtd,
         "expected auto, cpu, cuda": ["--data", demo["data"], "--device", "tpu"] + dtd,
     }
@@ -162,7 +167,8 @@ def test_bad_input_is_one_line_without_traceback(demo, tmp_path):
     """As the user sees it: the script in a process of its own (a few cases: each costs an
     interpreter start with torch)."""
     cases = _cases(demo, tmp_path)
-    for expected in ("does not exist", "has no images", "is 10x10 but its image", "layer4, which has 2048"):
+    for expected in ("does not exist", "has no images", "image file is truncated",
+                     "layer4, which has 2048"):
         result = _cli(*cases[expected], "--out", str(tmp_path / "out"))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (expected, result.stderr)
