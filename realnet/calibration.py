@@ -239,9 +239,11 @@ def describe(record):
     """One line: the thresholds, how they were made, on how many good images."""
     if record is None:
         return "not calibrated"
-    rule = record["rule"] + (f" {record['target_fpr']}" if record.get("target_fpr") else "")
-    how = ("set by hand" if record.get("set_by") != "calibration" else
-           f"rule {rule}, on {record['good_images']} good image(s), {record['precision']}")
+    if record.get("set_by") == "calibration":
+        rule = record["rule"] + (f" {record['target_fpr']}" if record.get("target_fpr") else "")
+        how = f"rule {rule}, on {record['good_images']} good image(s), {record['precision']}"
+    else:
+        how = "set by hand"
     value = lambda v: "none" if v is None else f"{v:.4g}"
     return (f"OK/NG: image score >= {value(record['image'])} is NG; mask: map >= "
             f"{value(record['pixel'])} ({how})")
