@@ -22,25 +22,26 @@ test set (stored_threshold).
 Throughput: images/s of the model's forward (backbone, AFS, reconstruction, RRS,
 discriminator; no data loading), device synchronised, batch and device stated.
 
-Writes to --out (default: <checkpoint folder>/eval): metrics.json, scores.csv (path,
-defect, label, score) and panels/<category>/<defect>_<name>.png (image | ground truth |
-anomaly map with the contour). With --predict DIR (realnet/predict.py): predictions.csv
-(file, score, OK/NG, threshold, mask, map), maps/<name>.npy, masks/<name>.png,
-threshold.json and predict/<name>.png. With --export PATH (realnet/export.py): the
-inference model as a torch.export program, reloaded and compared with the eager model
-(export.json); nothing else is run.
+Writes to --out (default: <checkpoint folder>/eval): metrics.json, scores.csv (category,
+path, defect, label, score, decision: OK / NG by the stored image threshold, empty without
+one) and panels/<category>/<defect>_<name>.png (image | ground truth | anomaly map with the
+contour).
+
+What came after the paper lives in the package: --predict DIR scores a production lot into
+a folder of its own (realnet/predict.py says every file it writes); --export PATH writes
+the whole model, uint8 images to score, map and verdict, as torch.export programs
+(realnet/export.py); nothing else is run with either.
 """
 import argparse
 import csv
 import io
 import os
-import time
 
 import numpy as np
 import torch
 
 from realnet import cli, data, metrics, precision, runs, viz
-from realnet import export, predict as predict_outputs, threshold as decision
+from realnet import export, predict, threshold as decision, throughput
 from realnet.features import FeatureExtractor
 from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest, load_checkpoint
 from realnet.files import prepare_output_folder
@@ -65,8 +66,16 @@ def parse_args(argv=None):
     p.add_argument("--fpr-limit", type=float, default=FPR_LIMIT, help="AU-PRO integration limit (MVTec AD)")
     p.add_argument("--batch-size", type=int, default=16, help="test batch size, also the throughput batch")
     p.add_argument("--throughput-repeats", type=int, default=5, help="timed forward passes (after 2 warm-up)")
+    p.add_argument("--throughput", action="store_true",
+                   help="with --predict: also time the forward pass alone on the lot's first "
+                        "batch (throughput.json in the lot; evaluation always reports it)")
     p.add_argument("--panels", type=int, default=-1, help="heatmap panels per category (-1 all, 0 none)")
-    p.add_argument("--predict", default=None, help="score the images of this folder (no labels needed)")
+    p.add_argument("--predict", default=None,
+                   help="score the images of this folder (no labels needed) into a lot folder "
+                        "of its own (realnet/predict.py)")
+    p.add_argument("--stop-on-unreadable", action="store_true",
+                   help="with --predict: stop at the first image that cannot be read (default: "
+                        "skip it and list it in the lot's skipped.csv)")
     p.add_argument("--threshold", type=float, default=None,
                    help="with --predict: the pixel threshold of the masks and the contour "
                         "(replaces the stored one; the OK/NG decision keeps the stored one)")
@@ -74,13 +83,18 @@ def parse_args(argv=None):
                    help="with --predict: the thresholds of this threshold.json (written by "
                         "--predict; default: those stored in the checkpoint)")
     p.add_argument("--export", default=None,
-                   help="only export the inference model (backbone to anomaly map) as a "
-                        "torch.export program (.pt2) to this path, checked against the eager "
-                        "model on the first --batch-size test images (--predict DIR's if given)")
+                   help="only export the whole model (uint8 images of any size -> score, "
+                        "map at the input's size, OK/NG) as torch.export programs: PATH.pt2 "
+                        "and PATH's reference-RRS variant, described in PATH's .export.json, "
+                        "checked against --predict's pipeline on the first --batch-size test "
+                        "images (--predict DIR's if given); realnet/export.py")
     cli.add_workers_arg(p)
     precision.add_precision_arg(p, "the backbone, UNets and discriminator (maps stay float32)")
     cli.add_device_arg(p)
-    p.add_argument("--out", default=None, help="output folder (default <checkpoint folder>/eval)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default <checkpoint folder>/eval); with --predict the "
+                        "lot's own folder, new or empty (default <checkpoint folder>/predict/"
+                        "<DIR's name>-<time>)")
     return p.parse_args(argv)
 
 
@@ -112,47 +126,16 @@ def load_model(path, backbone_weights, device):
     return model, FeatureExtractor(backbone.to(device), model), ckpt
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def forward(model, features, images):
-    """Images (B, 3, S, S), ImageNet-normalised -> anomaly maps (B, S, S): probabilities in
-    [0, 1], or with the fused map (model.fused) standard scores (0: a normal pixel's mean)."""
-    return model(features(images), images.shape[-2:])["anomaly_map"]
-
-
 def anomaly_maps(model, features, dataset, device, batch_size, workers, label):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     progress = Progress(len(loader), label, unit="img", every=max(1, len(loader) // 10))
     maps, masks = [], []
     for step, b in enumerate(loader, start=1):
-        maps.append(forward(model, features, b["image"].to(device)).float().cpu())
+        maps.append(throughput.forward(model, features, b["image"].to(device)).float().cpu())
         if "mask" in b:
             masks.append(b["mask"][:, 0])
         progress.update(step, items=len(b["image"]))
     return torch.cat(maps).numpy(), (torch.cat(masks).numpy() if masks else None)
-
-
-@torch.no_grad()
-def throughput(model, features, images, device, repeats):
-    """Images/s of the forward pass alone, the device synchronised around the timed loop."""
-    for _ in range(2):  # warm-up: allocator, kernel selection
-        forward(model, features, images)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        forward(model, features, images)
-    sync(device)
-    seconds = time.perf_counter() - start
-    return {"images_per_s": round(len(images) * repeats / seconds, 3), "batch": len(images), "repeats": repeats,
-            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "cpu_threads": torch.get_num_threads(), "input_size": int(images.shape[-1]),
-            "autocast": str(torch.get_autocast_dtype(device.type))
-            if torch.is_autocast_enabled(device.type) else None,
-            "measures": "backbone + AFS + reconstruction + RRS + discriminator, no data loading, synchronised"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -229,7 +212,9 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
         for name, why in missing.items():
             print(f"{category}: {name} not computed: {why}")
 
-    rows_csv = [(category, s.image, s.defect, s.label, float(sc)) for s, sc in zip(samples, scores)]
+    image_threshold = stored_threshold and result.get("stored_threshold", {}).get("image")
+    rows_csv = [(category, s.image, s.defect, s.label, float(sc),
+                 predict.decide(sc, image_threshold)) for s, sc in zip(samples, scores)]
     if panels:
         write_panels(samples, maps, masks, scores, picture["value"], picture["note"], size,
                      os.path.join(out, "panels", category), panels, probability=not model.fused)
@@ -260,20 +245,6 @@ def picture_threshold(stored, maps, masks, labels, has_masks):
                          "stores no threshold)"}
 
 
-def heat_panel(image, anomaly_map, threshold, probability=True):
-    """The map in colour over the image, with the threshold's contour. A probability is
-    shown as it is (blue 0, red 1); a fused map (standard scores, unbounded) on 0 to twice
-    the threshold, so the contour sits mid-scale (without a threshold: 0 to its maximum)."""
-    shown = anomaly_map
-    if not probability:
-        top = 2 * threshold if threshold is not None else anomaly_map.max()
-        shown = anomaly_map / max(float(top), 1e-12)
-    panel = viz.overlay(image, shown)
-    if threshold is not None:
-        panel = viz.draw_contour(panel, anomaly_map >= threshold, color=(255, 0, 0), thickness=2)
-    return panel
-
-
 def write_panels(samples, maps, masks, scores, threshold, note, size, folder, limit, probability):
     # a limited number of panels: take the defect types (and good) in turn
     by_defect = {}
@@ -287,7 +258,7 @@ def write_panels(samples, maps, masks, scores, threshold, note, size, folder, li
         s = samples[i]
         image = data.load_image(s.image, size)
         row = viz.hstack([viz.labelled(image, "image"), viz.labelled(viz.mask_to_uint8(masks[i]), "ground truth"),
-                          viz.labelled(heat_panel(image, maps[i], threshold, probability), f"score {scores[i]:.3f}")])
+                          viz.labelled(viz.heat_panel(image, maps[i], threshold, probability), f"score {scores[i]:.3f}")])
         row = viz.labelled(row, f"{s.defect} {os.path.basename(s.image)} | {note}")
         name = f"{s.defect}_{os.path.splitext(os.path.basename(s.image))[0]}.png"
         atomic_save_image(viz.to_pil(row), os.path.join(folder, name))
@@ -299,61 +270,6 @@ def write_csv(path, header, rows):
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_bytes(path, buffer.getvalue().encode())
-
-
-# ----------------------------------------------------------------------------------------
-# Unlabeled images
-# ----------------------------------------------------------------------------------------
-
-class FolderImages(torch.utils.data.Dataset):
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return {"image": data.to_tensor(data.load_image(self.paths[i], self.size)), "path": self.paths[i]}
-
-
-def predict(model, features, folder, device, out, batch_size, workers, image_score, pool,
-            threshold):
-    """Score every image of `folder`; with a threshold (realnet/threshold.py) also decide
-    OK/NG and write a binary mask. Writes what realnet/predict.py describes."""
-    folder = cli.require_dir(folder, "--predict")
-    paths = data.list_images(folder)
-    if not paths:
-        raise cli.UserError(f"--predict: folder {folder!r} has no images ({', '.join(data.IMAGE_EXTENSIONS)})")
-    if threshold is None:
-        print("note: no threshold: the checkpoint stores none (train with --val-fraction > 0) "
-              "and no --threshold-file or --threshold was given: scores and maps only, no "
-              "OK/NG, no masks")
-    size = model.config["input_size"]
-    maps, _ = anomaly_maps(model, features, FolderImages(paths, size), device, batch_size, workers, "predict")
-    scores = score_images(maps, image_score, pool)
-    names = predict_outputs.output_names(paths)
-    rows = [predict_outputs.write_image_outputs(path, name, anomaly_map, score, threshold, out)
-            for path, name, anomaly_map, score in zip(paths, names, maps, scores)]
-    write_csv(os.path.join(out, "predictions.csv"), predict_outputs.CSV_COLUMNS, rows)
-    pixel = threshold and threshold.get("pixel")
-    note = (f"contour: map >= {pixel:.4f} ({threshold['source']})" if pixel is not None
-            else "no threshold")
-    for path, name, anomaly_map, score, row in zip(paths, names, maps, scores, rows):
-        image = data.load_image(path, size)
-        verdict = f" {row[2]}" if row[2] else ""
-        row_picture = viz.hstack([viz.labelled(image, "image"), viz.labelled(
-            heat_panel(image, anomaly_map, pixel, not model.fused), f"score {score:.3f}{verdict}")])
-        picture = viz.labelled(row_picture, f"{os.path.basename(path)} | {note}")
-        atomic_save_image(viz.to_pil(picture), os.path.join(out, "predict", name + ".png"))
-    decided = [row[2] for row in rows if row[2]]
-    summary = f"{decided.count('NG')} NG, {decided.count('OK')} OK; " if decided else ""
-    image_threshold = threshold and threshold.get("image")
-    print(f"scored {len(paths)} images ({summary}image threshold "
-          f"{'none' if image_threshold is None else f'{image_threshold:.4f}'}): "
-          f"{os.path.join(out, 'predictions.csv')}, maps/, "
-          f"{'masks/, ' if pixel is not None else ''}"
-          f"pictures in {os.path.join(out, 'predict')}")
-    return paths, maps
 
 
 # ----------------------------------------------------------------------------------------
@@ -394,19 +310,15 @@ def print_table(results, summary):
 # Main
 # ----------------------------------------------------------------------------------------
 
-def check_batch(args, ckpt, size, device):
-    """The images the exported program is checked on: the first --batch-size images of
+def check_images(args, ckpt):
+    """The images the exported programs are checked on: the first --batch-size images of
     --predict DIR (no labelled data set needed), else of the first category's test set."""
     if args.predict:
-        paths = data.list_images(cli.require_dir(args.predict, "--predict"))[:args.batch_size]
-        if not paths:
-            raise cli.UserError(f"--predict: folder {args.predict!r} has no images")
-    else:
-        dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"),
-                                             f"--checkpoint {args.checkpoint!r}")
-        categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
-        paths = [s.image for s in dataset.test(categories[0])[:args.batch_size]]
-    return torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths]).to(device)
+        return predict.list_lot(args.predict)[:args.batch_size]
+    dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"),
+                                         f"--checkpoint {args.checkpoint!r}")
+    categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
+    return [s.image for s in dataset.test(categories[0])[:args.batch_size]]
 
 
 def check_args(args):
@@ -417,6 +329,11 @@ def check_args(args):
     cli.refuse_ignored(args, "format", "auto", "data", "it gives the layout of --data")
     cli.refuse_ignored(args, "threshold", None, "predict", "the pixel threshold of its masks")
     cli.refuse_ignored(args, "threshold_file", None, "predict", "it decides OK/NG of its images")
+    cli.refuse_ignored(args, "throughput", False, "predict", "evaluation always times the model")
+    cli.refuse_ignored(args, "stop_on_unreadable", False, "predict", "it is about a lot's images")
+    if args.export and args.out is not None:
+        raise cli.UserError(f"--out {args.out} has no effect with --export (the programs and "
+                            "their description file are written beside --export PATH)")
     if args.predict:   # it scores a folder; flags of the labelled test split would be ignored
         for name, default in (("data", None), ("categories", None), ("fpr_limit", FPR_LIMIT)):
             if getattr(args, name) != default:
@@ -434,21 +351,34 @@ def check_pool(pool, image_score, input_size):
                             f"(the checkpoint's input size)")
 
 
-def predict_folder(args, model, features, ckpt, device, out, size):
-    """--predict DIR: score, decide and map every image of a folder (no labels)."""
+def predict_folder(args, model, features, ckpt, device):
+    """--predict DIR: score, decide and map every image of a folder (no labels), as one lot."""
     digest = decision.weights_digest(ckpt["state_dict"])
     threshold = decision.resolve(ckpt.get("threshold"), args.threshold_file, args.threshold,
                                  digest, args.image_score, args.pool)
-    paths, _ = predict(model, features, args.predict, device, out, args.batch_size, args.workers,
-                       args.image_score, args.pool, threshold)
-    if threshold is not None:   # what was used, for --threshold-file (edit it to tune)
-        atomic_write_json(os.path.join(out, "threshold.json"),
-                          decision.to_file(threshold, digest, args.checkpoint))
-    sample = torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths[:args.batch_size]])
-    speed = throughput(model, features, sample.to(device), device, args.throughput_repeats)
-    atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
-    # not args.json: in the same folder, that describes metrics.json
-    runs.save_args(args, out, "predict_args.json")
+    record = decision.to_file(threshold, digest, args.checkpoint) if threshold else None
+    timing = ((lambda images: throughput.measure(model, features, images, args.throughput_repeats))
+              if args.throughput else None)
+    predict.predict_lot(model, features, args.predict, device, threshold, out=args.out,
+                        checkpoint=args.checkpoint, image_score=args.image_score, pool=args.pool,
+                        batch_size=args.batch_size, workers=args.workers,
+                        stop_on_unreadable=args.stop_on_unreadable, threshold_record=record,
+                        settings=cli.args_to_dict(args), throughput=timing)
+
+
+def export_model(args, model, features, ckpt):
+    """--export PATH: the whole model as torch.export programs, checked against --predict."""
+    stored = ckpt.get("threshold") or {}
+    pool = args.pool if args.image_score == "avgpool" else 1   # 1: the map's plain maximum
+    image_threshold = stored.get("image")
+    if image_threshold is not None and (stored.get("image_score"), stored.get("pool")) != (
+            args.image_score, args.pool):
+        image_threshold = None   # chosen for another image score than the program computes
+    report = export.export_whole_model(model, features, args.export, check_images(args, ckpt),
+                                       pool=pool, image_threshold=image_threshold,
+                                       pixel_threshold=stored.get("pixel"),
+                                       checkpoint=args.checkpoint)
+    print(export.describe(report))
 
 
 def evaluate_test_set(args, model, features, ckpt, device, out, size):
@@ -466,7 +396,7 @@ def evaluate_test_set(args, model, features, ckpt, device, out, size):
 
     first = data.TestSet(dataset.test(categories[0])[:args.batch_size], size)
     images = torch.stack([first[i]["image"] for i in range(len(first))]).to(device)
-    speed = throughput(model, features, images, device, args.throughput_repeats)
+    speed = throughput.measure(model, features, images, args.throughput_repeats)
 
     summary = mean_over_categories(results)
     atomic_write_json(os.path.join(out, "metrics.json"), {
@@ -476,7 +406,8 @@ def evaluate_test_set(args, model, features, ckpt, device, out, size):
         "data": dataset.describe(), "categories": results, "mean": summary, "throughput": speed,
         "protocol": protocol(args.image_score, args.pool, args.fpr_limit, size,
                              model.config.get("anomaly_map", "discriminator")), "args": cli.args_to_dict(args)})
-    write_csv(os.path.join(out, "scores.csv"), ["category", "path", "defect", "label", "score"], rows)
+    write_csv(os.path.join(out, "scores.csv"),
+              ["category", "path", "defect", "label", "score", "decision"], rows)
     runs.save_args(args, out)   # with the files it describes, not before: a failed run keeps both
     print_table(results, summary)
     print(f"throughput {speed['images_per_s']} images/s (batch {speed['batch']}, {speed['device']}); "
@@ -486,28 +417,26 @@ def evaluate_test_set(args, model, features, ckpt, device, out, size):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    if args.export:   # before the model is loaded: a bad path costs nothing
+        export.check_destination(args.export)
     device = cli.resolve_device(args.device)
     precision.check_precision(args.precision, device)
     model, features, ckpt = load_model(args.checkpoint, args.backbone_weights, device)
     size = model.config["input_size"]
     check_pool(args.pool, args.image_score, size)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    prepare_output_folder(out, files=("metrics.json", "scores.csv", "args.json", "predictions.csv",
-                                      "predict_args.json", "threshold.json", "export.json"),
-                          subfolders=("panels", "predict", "maps", "masks"))
     print(describe(model.config))
 
     if args.export:
-        images = check_batch(args, ckpt, size, device)
-        report = export.export_and_check(model, features, images, args.export)
-        atomic_write_json(os.path.join(out, "export.json"), report)
-        print(export.describe(report) + f"; {os.path.join(out, 'export.json')}")
+        export_model(args, model, features, ckpt)
         return
     with precision.autocast(args.precision, device):   # the networks' arithmetic
         if args.predict:
-            predict_folder(args, model, features, ckpt, device, out, size)
-        else:
-            evaluate_test_set(args, model, features, ckpt, device, out, size)
+            predict_folder(args, model, features, ckpt, device)
+            return
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+        prepare_output_folder(out, files=("metrics.json", "scores.csv", "args.json"),
+                              subfolders=("panels",))
+        evaluate_test_set(args, model, features, ckpt, device, out, size)
 
 
 if __name__ == "__main__":
