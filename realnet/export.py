@@ -61,14 +61,14 @@ MAX_SIDE, MAX_BATCH = 16384, 1024
 # PIL's bilinear resize, in torch, exactly
 # ----------------------------------------------------------------------------------------
 
-def pil_bilinear_weights(in_size, out_size):
+def pil_bilinear_weights(in_size, out_size, device=None):
     """(out_size, in_size) float64: row o holds the weights Pillow's bilinear filter gives
     the source pixels of output pixel o (Resample.c, precompute_coeffs: support 1 scaled
     by the reduction factor when shrinking, rows normalised to sum 1). in_size may be
     symbolic (torch.export): everything is tensor arithmetic."""
-    source = torch.arange(in_size, dtype=torch.float64)
-    target = torch.arange(out_size, dtype=torch.float64)
-    scale = torch.ones((), dtype=torch.float64) * in_size / out_size
+    source = torch.arange(in_size, dtype=torch.float64, device=device)
+    target = torch.arange(out_size, dtype=torch.float64, device=device)
+    scale = torch.ones((), dtype=torch.float64, device=device) * in_size / out_size
     support = torch.clamp(scale, min=1.0)        # the filter's support (1) times filterscale
     center = (target + 0.5) * scale
     first = torch.clamp(torch.trunc(center - support + 0.5), min=0.0)
@@ -96,17 +96,17 @@ def resize_uint8_like_pil(images, size):
     Image.resize((size, size), BILINEAR) gives on the uint8 image: horizontal pass, then
     vertical, each rounded to uint8 as Pillow does."""
     height, width = images.shape[-2:]
-    wide = _fixed_point_pass(images, pil_bilinear_weights(width, size))
+    wide = _fixed_point_pass(images, pil_bilinear_weights(width, size, images.device))
     return _fixed_point_pass(wide.transpose(-1, -2),
-                             pil_bilinear_weights(height, size)).transpose(-1, -2)
+                             pil_bilinear_weights(height, size, images.device)).transpose(-1, -2)
 
 
 def resize_float_like_pil(maps, height, width):
     """(B, S, S) float32 -> (B, height, width) float32 as PIL resizes a mode-F image with
     BILINEAR (double accumulation, float32 after each pass): --predict's mask."""
     size_h, size_w = maps.shape[-2:]
-    wide = (maps.double() @ pil_bilinear_weights(size_w, width).transpose(0, 1)).float()
-    tall = pil_bilinear_weights(size_h, height).double() @ wide.double()
+    wide = (maps.double() @ pil_bilinear_weights(size_w, width, maps.device).transpose(0, 1))
+    tall = pil_bilinear_weights(size_h, height, maps.device) @ wide.float().double()
     return tall.float()
 
 

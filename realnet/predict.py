@@ -238,6 +238,20 @@ class Lot:
             self.fd = None
 
 
+def remove_stale_lots(parent, log=print):
+    """Remove the staging folders that killed runs left in `parent` (their lock is free)."""
+    if not os.path.isdir(parent):
+        return
+    for name in sorted(os.listdir(parent)):
+        if name.endswith(".partial") and os.path.isdir(os.path.join(parent, name)):
+            stale = Lot(os.path.join(parent, name[:-len(".partial")]))
+            stale.fd = _try_lock(stale.lock_path)
+            if stale.fd is not None:   # nobody writes it: a killed run's
+                shutil.rmtree(stale.staging, ignore_errors=True)
+                log(f"removed {stale.staging}: the unfinished lot of an interrupted run")
+                stale.release()
+
+
 def claim_lot(out, checkpoint, images_folder, log=print):
     """The Lot this run writes, claimed. `out` None: a new folder under
     <checkpoint folder>/predict/ named after the images' folder and the time."""
@@ -248,6 +262,7 @@ def claim_lot(out, checkpoint, images_folder, log=print):
                 raise UserError(f"--out {out!r} {lot.why_not()}")
             return lot
         parent = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predict")
+        remove_stale_lots(parent, log)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         base = f"{os.path.basename(os.path.abspath(images_folder))}-{stamp}"
         for attempt in range(1, 100):
