@@ -9,17 +9,22 @@ the weights' values), saved as a checkpoint with an OK/NG threshold so that ever
 written (maps, masks, pictures, CSV rows). The lot: --images copies of the demo data set's
 test images (demo_data.py, drawn at 160 px so that each is resized, as a camera's would be).
 
-Three measurements, each in its own process, run one after the other on the same lot:
+Measurements, each in its own process, on the same lot: scoring, predict, scoring again
+(a shared machine's load drifts; predict is compared with the mean of the two):
 
   forward     the forward pass alone on one batch in memory (realnet/throughput.py)
   scoring     the lot read by the same DataLoader as --predict (--workers 2) and scored
               (map, image score), nothing written: "scoring alone"
-  predict     evaluate.py --predict DIR: reading, scoring, and writing the whole lot
-              (maps, masks, pictures, CSV), progress lines, the final rename
+  predict     evaluate.py --predict DIR (its predict_folder, after the model is loaded, as
+              for scoring): reading, scoring, and writing the whole lot (maps, masks,
+              pictures, CSV), progress lines, the flush to disk and the final rename
 
-Reported: images/s of each, predict / scoring (the goal: >= 0.9), and the peak memory
-(ru_maxrss) of predict's main process and of its loader workers. On a shared machine the
-absolute rates move with the load; the ratio is of runs made minutes apart.
+Reported: images/s of each and predict / scoring (the goal: >= 0.9); the same ratio in CPU
+time per image (main process and its loader workers, which a shared machine's load moves
+much less than wall time); the peak memory: ru_maxrss of predict's main process, of its
+largest loader worker, and the peak of the whole process tree's PSS (proportional set
+size, sampled every 0.2 s: forked workers share most of the parent's pages, so adding
+their RSS would count those pages three times).
 """
 import argparse
 import datetime
@@ -48,24 +53,40 @@ images = torch.stack([predict.LotImages(paths[:{batch}], {size})[i]["image"]
 forward = throughput.measure(model, features, images, 3)
 loader = torch.utils.data.DataLoader(predict.LotImages(paths, {size}), batch_size={batch},
                                      num_workers={workers})
-started = time.time()
+import resource
+def cpu():
+    own, workers = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                     resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+started, cpu_started = time.time(), cpu()
 with torch.no_grad():
     for batch in loader:
         maps = throughput.forward(model, features, batch["image"]).float()
         metrics.image_scores(maps.numpy())
+del loader
 seconds = time.time() - started
 print(json.dumps({{"forward_images_per_s": forward["images_per_s"],
-                   "scoring_images_per_s": len(paths) / seconds, "scoring_seconds": seconds}}))
+                   "images_per_s": len(paths) / seconds, "seconds": seconds,
+                   "cpu_seconds": cpu() - cpu_started}}))
 """
 
 PREDICT = """
-import resource, sys, json, time
+import resource, sys, json, time, torch
 sys.path.insert(0, {repo!r})
 import evaluate
-started = time.time()
-evaluate.main({argv!r})
+def cpu():
+    own, workers = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                     resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+# evaluate.py --predict as main() runs it, the model's loading left out of the time (the
+# scoring measurement leaves it out too)
+args = evaluate.parse_args({argv!r})
+evaluate.check_args(args)
+model, features, ckpt = evaluate.load_model(args.checkpoint, None, torch.device("cpu"))
+started, cpu_started = time.time(), cpu()
+evaluate.predict_folder(args, model, features, ckpt, torch.device("cpu"))
 seconds = time.time() - started
-print(json.dumps({{"predict_wall_seconds": seconds,
+print(json.dumps({{"predict_wall_seconds": seconds, "cpu_seconds": cpu() - cpu_started,
                    "main_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "worker_peak_mib":
                        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}}))
@@ -108,13 +129,36 @@ def make_lot(root, n):
     return folder
 
 
+def tree_pss_mib(pid):
+    """The summed PSS of a process and its descendants (Linux /proc), MiB; 0 once gone."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/smaps_rollup") as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo += [int(child) for child in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return total / 1024
+
+
 def in_process(code):
+    """Run a measurement in a fresh process; returns (its JSON line, its stdout, the peak
+    PSS of its process tree in MiB)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"a measurement failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = 0.0
+    while child.poll() is None:
+        peak = max(peak, tree_pss_mib(child.pid))
+        time.sleep(0.2)
+    stdout, stderr = child.communicate()
+    if child.returncode != 0:
+        raise SystemExit(f"a measurement failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]), stdout, peak
 
 
 def main():
@@ -132,30 +176,44 @@ def main():
         make_checkpoint(checkpoint, args.size)
         folder = make_lot(root, args.images)
         load_before = os.getloadavg()
-        scoring, _ = in_process(SCORING.format(repo=REPO, checkpoint=checkpoint, folder=folder,
-                                               batch=args.batch_size, size=args.size,
-                                               workers=args.workers))
+        scoring_code = SCORING.format(repo=REPO, checkpoint=checkpoint, folder=folder,
+                                      batch=args.batch_size, size=args.size,
+                                      workers=args.workers)
+        first, _, _ = in_process(scoring_code)
         lot = os.path.join(root, "predicted")
         argv = ["--checkpoint", checkpoint, "--predict", folder, "--out", lot,
                 "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
-        predicted, stdout = in_process(PREDICT.format(repo=REPO, argv=argv))
+        predicted, stdout, peak_pss = in_process(PREDICT.format(repo=REPO, argv=argv))
+        second, _, _ = in_process(scoring_code)
         described = json.load(open(os.path.join(lot, "lot.json")))
         sizes = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(lot)
                     for n in names)
+        scoring_rate = (first["images_per_s"] + second["images_per_s"]) / 2
+        scoring_cpu = (first["cpu_seconds"] + second["cpu_seconds"]) / 2
+        predict_rate = args.images / predicted["predict_wall_seconds"]
         result = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+                       f"({len(os.sched_getaffinity(0))} usable)",
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "images": args.images, "input_size": args.size, "batch_size": args.batch_size,
-            "workers": args.workers, **scoring,
-            "predict_images_per_s": described["images_per_s"],
+            "workers": args.workers,
+            "forward_images_per_s": [first["forward_images_per_s"],
+                                     second["forward_images_per_s"]],
+            "scoring_images_per_s": [round(first["images_per_s"], 3),
+                                     round(second["images_per_s"], 3)],
+            "predict_images_per_s_whole_run": round(predict_rate, 3),
+            "predict_images_per_s_lot_json": described["images_per_s"],
+            "ratio_predict_to_scoring_wall": round(predict_rate / scoring_rate, 3),
+            "cpu_seconds_per_image": {"scoring": round(scoring_cpu / args.images, 4),
+                                      "predict": round(predicted["cpu_seconds"] / args.images,
+                                                       4)},
+            "ratio_predict_to_scoring_cpu": round(scoring_cpu / predicted["cpu_seconds"], 3),
             "predict_wall_seconds": round(predicted["predict_wall_seconds"], 1),
-            "ratio_predict_to_scoring": round(described["images_per_s"]
-                                              / scoring["scoring_images_per_s"], 3),
-            "main_peak_mib": round(predicted["main_peak_mib"], 1),
-            "worker_peak_mib": round(predicted["worker_peak_mib"], 1),
-            "peak_mib_main_plus_workers": round(predicted["main_peak_mib"]
-                                                + args.workers * predicted["worker_peak_mib"], 1),
+            "scoring_wall_seconds": [round(first["seconds"], 1), round(second["seconds"], 1)],
+            "main_peak_rss_mib": round(predicted["main_peak_mib"], 1),
+            "largest_worker_peak_rss_mib": round(predicted["worker_peak_mib"], 1),
+            "process_tree_peak_pss_mib": round(peak_pss, 1),
             "lot_mib_on_disk": round(sizes / 2**20, 1), "counts": described["counts"],
             "load_average_before_after": [load_before, os.getloadavg()],
             "progress_lines": [line for line in stdout.splitlines() if "predict step" in line][-2:]}

@@ -98,7 +98,7 @@ def test_predict_writes_score_decision_mask_map_and_csv(trained):
             expected = anomaly_map >= np.float32(stored["pixel"])
             assert ((np.asarray(mask) == 255) == expected).all()
         assert os.path.isfile(os.path.join(out, row["picture"]))
-    assert sorted(os.listdir(os.path.join(out, "pictures"))) == ["chip.jpg.png", "good.png.png"]
+    assert sorted(os.listdir(os.path.join(out, "pictures"))) == ["chip.jpg.jpg", "good.png.jpg"]
 
     # the same threshold file, edited: everything NG
     edited = os.path.join(str(trained["root"]), "edited.json")
