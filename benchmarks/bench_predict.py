@@ -216,7 +216,8 @@ def main():
             "process_tree_peak_pss_mib": round(peak_pss, 1),
             "lot_mib_on_disk": round(sizes / 2**20, 1), "counts": described["counts"],
             "load_average_before_after": [load_before, os.getloadavg()],
-            "progress_lines": [line for line in stdout.splitlines() if "predict step" in line][-2:]}
+            "progress_lines": [line for line in stdout.splitlines()
+                               if "predict step" in line][-2:]}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result, indent=2))

@@ -154,7 +154,8 @@ class ReferenceRRS(nn.Module):
 
     def __init__(self, rrs):
         super().__init__()
-        self.k_max, self.k_mean, self.momentum, self.eps = rrs.k_max, rrs.k_mean, rrs.momentum, rrs.eps
+        self.k_max, self.k_mean = rrs.k_max, rrs.k_mean
+        self.momentum, self.eps = rrs.momentum, rrs.eps
         self.register_buffer("running_mean", rrs.running_mean.detach().clone())
         self.register_buffer("running_var", rrs.running_var.detach().clone())
 
@@ -267,7 +268,8 @@ def check_input(images):
     if images.dim() != 4 or images.shape[-1] != 3:
         raise UserError(f"the program takes RGB images as (batch, height, width, 3), got shape "
                         f"{tuple(images.shape)}")
-    if not (1 <= images.shape[0] <= MAX_BATCH and all(2 <= s <= MAX_SIDE for s in images.shape[1:3])):
+    sides_fit = all(2 <= side <= MAX_SIDE for side in images.shape[1:3])
+    if not (1 <= images.shape[0] <= MAX_BATCH and sides_fit):
         raise UserError(f"the program takes 1 to {MAX_BATCH} images of 2 to {MAX_SIDE} pixels a "
                         f"side, got shape {tuple(images.shape)}")
     return images
@@ -358,7 +360,8 @@ def resize_difference(paths, size):
     for path in paths:
         pixels = torch.from_numpy(data.load_image(path)).permute(2, 0, 1)[None].double()
         ours = resize_uint8_like_pil(pixels, size)[0].permute(1, 2, 0).numpy()
-        worst = max(worst, int(np.abs(ours - data.load_image(path, size).astype(np.float64)).max()))
+        pil = data.load_image(path, size).astype(np.float64)
+        worst = max(worst, int(np.abs(ours - pil).max()))
     return worst
 
 

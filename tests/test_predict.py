@@ -149,11 +149,20 @@ def test_evaluation_pictures_use_the_stored_threshold_and_report_it_on_the_test_
     assert "stored threshold" in washer["picture_threshold"]["note"]
     on_test = washer["stored_threshold"]
     assert on_test["image"] == stored["image"] and 0 <= on_test["accuracy"] <= 1
+    rows = read_rows(out, "scores.csv")   # the OK/NG column: the stored image threshold
+    assert len(rows) == washer["images"]
+    for row in rows:
+        ng = np.float32(float(row["score"])) >= np.float32(stored["image"])
+        assert row["decision"] == ("NG" if ng else "OK")
+    labels = [row["label"] == "1" for row in rows]
+    assert on_test["accuracy"] == pytest.approx(
+        sum((row["decision"] == "NG") == label for row, label in zip(rows, labels)) / len(rows))
     out = str(trained["root"] / "evaluated_plain")
     evaluate(trained["plain"], out, "--panels", "1")
     washer = json.load(open(os.path.join(out, "metrics.json")))["categories"]["washer"]
     assert "FOR THE PICTURES ONLY" in washer["picture_threshold"]["chosen_on"]
     assert "stored_threshold" not in washer
+    assert {row["decision"] for row in read_rows(out, "scores.csv")} == {""}   # no threshold
 
 
 def test_stage_maps_scores_the_discriminator_exactly_as_evaluate_does(trained):
