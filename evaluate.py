@@ -6,7 +6,7 @@
     python3 evaluate.py --checkpoint runs/demo/realnet/model.pt --export model.pt2     # deploy
 
 The anomaly map is the one the checkpoint reports (train_realnet.py --anomaly-map): the
-discriminator's probability (the paper), or the fused map, in standard scores.
+discriminator's probability (the paper), or the fused map, in calibrated units.
 Metrics, per category (and their mean for a unified model):
   image AUROC   score = max of the 16x16 average-pooled anomaly map (the authors' choice;
                 --image-score max for the plain maximum)
@@ -24,28 +24,29 @@ threshold; metrics.json adds how the calibrated image threshold does on the test
 Throughput: images/s of the model's forward (backbone, AFS, reconstruction, RRS,
 discriminator; no data loading), device synchronised, batch and device stated.
 
-Writes to --out (default: <checkpoint folder>/eval): metrics.json, scores.csv (path,
-defect, label, score, OK/NG by the calibrated threshold) and panels/<category>/<defect>_<name>.png (image | ground truth |
-anomaly map with the contour). With --predict DIR (realnet/predict.py): predictions.csv
-(file, score, OK/NG, threshold, mask, map), maps/<name>.npy, masks/<name>.png,
-calibration.json (the one used) and predict/<name>.png. With --export PATH (realnet/export.py): the
-inference model as a torch.export program, reloaded and compared with the eager model
-(export.json); nothing else is run.
+Writes to --out (default: <checkpoint folder>/eval): metrics.json, scores.csv (category,
+path, defect, label, score, decision: OK / NG by the calibrated image threshold, empty
+without one) and panels/<category>/<defect>_<name>.png (image | ground truth | anomaly map with the
+contour).
+
+What came after the paper lives in the package: --predict DIR scores a production lot into
+a folder of its own (realnet/predict.py says every file it writes); --export PATH writes
+the whole model, uint8 images to score, map and verdict, as torch.export programs
+(realnet/export.py); nothing else is run with either.
 """
 import argparse
 import csv
 import io
 import os
-import time
 
 import numpy as np
 import torch
 
 from realnet import calibration, cli, data, metrics, precision, runs, viz
-from realnet import export, predict as predict_outputs
+from realnet import export, predict, throughput
 from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest
 from realnet.files import prepare_output_folder
-from realnet.inference import anomaly_maps as forward, load_model
+from realnet.inference import load_model
 from realnet.loaders import start_loader
 from realnet.model import ANOMALY_MAPS, describe
 from realnet.progress import Progress
@@ -68,11 +69,19 @@ def parse_args(argv=None):
     p.add_argument("--fpr-limit", type=float, default=FPR_LIMIT, help="AU-PRO integration limit (MVTec AD)")
     p.add_argument("--batch-size", type=int, default=16, help="test batch size, also the throughput batch")
     p.add_argument("--throughput-repeats", type=int, default=5, help="timed forward passes (after 2 warm-up)")
+    p.add_argument("--throughput", action="store_true",
+                   help="with --predict: also time the forward pass alone on the lot's first "
+                        "batch (throughput.json in the lot; evaluation always reports it)")
     p.add_argument("--panels", type=int, default=-1, help="heatmap panels per category (-1 all, 0 none)")
-    p.add_argument("--predict", default=None, help="score the images of this folder (no labels needed)")
+    p.add_argument("--predict", default=None,
+                   help="score the images of this folder (no labels needed) into a lot folder "
+                        "of its own (realnet/predict.py)")
+    p.add_argument("--stop-on-unreadable", action="store_true",
+                   help="with --predict: stop at the first image that cannot be read (default: "
+                        "skip it and list it in the lot's skipped.csv)")
     p.add_argument("--calibration", default=None,
                    help="the calibration file to use (python3 -m realnet.calibration, or the "
-                        "calibration.json of an earlier --predict; default: the checkpoint's)")
+                        "calibration.json of an earlier lot; default: the checkpoint's)")
     p.add_argument("--image-threshold", type=float, default=None,
                    help="with --predict: NG when the image score is >= this (replaces the "
                         "calibrated one; recorded as set by hand)")
@@ -80,13 +89,18 @@ def parse_args(argv=None):
                    help="with --predict: the masks and the contour are map >= this (replaces "
                         "the calibrated one; recorded as set by hand)")
     p.add_argument("--export", default=None,
-                   help="only export the inference model (backbone to anomaly map) as a "
-                        "torch.export program (.pt2) to this path, checked against the eager "
-                        "model on the first --batch-size test images (--predict DIR's if given)")
+                   help="only export the whole model (uint8 images of any size -> score, "
+                        "map at the input's size, OK/NG) as torch.export programs: PATH.pt2 "
+                        "and PATH's reference-RRS variant, described in PATH's .export.json, "
+                        "checked against --predict's pipeline on the first --batch-size test "
+                        "images (--predict DIR's if given); realnet/export.py")
     cli.add_workers_arg(p)
     precision.add_precision_arg(p, "the backbone, UNets and discriminator (maps stay float32)")
     cli.add_device_arg(p)
-    p.add_argument("--out", default=None, help="output folder (default <checkpoint folder>/eval)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default <checkpoint folder>/eval); with --predict the "
+                        "lot's own folder, new or empty (default <checkpoint folder>/predict/"
+                        "<DIR's name>-<time>)")
     return p.parse_args(argv)
 
 
@@ -94,40 +108,16 @@ def parse_args(argv=None):
 # The model's maps
 # ----------------------------------------------------------------------------------------
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def anomaly_maps(model, features, dataset, device, batch_size, workers, label):
     loader = start_loader(dataset, workers, batch_size=batch_size)
     progress = Progress(len(loader), label, unit="img", every=max(1, len(loader) // 10))
     maps, masks = [], []
     for step, b in enumerate(loader, start=1):
-        maps.append(forward(model, features, b["image"].to(device)).float().cpu())
+        maps.append(throughput.forward(model, features, b["image"].to(device)).float().cpu())
         if "mask" in b:
             masks.append(b["mask"][:, 0])
         progress.update(step, items=len(b["image"]))
     return torch.cat(maps).numpy(), (torch.cat(masks).numpy() if masks else None)
-
-
-@torch.no_grad()
-def throughput(model, features, images, device, repeats):
-    """Images/s of the forward pass alone, the device synchronised around the timed loop."""
-    for _ in range(2):  # warm-up: allocator, kernel selection
-        forward(model, features, images)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        forward(model, features, images)
-    sync(device)
-    seconds = time.perf_counter() - start
-    return {"images_per_s": round(len(images) * repeats / seconds, 3), "batch": len(images), "repeats": repeats,
-            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "cpu_threads": torch.get_num_threads(), "input_size": int(images.shape[-1]),
-            "autocast": str(torch.get_autocast_dtype(device.type))
-            if torch.is_autocast_enabled(device.type) else None,
-            "measures": "backbone + AFS + reconstruction + RRS + discriminator, no data loading, synchronised"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -205,7 +195,7 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
 
     image_threshold = calibrated and calibrated.get("image")
     rows_csv = [(category, s.image, s.defect, s.label, float(sc),
-                 predict_outputs.decide(sc, image_threshold)) for s, sc in zip(samples, scores)]
+                 predict.decide(sc, image_threshold)) for s, sc in zip(samples, scores)]
     if panels:
         write_panels(samples, maps, masks, scores, picture["value"], picture["note"], size,
                      os.path.join(out, "panels", category), panels, probability=not model.fused)
@@ -236,20 +226,6 @@ def picture_threshold(calibrated, maps, masks, labels, has_masks):
                          "is not calibrated)"}
 
 
-def heat_panel(image, anomaly_map, threshold, probability=True):
-    """The map in colour over the image, with the threshold's contour. A probability is
-    shown as it is (blue 0, red 1); a fused map (standard scores, unbounded) on 0 to twice
-    the threshold, so the contour sits mid-scale (without a threshold: 0 to its maximum)."""
-    shown = anomaly_map
-    if not probability:
-        top = 2 * threshold if threshold is not None else anomaly_map.max()
-        shown = anomaly_map / max(float(top), 1e-12)
-    panel = viz.overlay(image, shown)
-    if threshold is not None:
-        panel = viz.draw_contour(panel, anomaly_map >= threshold, color=(255, 0, 0), thickness=2)
-    return panel
-
-
 def write_panels(samples, maps, masks, scores, threshold, note, size, folder, limit, probability):
     # a limited number of panels: take the defect types (and good) in turn
     by_defect = {}
@@ -263,7 +239,7 @@ def write_panels(samples, maps, masks, scores, threshold, note, size, folder, li
         s = samples[i]
         image = data.load_image(s.image, size)
         row = viz.hstack([viz.labelled(image, "image"), viz.labelled(viz.mask_to_uint8(masks[i]), "ground truth"),
-                          viz.labelled(heat_panel(image, maps[i], threshold, probability), f"score {scores[i]:.3f}")])
+                          viz.labelled(viz.heat_panel(image, maps[i], threshold, probability), f"score {scores[i]:.3f}")])
         row = viz.labelled(row, f"{s.defect} {os.path.basename(s.image)} | {note}")
         name = f"{s.defect}_{os.path.splitext(os.path.basename(s.image))[0]}.png"
         atomic_save_image(viz.to_pil(row), os.path.join(folder, name))
@@ -275,61 +251,6 @@ def write_csv(path, header, rows):
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_bytes(path, buffer.getvalue().encode())
-
-
-# ----------------------------------------------------------------------------------------
-# Unlabeled images
-# ----------------------------------------------------------------------------------------
-
-class FolderImages(torch.utils.data.Dataset):
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return {"image": data.to_tensor(data.load_image(self.paths[i], self.size)), "path": self.paths[i]}
-
-
-def predict(model, features, folder, device, out, batch_size, workers, image_score, pool,
-            threshold):
-    """Score every image of `folder`; with a calibration (realnet/calibration.py) also decide
-    OK/NG and write a binary mask. Writes what realnet/predict.py describes."""
-    folder = cli.require_dir(folder, "--predict")
-    paths = data.list_images(folder)
-    if not paths:
-        raise cli.UserError(f"--predict: folder {folder!r} has no images ({', '.join(data.IMAGE_EXTENSIONS)})")
-    if threshold is None:
-        print("note: no threshold: the checkpoint is not calibrated (train with --val-fraction "
-              "> 0, or python3 -m realnet.calibration) and no --calibration, --image-threshold "
-              "or --pixel-threshold was given: scores and maps only, no OK/NG, no masks")
-    size = model.config["input_size"]
-    maps, _ = anomaly_maps(model, features, FolderImages(paths, size), device, batch_size, workers, "predict")
-    scores = score_images(maps, image_score, pool)
-    names = predict_outputs.output_names(paths)
-    rows = [predict_outputs.write_image_outputs(path, name, anomaly_map, score, threshold, out)
-            for path, name, anomaly_map, score in zip(paths, names, maps, scores)]
-    write_csv(os.path.join(out, "predictions.csv"), predict_outputs.CSV_COLUMNS, rows)
-    pixel = threshold and threshold.get("pixel")
-    note = (f"contour: map >= {pixel:.4f} ({threshold['used_from']})" if pixel is not None
-            else "no threshold")
-    for path, name, anomaly_map, score, row in zip(paths, names, maps, scores, rows):
-        image = data.load_image(path, size)
-        verdict = f" {row[2]}" if row[2] else ""
-        row_picture = viz.hstack([viz.labelled(image, "image"), viz.labelled(
-            heat_panel(image, anomaly_map, pixel, not model.fused), f"score {score:.3f}{verdict}")])
-        picture = viz.labelled(row_picture, f"{os.path.basename(path)} | {note}")
-        atomic_save_image(viz.to_pil(picture), os.path.join(out, "predict", name + ".png"))
-    decided = [row[2] for row in rows if row[2]]
-    summary = f"{decided.count('NG')} NG, {decided.count('OK')} OK; " if decided else ""
-    image_threshold = threshold and threshold.get("image")
-    print(f"scored {len(paths)} images ({summary}image threshold "
-          f"{'none' if image_threshold is None else f'{image_threshold:.4f}'}): "
-          f"{os.path.join(out, 'predictions.csv')}, maps/, "
-          f"{'masks/, ' if pixel is not None else ''}"
-          f"pictures in {os.path.join(out, 'predict')}")
-    return paths, maps
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,19 +291,15 @@ def print_table(results, summary):
 # Main
 # ----------------------------------------------------------------------------------------
 
-def check_batch(args, ckpt, size, device):
-    """The images the exported program is checked on: the first --batch-size images of
+def check_images(args, ckpt):
+    """The images the exported programs are checked on: the first --batch-size images of
     --predict DIR (no labelled data set needed), else of the first category's test set."""
     if args.predict:
-        paths = data.list_images(cli.require_dir(args.predict, "--predict"))[:args.batch_size]
-        if not paths:
-            raise cli.UserError(f"--predict: folder {args.predict!r} has no images")
-    else:
-        dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"),
-                                             f"--checkpoint {args.checkpoint!r}")
-        categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
-        paths = [s.image for s in dataset.test(categories[0])[:args.batch_size]]
-    return torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths]).to(device)
+        return predict.list_lot(args.predict)[:args.batch_size]
+    dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"),
+                                         f"--checkpoint {args.checkpoint!r}")
+    categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
+    return [s.image for s in dataset.test(categories[0])[:args.batch_size]]
 
 
 def check_args(args):
@@ -396,6 +313,11 @@ def check_args(args):
     cli.refuse_ignored(args, "format", "auto", "data", "it gives the layout of --data")
     cli.refuse_ignored(args, "image_threshold", None, "predict", "it decides OK/NG of its images")
     cli.refuse_ignored(args, "pixel_threshold", None, "predict", "the threshold of its masks")
+    cli.refuse_ignored(args, "throughput", False, "predict", "evaluation always times the model")
+    cli.refuse_ignored(args, "stop_on_unreadable", False, "predict", "it is about a lot's images")
+    if args.export and args.out is not None:
+        raise cli.UserError(f"--out {args.out} has no effect with --export (the programs and "
+                            "their description file are written beside --export PATH)")
     if args.predict:   # it scores a folder; flags of the labelled test split would be ignored
         for name, default in (("data", None), ("categories", None), ("fpr_limit", FPR_LIMIT)):
             if getattr(args, name) != default:
@@ -405,6 +327,12 @@ def check_args(args):
     if args.export and args.precision != "fp32":
         raise cli.UserError(f"--precision {args.precision} with --export: the exported program is "
                             "float32 (run it under torch.autocast to lower its precision)")
+
+
+def check_pool(pool, image_score, input_size):
+    if image_score == "avgpool" and not 1 <= pool <= input_size:
+        raise cli.UserError(f"--pool {pool}: expected a window of 1 to {input_size} pixels "
+                            f"(the checkpoint's input size)")
 
 
 def use_calibration(args, model, ckpt):
@@ -423,24 +351,28 @@ def use_calibration(args, model, ckpt):
     return calibrated
 
 
-def check_pool(pool, image_score, input_size):
-    if image_score == "avgpool" and not 1 <= pool <= input_size:
-        raise cli.UserError(f"--pool {pool}: expected a window of 1 to {input_size} pixels "
-                            f"(the checkpoint's input size)")
+def predict_folder(args, model, features, calibrated, device):
+    """--predict DIR: score, decide and map every image of a folder (no labels), as one lot."""
+    record = calibrated and calibrated | {"checkpoint": os.path.abspath(args.checkpoint)}
+    timing = ((lambda images: throughput.measure(model, features, images, args.throughput_repeats))
+              if args.throughput else None)
+    predict.predict_lot(model, features, args.predict, device, calibrated, out=args.out,
+                        checkpoint=args.checkpoint, image_score=args.image_score, pool=args.pool,
+                        batch_size=args.batch_size, workers=args.workers,
+                        stop_on_unreadable=args.stop_on_unreadable, calibration_record=record,
+                        settings=cli.args_to_dict(args), throughput=timing)
 
 
-def predict_folder(args, model, features, calibrated, device, out, size):
-    """--predict DIR: score, decide and map every image of a folder (no labels)."""
-    paths, _ = predict(model, features, args.predict, device, out, args.batch_size, args.workers,
-                       args.image_score, args.pool, calibrated)
-    if calibrated is not None:   # what was used, for --calibration (edit it to tune)
-        atomic_write_json(os.path.join(out, "calibration.json"),
-                          calibrated | {"checkpoint": os.path.abspath(args.checkpoint)})
-    sample = torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths[:args.batch_size]])
-    speed = throughput(model, features, sample.to(device), device, args.throughput_repeats)
-    atomic_write_json(os.path.join(out, "predict_throughput.json"), speed)
-    # not args.json: in the same folder, that describes metrics.json
-    runs.save_args(args, out, "predict_args.json")
+def export_model(args, model, features, ckpt, calibrated):
+    """--export PATH: the whole model as torch.export programs, checked against --predict.
+    The calibration (checked against --image-score and --pool) is inside."""
+    pool = args.pool if args.image_score == "avgpool" else 1   # 1: the map's plain maximum
+    calibrated = calibrated or {}
+    report = export.export_whole_model(model, features, args.export, check_images(args, ckpt),
+                                       pool=pool, image_threshold=calibrated.get("image"),
+                                       pixel_threshold=calibrated.get("pixel"),
+                                       checkpoint=args.checkpoint)
+    print(export.describe(report))
 
 
 def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size):
@@ -458,7 +390,7 @@ def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size
 
     first = data.TestSet(dataset.test(categories[0])[:args.batch_size], size)
     images = torch.stack([first[i]["image"] for i in range(len(first))]).to(device)
-    speed = throughput(model, features, images, device, args.throughput_repeats)
+    speed = throughput.measure(model, features, images, args.throughput_repeats)
 
     summary = mean_over_categories(results)
     learned = ckpt.get("learning_check") or {}
@@ -483,28 +415,26 @@ def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    if args.export:   # before the model is loaded: a bad path costs nothing
+        export.check_destination(args.export)
     device = cli.resolve_device(args.device)
     precision.check_precision(args.precision, device)
     model, features, ckpt = load_model(args.checkpoint, args.backbone_weights, device)
     size = model.config["input_size"]
     check_pool(args.pool, args.image_score, size)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    prepare_output_folder(out, files=("metrics.json", "scores.csv", "args.json", "predictions.csv",
-                                      "predict_args.json", "calibration.json", "export.json"),
-                          subfolders=("panels", "predict", "maps", "masks"))
     print(describe(model.config))
     calibrated = use_calibration(args, model, ckpt)   # the fused map's scale goes into the model
     if args.export:
-        images = check_batch(args, ckpt, size, device)
-        report = export.export_and_check(model, features, images, args.export)
-        atomic_write_json(os.path.join(out, "export.json"), report)
-        print(export.describe(report) + f"; {os.path.join(out, 'export.json')}")
+        export_model(args, model, features, ckpt, calibrated)
         return
     with precision.autocast(args.precision, device):   # the networks' arithmetic
         if args.predict:
-            predict_folder(args, model, features, calibrated, device, out, size)
-        else:
-            evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size)
+            predict_folder(args, model, features, calibrated, device)
+            return
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+        prepare_output_folder(out, files=("metrics.json", "scores.csv", "args.json"),
+                              subfolders=("panels",))
+        evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size)
 
 
 if __name__ == "__main__":

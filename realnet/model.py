@@ -8,11 +8,11 @@
 
     loss = CE(logits, mask) + sum_k MSE(G_k(phi_k(A)), phi_k(I))     A anomalous, I clean
 
-Beyond the paper, a model configured with anomaly_map "fused" reports another map: the mean
-of the standard scores of the discriminator's map and of each level's reconstruction
-energy, sum_c (phi_k - G_k(phi_k))^2 (RealNet.fuse). Their mean and std on normal images
-come from held-out training images (train_realnet.py measures them at every validation).
-Training is the same either way: the loss never sees the fused map.
+Beyond the paper, a model configured with anomaly_map "fused" reports another map: the
+weighted mean of the discriminator's log-odds and of each level's reconstruction energy,
+sum_c (phi_k - G_k(phi_k))^2, each scaled by its centre and spread on good images
+(RealNet.fuse), which calibration fits after training (realnet/calibration.py). Training
+is the same either way: the loss never sees the fused map.
 
 The architecture follows the authors' code (docs/method.md, section 6): their
 "ResBlock" has a single conv, down-sampling is average pooling, up-sampling two separate
@@ -42,8 +42,8 @@ ARCHITECTURES = {
 
 ANOMALY_MAPS = {
     "discriminator": "the discriminator's class-1 probability, in [0, 1] (the paper)",
-    "fused": "beyond the paper: the mean of the standard scores of the discriminator's map and "
-             "of each level's reconstruction energy, standardised on held-out normal images",
+    "fused": "beyond the paper: the mean of the discriminator's log-odds and of each level's "
+             "reconstruction energy, each scaled on good images by calibration",
 }
 
 
@@ -387,7 +387,7 @@ class RealNet(nn.Module):
         tensor per level. Returns reconstructions, selected residuals, logits, the
         discriminator's map and the anomaly map the model reports (config "anomaly_map"):
         the discriminator's map (the paper), or with "fused" also `map_parts` and their
-        standardised mean (see fuse)."""
+        calibrated mean (see fuse)."""
         reconstructions = [g(f) for g, f in zip(self.reconstruction, features)]
         selected, indices = self.rrs(features, reconstructions, self.process_group)
         logits = self.discriminator(selected, image_size)

@@ -39,6 +39,20 @@ def overlay(image, heat, alpha=0.5):
     return (alpha * colored + (1 - alpha) * image.astype(np.float32) + 0.5).astype(np.uint8)
 
 
+def heat_panel(image, anomaly_map, threshold, probability=True):
+    """The map in colour over the image, with the threshold's contour. A probability is
+    shown as it is (blue 0, red 1); a fused map (calibrated units, unbounded) on 0 to twice
+    the threshold, so the contour sits mid-scale (without a threshold: 0 to its maximum)."""
+    shown = anomaly_map
+    if not probability:
+        top = 2 * threshold if threshold is not None else anomaly_map.max()
+        shown = anomaly_map / max(float(top), 1e-12)
+    panel = overlay(image, shown)
+    if threshold is not None:
+        panel = draw_contour(panel, anomaly_map >= threshold, color=(255, 0, 0), thickness=2)
+    return panel
+
+
 def boundary(mask):
     """Pixels of a binary mask that touch the outside (4-neighbourhood): its contour."""
     m = np.asarray(mask, dtype=bool)

@@ -34,6 +34,8 @@ def tiny_model(anomaly_map="discriminator"):
         for name, tensor in model.state_dict().items():
             if name.endswith("running_var") or name == "map_scale":
                 tensor.uniform_(0.5, 2.0, generator=g)
+            elif name == "map_weight":   # which parts count: all of them
+                tensor.fill_(1.0)
             elif tensor.is_floating_point():
                 # std 0.1: logits of order 1 (std 0.2 gives logits of 100+, which magnify
                 # the ulp-level differences below 100-fold before the softmax)

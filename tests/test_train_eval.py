@@ -143,7 +143,7 @@ def test_training_loss_falls_then_evaluation_reports_everything(demo):
         "--pixel-threshold", "0.5", "--out", os.path.join(out, "predicted"), "--throughput-repeats", "1")
     with open(os.path.join(out, "predicted", "predictions.csv")) as f:
         assert len(list(csv.DictReader(f))) == 2
-    assert sorted(os.listdir(os.path.join(out, "predicted", "predict"))) == ["000.png", "001.png"]
+    assert sorted(os.listdir(os.path.join(out, "predicted", "pictures"))) == ["000.png.jpg", "001.png.jpg"]
 
 
 def test_fused_map_is_calibrated_on_the_held_out_images_and_reported(demo):
