@@ -17,7 +17,8 @@ For each category this runs
     concatenated (all 768 channels kept). Over the training images, each position gets the
     mean and variance (plus a floor) of its feature vector; a test image's map is the
     squared z-score summed over channels, upsampled to the image; its image score is the
-    map's maximum. A yardstick gets its best: each metric is its best over the variance
+    map's plain maximum (RealNet's: the maximum of the 16 x 16 average-pooled map, the
+    authors' choice). A yardstick gets its best: each metric is its best over the variance
     floors 1e-4, 1e-3 and 1e-2 (all three are recorded).
 
 and writes one table to the terminal, OUT/demo_accuracy.json and OUT/demo_accuracy.md.
@@ -63,7 +64,7 @@ UNSEEN = "wood"   # benchmarks/unseen_category.py
 TUNING = {"washer": "tuned (steps, schedule, best.pt, fused map, AFS dims + bf16, foreground "
                     "none, calibration rule and map scale)",
           "granite": "tuned (steps, schedule, best.pt, fused map, calibration rule and map scale)",
-          "weave": "tuned earlier (width, lr, batch)",
+          "weave": "tuned earlier (width, lr, batch, layers 1-2)",
           "tablet": "untuned, but not a generalisation check: the fused map came from a "
                     "diagnosis of its test split",
           UNSEEN: "unseen: drawn for this check, never used to choose anything"}
