@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="data set root (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=16, help="test images per forward pass")
     p.add_argument("--json", default=None, help="also write the table to this file")
+    p.add_argument("--calibration", default=None,
+                   help="the calibration file whose map scale the fused row uses (default: "
+                        "the checkpoint's)")
     return p.parse_args(argv)
 
 
@@ -93,11 +96,16 @@ def main(argv=None):
     args = parse_args(argv)
     cli.require_positive(batch_size=args.batch_size)
     model, features, ckpt = load_model(args.checkpoint, None, torch.device("cpu"))
-    if model.fused:   # the map scale of the checkpoint's calibration (evaluate.py's default)
-        if not ckpt.get("calibration"):
-            raise cli.UserError(f"--checkpoint {args.checkpoint!r}: the fused map is not "
-                                "calibrated (python3 -m realnet.calibration)")
-        calibration.set_map_scale(model, ckpt["calibration"]["map_scale"])
+    record = ckpt.get("calibration")
+    if args.calibration:   # as evaluate.py --calibration
+        record = calibration.read_file(args.calibration,
+                                       calibration.weights_digest(model.state_dict()), model.fused)
+    if model.fused and record:   # the map scale evaluate.py scores with
+        calibration.set_map_scale(model, record["map_scale"])
+    elif model.fused:
+        print("note: the fused map is not calibrated (python3 -m realnet.calibration): no "
+              "'fused' row")
+        model.fused = False
     dataset = runs.open_recorded_dataset(args.data, "auto", ckpt.get("dataset"),
                                          f"--checkpoint {args.checkpoint!r}")
     category = args.category or ckpt["categories"][0]

@@ -12,8 +12,9 @@ from .cli import UserError
 from .files import atomic_save_image
 
 
-def split_validation(samples, fraction, seed):
-    """Hold out a share of the training images (never test images) for checkpoint choice."""
+def split_validation(samples, fraction, seed, log=print):
+    """Hold out a share of the training images (never test images) for checkpoint choice
+    and calibration; a split that leaves or holds out a single image says so."""
     if fraction <= 0:
         return samples, []
     if fraction >= 1:
@@ -22,6 +23,12 @@ def split_validation(samples, fraction, seed):
     if n_val >= len(samples):
         raise UserError(f"--val-fraction {fraction} leaves no training images "
                         f"({len(samples)} in all)")
+    if n_val == 1:
+        log(f"WARNING: --val-fraction {fraction} holds out 1 of {len(samples)} training images: "
+            "best.pt and the OK/NG calibration rest on that one image; hold out more")
+    if len(samples) - n_val == 1:
+        log(f"WARNING: --val-fraction {fraction} leaves 1 of {len(samples)} training images to "
+            "train on; hold out fewer")
     rng = np.random.default_rng([seed, 7])
     held_out = set(rng.choice(len(samples), n_val, replace=False).tolist())
     return ([s for i, s in enumerate(samples) if i not in held_out],

@@ -459,9 +459,10 @@ def test_a_failed_evaluation_keeps_the_previous_report_and_flags_are_never_ignor
     refused(evaluate, fast + ["--pool", "0"], "--pool 0", "1 to 64")
     refused(evaluate, fast + ["--pool", "1000"], "--pool 1000", "1 to 64")
     refused(evaluate, fast + ["--format", "mvtec"], "--format mvtec has no effect without --data")
-    refused(evaluate, fast + ["--threshold", "0.5"], "--threshold 0.5 has no effect without --predict")
-    refused(evaluate, fast + ["--threshold-file", "t.json"],
-            "--threshold-file t.json has no effect without --predict")
+    refused(evaluate, fast + ["--pixel-threshold", "0.5"],
+            "--pixel-threshold 0.5 has no effect without --predict")
+    refused(evaluate, fast + ["--image-threshold", "0.5"],
+            "--image-threshold 0.5 has no effect without --predict")
     refused(evaluate, fast + ["--out", checkpoint], "--out", "model.pt' is a file, expected a folder")
     assert snapshot(eval_dir) == before
 

@@ -20,3 +20,15 @@ def test_a_run_whose_held_out_validation_ends_near_chance_is_told_so(tmp_path):
     # the last validation counts: a run that learnt late is fine
     write_log(tmp_path, [{"step": 100, "pixel_auroc": 0.5}, {"step": 200, "pixel_auroc": 0.93}])
     assert validation.learning_check(str(tmp_path))["warning"] is None
+
+
+def test_a_split_that_holds_out_or_leaves_one_image_says_so():
+    said = []
+    train, held = validation.split_validation(list(range(10)), 0.1, 0, log=said.append)
+    assert len(held) == 1 and len(train) == 9 and "holds out 1 of 10" in said[0]
+    said.clear()
+    train, held = validation.split_validation(list(range(4)), 0.75, 0, log=said.append)
+    assert len(train) == 1 and any("leaves 1 of 4" in line for line in said)
+    said.clear()
+    validation.split_validation(list(range(40)), 0.1, 0, log=said.append)
+    assert said == []   # the demo's split: 4 of 40, nothing to say
