@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from realnet import calibration as C
-from realnet.backbone import load_backbone
 from realnet.cli import UserError
-from realnet.features import FeatureExtractor
-from realnet.model import RealNet, build_config
+from test_invariance import SIZE, tiny_model
 
 
 # ----------------------------------------------------------------------------------------
@@ -86,23 +84,10 @@ def test_balanced_accuracy_on_the_test_split_and_the_best_any_threshold_reaches(
 # Calibrating a model
 # ----------------------------------------------------------------------------------------
 
-SIZE = 64
-
-
 def tiny(anomaly_map="fused"):
-    backbone = load_backbone("random", (1, 2))
-    g = torch.Generator().manual_seed(0)
-    afs = {"layers": [1, 2], "dims": [8, 16],
-           "indices": [torch.randperm(256, generator=g)[:8].sort().values.tolist(),
-                       torch.randperm(512, generator=g)[:16].sort().values.tolist()],
-           "scores": [torch.rand(256), torch.rand(512)], "input_size": SIZE,
-           "backbone": backbone.identity}
-    model = RealNet(build_config(afs, width_ratio=0.5, strides=backbone.strides,
-                                 anomaly_map=anomaly_map)).eval()
-    with torch.no_grad():
-        for g_ in model.reconstruction:   # non-zero reconstructions: energies that differ
-            torch.nn.init.normal_(g_.out[2].weight, std=0.1)
-    return model, FeatureExtractor(backbone, model)
+    """tests/test_invariance.py's tiny model (random backbone, random weights: non-zero
+    reconstructions, so energies that differ)."""
+    return tiny_model(anomaly_map)
 
 
 def good_images(n, seed=0):
