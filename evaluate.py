@@ -315,6 +315,9 @@ def check_args(args):
     cli.refuse_ignored(args, "pixel_threshold", None, "predict", "the threshold of its masks")
     cli.refuse_ignored(args, "throughput", False, "predict", "evaluation always times the model")
     cli.refuse_ignored(args, "stop_on_unreadable", False, "predict", "it is about a lot's images")
+    if args.export and args.precision != "fp32":
+        raise cli.UserError(f"--precision {args.precision} with --export: the exported program is "
+                            "float32 (run it under torch.autocast to lower its precision)")
     if args.export and args.out is not None:
         raise cli.UserError(f"--out {args.out} has no effect with --export (the programs and "
                             "their description file are written beside --export PATH)")
@@ -324,9 +327,6 @@ def check_args(args):
                 raise cli.UserError(f"{cli.flag(name)} {getattr(args, name)} has no effect with "
                                     f"--predict (it scores the images of {args.predict!r}, "
                                     "without labels; leave out --predict to evaluate a test split)")
-    if args.export and args.precision != "fp32":
-        raise cli.UserError(f"--precision {args.precision} with --export: the exported program is "
-                            "float32 (run it under torch.autocast to lower its precision)")
 
 
 def check_pool(pool, image_score, input_size):

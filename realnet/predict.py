@@ -61,7 +61,7 @@ import torch
 from PIL import Image
 
 from . import data, metrics, viz
-from .cli import UserError
+from .cli import UserError, require_dir
 from .loaders import start_loader
 from .progress import Progress
 
@@ -132,12 +132,7 @@ class LotImages(torch.utils.data.Dataset):
 
 def list_lot(folder):
     """The image paths of --predict DIR, sorted; one line if there are none."""
-    if os.path.isfile(folder):
-        raise UserError(f"--predict {folder!r} is a file; expected a folder of images "
-                        "(put the images of the lot in a folder)")
-    if not os.path.isdir(folder):
-        raise UserError(f"--predict: folder {folder!r} does not exist")
-    paths = data.list_images(folder)
+    paths = data.list_images(require_dir(folder, "--predict"))
     if not paths:
         raise UserError(f"--predict: folder {folder!r} has no images "
                         f"({', '.join(data.IMAGE_EXTENSIONS)})")

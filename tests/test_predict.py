@@ -320,7 +320,7 @@ def test_stop_on_unreadable_stops_at_the_first_one_with_one_line(lot, tmp_path):
 def test_predict_of_a_file_says_it_is_a_file(lot):
     line = one_line_error(run("evaluate.py", "--checkpoint", lot["checkpoint"], "--predict",
                               lot["paths"][0], check=False))
-    assert "is a file; expected a folder of images" in line
+    assert "is a file, expected a folder" in line
 
 
 INTERRUPTED = """
