@@ -469,10 +469,12 @@ def test_a_failed_evaluation_keeps_the_previous_report_and_flags_are_never_ignor
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
     shutil.copy(os.path.join(demo["data"], "washer", "test", "good", "000.png"), unlabeled / "a.png")
-    evaluate.main(fast + ["--predict", str(unlabeled)])      # into the same (default) folder
-    after = snapshot(eval_dir)
-    assert {name: after[name] for name in before} == before   # args.json still describes metrics.json
-    assert json.loads(after["predict_args.json"])["predict"] == str(unlabeled)
+    evaluate.main(fast + ["--predict", str(unlabeled)])      # a lot: never into eval/
+    assert snapshot(eval_dir) == before   # args.json still describes metrics.json
+    lots = [name for name in os.listdir(os.path.join(out, "predict")) if not name.startswith(".")]
+    assert len(lots) == 1
+    with open(os.path.join(out, "predict", lots[0], "lot.json")) as f:
+        assert json.load(f)["settings"]["predict"] == str(unlabeled)
 
     ckpt = torch.load(checkpoint, weights_only=True)
     name = next(iter(ckpt["state_dict"]))
