@@ -371,7 +371,8 @@ def calibrate_checkpoints(out, config, features, val, args, device):
 def print_plan(config, model, categories, n_images, held_out, total_steps, batch_size, ddp, cache):
     epochs = total_steps / math.ceil(n_images / batch_size)
     unified = " (UNIFIED: one model for all)" if len(categories) > 1 else ""
-    held = f", {len(held_out)} held out for checkpoint choice" if held_out else ""
+    held = (f", {len(held_out)} held out for checkpoint choice and calibration"
+            if held_out else "")
     print(f"{describe(config)}; {count_parameters(model) / 1e6:.2f} M trainable parameters")
     print(f"training on {n_images} images of {', '.join(categories)}{unified}{held}; "
           f"{total_steps} steps of {batch_size} ({epochs:.1f} epochs), {ddp.world_size} "
