@@ -39,7 +39,8 @@ opt = ["-O0", "-g"] if debug else ["-O3"]
 sources = ["csrc/realnet.cpp", "csrc/cpu/realnet_cpu.cpp"]
 extra_compile_args = {"cxx": opt + ["-fopenmp"]}
 if use_cuda:
-    sources.append("csrc/cuda/realnet_cuda.cu")
+    # the registrations, and every version of the kernels (csrc/cuda/versions.h)
+    sources += ["csrc/cuda/realnet_cuda.cu", "csrc/cuda/v1.cu", "csrc/cuda/v2.cu"]
     extra_compile_args["nvcc"] = opt + ["-lineinfo"]
     Extension = CUDAExtension
 else:

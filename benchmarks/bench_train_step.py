@@ -119,13 +119,18 @@ def measure(args, name, backbone, device):
     features = FeatureExtractor(backbone, model)   # backbone -> AFS, as in training
     with amp:   # the cache is made in the step's precision, as train_realnet.py does
         clean_features = features(images)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = [one_step(features, model, optimizer, images, clean_features, mask, amp, device)
              for _ in range(args.warmup + args.repeats)][args.warmup:]
     row = {"precision": name}
+    if device.type == "cuda":   # everything the step holds at its peak: weights, Adam, activations
+        row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     for i, part in enumerate(PARTS):
         row[part] = round(1e3 * statistics.median(t[i] for t in times), 1)
     row["model_ms"] = round(1e3 * statistics.median(sum(t[1:]) for t in times), 1)
     row["step_ms"] = round(1e3 * statistics.median(sum(t) for t in times), 1)
+    row["images_per_s"] = round(args.batch_size / (row["step_ms"] / 1e3), 1)
     row["trainable_parameters"] = count_parameters(model)
     return row
 
@@ -146,11 +151,13 @@ def main(argv=None):
     print(f"input {args.input_size} px, layers {args.layers}, AFS dims {args.dims}, width "
           f"{args.width_ratio}, batch {args.batch_size} (half anomalous), median of "
           f"{args.repeats} steps")
-    print("| precision | " + " | ".join(f"{what}, ms" for what in PARTS.values()) + " | step, ms |")
-    print("|---" * (len(PARTS) + 2) + "|")
+    cuda = device.type == "cuda"
+    print("| precision | " + " | ".join(f"{what}, ms" for what in PARTS.values())
+          + " | step, ms | images/s |" + (" peak GPU MiB |" if cuda else ""))
+    print("|---" * (len(PARTS) + 4 + cuda) + "|")
     for r in rows:
         print(f"| {r['precision']} | " + " | ".join(str(r[part]) for part in PARTS)
-              + f" | {r['step_ms']} |")
+              + f" | {r['step_ms']} | {r['images_per_s']} |" + (f" {r['peak_gpu_mib']} |" if cuda else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "machine": machine,

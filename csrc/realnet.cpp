@@ -3,13 +3,50 @@
 // (realnet/ops.py) adds the fake (meta) kernels and the autograd formula.
 #include <Python.h>
 
+#include <atomic>
+#include <cstdlib>
+
 #include "realnet.h"
 
+namespace realnet {
+namespace {
+int initial_cuda_kernels() {
+  const char* chosen = std::getenv("REALNET_CUDA_KERNELS");
+  const int version = chosen ? std::atoi(chosen) : kDefaultCudaKernels;
+  return version >= 1 && version <= kCudaKernelVersions ? version : kDefaultCudaKernels;
+}
+std::atomic<int> g_cuda_kernels{initial_cuda_kernels()};
+}  // namespace
+int cuda_kernel_version() { return g_cuda_kernels.load(std::memory_order_relaxed); }
+void set_cuda_kernel_version(int version) { g_cuda_kernels.store(version, std::memory_order_relaxed); }
+}  // namespace realnet
+
 extern "C" {
-// Importing realnet._C only has to load this library so that the static registrations
-// below run; the module itself is empty (as in pytorch/extension-cpp).
+// _C.cuda_kernels() -> the version in use; _C.cuda_kernels(n) selects version n and
+// returns the one it replaces. Wrapped by realnet.ops.cuda_kernels.
+static PyObject* cuda_kernels(PyObject*, PyObject* args) {
+  int version = 0;
+  if (!PyArg_ParseTuple(args, "|i", &version)) return nullptr;
+  const int previous = realnet::cuda_kernel_version();
+  if (version != 0) {
+    if (version < 1 || version > realnet::kCudaKernelVersions) {
+      PyErr_Format(PyExc_ValueError, "cuda_kernels: version must be 1..%d, got %d", realnet::kCudaKernelVersions,
+                   version);
+      return nullptr;
+    }
+    realnet::set_cuda_kernel_version(version);
+  }
+  return PyLong_FromLong(previous);
+}
+
+static PyMethodDef methods[] = {
+    {"cuda_kernels", cuda_kernels, METH_VARARGS, "Get (no argument) or set the version of the CUDA kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+
+// Importing realnet._C loads this library, so that the static registrations below run
+// (as in pytorch/extension-cpp); the module only adds cuda_kernels().
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -27,6 +27,14 @@
 namespace realnet {
 
 constexpr int kMaxLevels = 8;        // feature levels an RRS call may concatenate
+
+// Which version of the CUDA kernels the ops run (csrc/cuda/v1.cu, v2.cu, ...). The default
+// is the newest version that has passed the parity tests on a GPU; REALNET_CUDA_KERNELS=N
+// at import, or realnet.ops.cuda_kernels(N), selects another (benchmarks, parity tests).
+constexpr int kCudaKernelVersions = 2;
+constexpr int kDefaultCudaKernels = 1;
+int cuda_kernel_version();
+void set_cuda_kernel_version(int version);
 constexpr double kAfsEps = 1e-4;     // added to the min-max range in AFS (the authors' value)
 
 // ---------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ builds either:
 Under DDP (`process_group=...`) the (B, M) statistics are all-gathered between steps 1
 and 2, so every rank ranks with the statistics of the global batch, as one process would.
 """
+import contextlib
+import os
 import warnings
 
 import torch
@@ -42,6 +44,32 @@ except ImportError as _error:  # not built: the reference still computes the sam
     )
 
 AFS_EPS = 1e-4  # added to the min-max range in AFS, as the authors do
+
+# The CUDA kernels come in versions kept side by side (csrc/cuda/v1.cu, v2.cu; each file's
+# header says what it changes and whether it has run on a GPU). The default is the newest
+# that has passed the parity tests on a GPU; REALNET_CUDA_KERNELS=N at import selects another.
+CUDA_KERNEL_VERSIONS = (1, 2)
+if os.environ.get("REALNET_CUDA_KERNELS", "") not in ("",) + tuple(str(v) for v in CUDA_KERNEL_VERSIONS):
+    raise ValueError(f"REALNET_CUDA_KERNELS={os.environ['REALNET_CUDA_KERNELS']!r}: expected one of "
+                     f"{', '.join(map(str, CUDA_KERNEL_VERSIONS))} (the versions in csrc/cuda/)")
+
+
+def cuda_kernels(version=None):
+    """The version of the CUDA kernels the fused ops run; with `version`, select it.
+    Returns the version in use before the call. (The CPU kernels have one version.)"""
+    if not HAS_EXTENSION:
+        return None
+    return _C.cuda_kernels() if version is None else _C.cuda_kernels(int(version))
+
+
+@contextlib.contextmanager
+def cuda_kernel_version(version):
+    """Run the block with another version of the CUDA kernels (benchmarks, parity tests)."""
+    previous = cuda_kernels(version)
+    try:
+        yield
+    finally:
+        cuda_kernels(previous)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The fused operators against their plain-PyTorch references (realnet/ops.py).
 
-Every case runs on the CPU and, when a GPU is present, on CUDA (float32, plus float16 and
-bfloat16 there). Ground truth is always the reference on the same inputs.
+Every case runs on the CPU and, when a GPU is present, on CUDA with every version of the
+CUDA kernels (csrc/cuda/v1.cu, v2.cu; float32, plus float16 and bfloat16 there). Ground
+truth is always the reference on the same inputs.
 """
 import os
 import subprocess
@@ -15,7 +16,26 @@ from realnet import ops
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="the compiled extension is not built")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CUDA_VERSIONS = list(ops.CUDA_KERNEL_VERSIONS) if torch.cuda.is_available() else []
+DEVICES = ["cpu"] + [f"cuda-v{v}" for v in CUDA_VERSIONS]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """'cpu', or 'cuda' with one version of the CUDA kernels selected for the test."""
+    if request.param == "cpu":
+        yield "cpu"
+        return
+    with ops.cuda_kernel_version(int(request.param.removeprefix("cuda-v"))):
+        yield "cuda"
+
+
+@pytest.fixture(params=[f"v{v}" for v in CUDA_VERSIONS] or [pytest.param("none", marks=pytest.mark.skip(
+    reason="float16/bfloat16 kernels are CUDA-only"))])
+def cuda_version(request):
+    """For the CUDA-only tests: each version of the CUDA kernels in turn."""
+    with ops.cuda_kernel_version(int(request.param[1:])):
+        yield int(request.param[1:])
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 # (batch, [(channels, h, w) per level finest first], k_max, k_mean)
@@ -26,6 +46,8 @@ SHAPES = {
     "batch_one": (1, [(8, 9, 9), (4, 5, 5)], 5, 2),
     "duplicated_picks": (2, [(6, 6, 8), (5, 3, 4)], 9, 8),  # 17 picks of 11 channels
     "max_only": (2, [(6, 5, 5), (4, 3, 3)], 4, 0),
+    # the paper's levels and k (batch 2): 16-byte packs, M = 1536 channels to rank
+    "paper_levels": (2, [(256, 64, 64), (512, 32, 32), (512, 16, 16), (256, 8, 8)], 256, 256),
 }
 
 
@@ -57,7 +79,6 @@ def max_abs(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 def test_rrs_select_matches_reference(shape, training, device):
@@ -92,10 +113,11 @@ def test_rrs_select_matches_reference(shape, training, device):
     grads = torch.autograd.grad(sel, feats + recons, upstream)
     grads_ref = torch.autograd.grad(sel_ref, feats + recons, upstream)
     for g, g_ref in zip(grads, grads_ref):
-        assert max_abs(g, g_ref) <= ATOL[torch.float32]
+        # relative to the gradient's size: at the paper's levels an 8x8 source pixel sums
+        # ~300 upsampled outputs, in another order than autograd's
+        assert max_abs(g, g_ref) <= ATOL[torch.float32] * (1 + g_ref.abs().max().item())
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_rrs_select_only_recons_require_grad(device):
     """The usual case in training: the frozen backbone's features carry no gradient."""
     feats, recons, rm, rv = make_inputs(2, SHAPES["four_levels_odd"][1], device)
@@ -107,7 +129,6 @@ def test_rrs_select_only_recons_require_grad(device):
     assert all(max_abs(a, b) <= ATOL[torch.float32] for a, b in zip(g, g_ref))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_running_stats_converge_like_batchnorm_over_steps(device):
     """Several training steps then eval: eval ranks with the running statistics."""
     levels = SHAPES["four_levels_odd"][1]
@@ -125,10 +146,23 @@ def test_running_stats_converge_like_batchnorm_over_steps(device):
     assert torch.equal(a[1], b[1]) and max_abs(a[0], b[0]) <= ATOL[torch.float32]
 
 
+def test_cuda_kernel_version_is_selectable():
+    """The benchmark and these tests choose the version of the CUDA kernels at run time."""
+    before = ops.cuda_kernels()
+    assert before in ops.CUDA_KERNEL_VERSIONS
+    other = next(v for v in ops.CUDA_KERNEL_VERSIONS if v != before)
+    with ops.cuda_kernel_version(other):
+        assert ops.cuda_kernels() == other
+    assert ops.cuda_kernels() == before
+    with pytest.raises(ValueError, match="version must be"):
+        ops.cuda_kernels(len(ops.CUDA_KERNEL_VERSIONS) + 1)
+    assert ops.cuda_kernels() == before
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="float16/bfloat16 kernels are CUDA-only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", ["four_levels_odd", "paper_like_small", "duplicated_picks"])
-def test_rrs_select_reduced_precision_cuda(shape, dtype):
+@pytest.mark.parametrize("shape", ["four_levels_odd", "paper_like_small", "duplicated_picks", "paper_levels"])
+def test_rrs_select_reduced_precision_cuda(shape, dtype, cuda_version):
     batch, levels, k_max, k_mean = SHAPES[shape]
     feats, recons, rm, rv = make_inputs(batch, levels, "cuda", dtype)
     (sel, idx), (sel_ref, idx_ref), (rm_f, rv_f), (rm_r, rv_r) = run_both(feats, recons, k_max, k_mean, rm, rv, True)
@@ -151,7 +185,6 @@ GRADCHECK_SHAPES = {  # small: the full Jacobian is checked, one input element a
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", list(GRADCHECK_SHAPES))
 def test_rrs_gather_gradcheck_float64(shape, device):
     """Finite differences in float64 on the differentiable part (fixed indices: the ranking
@@ -167,7 +200,6 @@ def test_rrs_gather_gradcheck_float64(shape, device):
     assert torch.autograd.gradcheck(fn, tuple(feats + recons), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_all_ops(device):
     feats, recons, rm, rv = make_inputs(2, SHAPES["four_levels_odd"][1], device)
     plain = [t.detach() for t in feats], [t.detach() for t in recons]
@@ -233,7 +265,6 @@ AFS_SHAPES = {  # (B, C, h, w, H, W): mask larger, equal, exactly 2x, odd ratios
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", list(AFS_SHAPES), ids=list(AFS_SHAPES))
 def test_afs_channel_loss_matches_reference(shape, device):
     a, z, mask = afs_inputs(device, *AFS_SHAPES[shape])
@@ -243,7 +274,6 @@ def test_afs_channel_loss_matches_reference(shape, device):
     assert max_abs(loss, ref) <= ATOL[torch.float32]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_afs_channel_loss_special_channels(device):
     """A constant channel (range 0: only the 1e-4 keeps it finite), a NaN channel (NaN out,
     as the reference), and a non-binary mask."""
@@ -260,7 +290,7 @@ def test_afs_channel_loss_special_channels(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="float16/bfloat16 kernels are CUDA-only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_afs_channel_loss_reduced_precision_cuda(dtype):
+def test_afs_channel_loss_reduced_precision_cuda(dtype, cuda_version):
     a, z, mask = afs_inputs("cuda", *AFS_SHAPES["layer3_like"], dtype=dtype)
     assert max_abs(ops.afs_channel_loss(a, z, mask), ops.afs_channel_loss_reference(a, z, mask)) <= 1e-5
 
@@ -333,7 +363,7 @@ def test_bad_inputs_rrs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to mix devices")
-def test_bad_inputs_devices():
+def test_bad_inputs_devices(cuda_version):
     f = [torch.rand(2, 4, 8, 8)]
     with pytest.raises(RuntimeError, match="one device"):
         _rrs(f, [f[0].cuda()])
