@@ -44,3 +44,38 @@ def test_inference_benchmark_refuses_unknown_choices_in_one_line(flag, value):
     assert done.returncode != 0
     assert done.stderr.strip().startswith(f"error: {flag} {value}"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_op_benchmark_checks_the_goals_it_reports():
+    """bench_ops.goals turns one run's rows into the kernels' goals: the ratios and the share
+    of peak bandwidth are computed from the rows, and a missed goal is reported as missed."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import bench_ops
+
+    def row(op, which, dtype, impl, seconds, fraction=None):
+        r = {"op": op, "pass": which, "dtype": dtype, "impl": impl, "seconds": seconds, "batch": 16,
+             "bytes_moved": 1, "gb_per_s": 1, "peak_bytes": 0}
+        if fraction is not None:
+            r["peak_fraction"] = fraction
+        return r
+    rows = [row("rrs_select", "forward+backward", "float32", "fused v2", 1.0, 0.65),
+            row("rrs_select", "forward+backward", "float32", "reference", 4.0),
+            row("rrs_select", "forward+backward", "float32", "compiled reference", 2.0),
+            row("rrs_select", "forward", "float32", "fused v2", 0.5),
+            row("rrs_select", "forward", "float32", "compiled reference", 0.6),
+            row("rrs_select", "forward", "bfloat16", "fused v2", 0.25),
+            row("afs_channel_loss", "forward", "float32", "fused v2", 1.0),
+            row("afs_channel_loss", "forward", "float32", "reference", 6.0),
+            {"op": "afs_channel_loss", "pass": "forward", "dtype": "float32", "impl": "compiled reference",
+             "error": "compile failed"}]
+    checked = {goal: (value, met) for goal, value, met in bench_ops.goals(rows)}
+    assert checked["fused v2: rrs_select fwd+bwd fp32 >= 60 % of peak bandwidth"] == ("65.0 %", True)
+    assert checked["fused v2: rrs_select fwd+bwd fp32 >= 5.0x reference"] == ("4.00x", False)
+    assert checked["fused v2: rrs_select fwd+bwd fp32 >= 1.5x compiled reference"] == ("2.00x", True)
+    assert checked["fused v2: rrs_select forward fp32 >= 1.5x compiled reference"] == ("1.20x", False)
+    assert checked["fused v2: rrs_select forward bfloat16 <= 0.6x its fp32 time"] == ("0.50x", True)
+    assert checked["fused v2: afs_channel_loss fp32 >= 5.0x reference"] == ("6.00x", True)
+    assert not any("afs_channel_loss fp32 >= 1.5x compiled" in goal for goal in checked)  # no row: no claim
+    table = bench_ops.markdown({"device": "test", "torch": "x", "date": "d", "batch": 16, "repeats": 1,
+                                "peak_bandwidth": 1e12, "command": "c", "results": rows})
+    assert "failed: compile failed" in table and "| **no** |" in table
