@@ -4,8 +4,9 @@ outside this repository:
     images (B, H, W, 3) uint8 RGB, channels last (what numpy / PIL decoding gives), any
     H and W (each 2 to 16384) and batch (1 to 1024)
       -> resize to the model's input size S x S: PIL's bilinear filter, reproduced exactly
-         (Pillow's coefficients, its 22-bit fixed point and its rounding to uint8 after
-         each pass; antialiased when shrinking), as data.load_image does for --predict
+         (Pillow's coefficients, its 22-bit fixed point, its rounding to uint8 after each
+         pass and its order of the passes; antialiased when shrinking), as
+         data.load_image does for --predict
       -> ImageNet normalisation -> frozen backbone -> AFS -> reconstruction UNets -> RRS
          -> discriminator -> the anomaly map (S x S) the checkpoint reports (the
          discriminator's probability, or the fused map in calibrated units)
@@ -45,6 +46,7 @@ import warnings
 import zipfile
 
 import numpy as np
+import PIL
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -91,14 +93,39 @@ def _fixed_point_pass(pixels, weights):
     return torch.clamp(torch.floor(accumulated / scale), 0.0, 255.0)
 
 
-def resize_uint8_like_pil(images, size):
+def pillow_runs_vertical_first():
+    """Pillow 13 made the pass order depend on the shape (Resample.c, ImagingResampleInner:
+    vertical first when the height shrinks by more than twice what the width shrinks);
+    earlier versions always run the horizontal pass first. The program follows the Pillow
+    that --predict uses where it is exported (its version is in the description file)."""
+    return int(PIL.__version__.split(".")[0]) >= 13
+
+
+def resize_uint8_like_pil(images, size, vertical_first_rule=None):
     """(B, C, H, W) integer-valued float64 -> (B, C, size, size), the values PIL's
-    Image.resize((size, size), BILINEAR) gives on the uint8 image: horizontal pass, then
-    vertical, each rounded to uint8 as Pillow does."""
+    Image.resize((size, size), BILINEAR) gives on the uint8 image: one pass per axis, each
+    rounded to uint8 as Pillow does, in Pillow's order (pillow_runs_vertical_first). Both
+    orders are computed and one is selected with tensor arithmetic, so that an exported
+    program keeps the rule for every input size instead of the example's."""
+    if vertical_first_rule is None:
+        vertical_first_rule = pillow_runs_vertical_first()
     height, width = images.shape[-2:]
-    wide = _fixed_point_pass(images, pil_bilinear_weights(width, size, images.device))
-    return _fixed_point_pass(wide.transpose(-1, -2),
-                             pil_bilinear_weights(height, size, images.device)).transpose(-1, -2)
+    along_width = pil_bilinear_weights(width, size, images.device)
+    along_height = pil_bilinear_weights(height, size, images.device)
+
+    def horizontal(x):
+        return _fixed_point_pass(x, along_width)
+
+    def vertical(x):
+        return _fixed_point_pass(x.transpose(-1, -2), along_height).transpose(-1, -2)
+    horizontal_first = vertical(horizontal(images))
+    if not vertical_first_rule:
+        return horizontal_first
+    h = torch.ones((), dtype=torch.float64, device=images.device) * height
+    w = torch.ones((), dtype=torch.float64, device=images.device) * width
+    shrinks = h - size
+    vertical_first = (shrinks > 0) & (shrinks > 2 * (w - size))
+    return torch.where(vertical_first, horizontal(vertical(images)), horizontal_first)
 
 
 def resize_float_like_pil(maps, height, width):
@@ -413,8 +440,10 @@ def export_whole_model(model, features, path, check_paths, pool=16, image_thresh
                     **({"ng": "(batch,) bool, score >= image_threshold (True: NG)"}
                        if image_threshold is not None else {})},
         "preprocessing": f"PIL-exact bilinear resize to {model.config['input_size']} x "
-                         f"{model.config['input_size']} (uint8, antialiased when shrinking), "
-                         "ImageNet mean/std normalisation",
+                         f"{model.config['input_size']} (uint8, antialiased when shrinking, "
+                         f"the pass order of Pillow {PIL.__version__}), ImageNet mean/std "
+                         "normalisation",
+        "pillow": PIL.__version__,
         "resize_max_abs_difference_vs_pil": resize_difference(check_paths,
                                                               model.config["input_size"]),
         "image_score": ("max of the map" if pool == 1 else
