@@ -35,21 +35,16 @@ the whole model, uint8 images to score, map and verdict, as torch.export program
 (realnet/export.py); nothing else is run with either.
 """
 import argparse
-import csv
-import io
 import os
 
 import numpy as np
 import torch
 
-from realnet import calibration, cli, data, metrics, precision, runs, viz
-from realnet import export, predict, throughput
-from realnet.files import atomic_save_image, atomic_write_bytes, atomic_write_json, file_digest
-from realnet.files import prepare_output_folder
-from realnet.inference import load_model
-from realnet.loaders import start_loader
+from realnet import calibration, cli, data, export, metrics, precision, predict, runs, throughput
+from realnet.files import atomic_write_csv, atomic_write_json, file_digest, prepare_output_folder
+from realnet.inference import dataset_maps, load_model
 from realnet.model import ANOMALY_MAPS, describe
-from realnet.progress import Progress
+from realnet.panels import picture_threshold, write_panels
 
 # The protocol's defaults (flags below); benchmarks/stage_maps.py scores with the same ones
 IMAGE_SCORE, POOL, FPR_LIMIT = "avgpool", 16, 0.3
@@ -105,22 +100,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------
-# The model's maps
-# ----------------------------------------------------------------------------------------
-
-def anomaly_maps(model, features, dataset, device, batch_size, workers, label):
-    loader = start_loader(dataset, workers, batch_size=batch_size)
-    progress = Progress(len(loader), label, unit="img", every=max(1, len(loader) // 10))
-    maps, masks = [], []
-    for step, b in enumerate(loader, start=1):
-        maps.append(throughput.forward(model, features, b["image"].to(device)).float().cpu())
-        if "mask" in b:
-            masks.append(b["mask"][:, 0])
-        progress.update(step, items=len(b["image"]))
-    return torch.cat(maps).numpy(), (torch.cat(masks).numpy() if masks else None)
-
-
-# ----------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------
 
@@ -166,8 +145,8 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
     if not samples:
         raise cli.UserError(f"{dataset.root!r}: category {category!r} has no test images")
     size = model.config["input_size"]
-    maps, masks = anomaly_maps(model, features, data.TestSet(samples, size), device, batch_size, workers,
-                               f"eval {category}")
+    maps, masks = dataset_maps(model, features, data.TestSet(samples, size), device, batch_size,
+                               workers, f"eval {category}")
     labels = np.array([s.label for s in samples], dtype=bool)
     has_masks = np.array([s.mask is not None for s in samples if s.label == 1], dtype=bool)
     defects = np.array([s.defect for s in samples])
@@ -203,57 +182,6 @@ def evaluate_category(model, features, dataset, category, device, out, batch_siz
 
 
 # ----------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------
-
-def picture_threshold(calibrated, maps, masks, labels, has_masks):
-    """The contour of the pictures: the calibrated pixel threshold (no labels), else the
-    F1-optimal one of the test set, for the pictures only."""
-    if calibrated and calibrated.get("pixel") is not None:
-        how = calibrated.get("rule") if calibrated.get("set_by") == "calibration" else "by hand"
-        return {"value": calibrated["pixel"], "pixel_f1": None,
-                "chosen_on": f"calibration ({calibrated['used_from']}), rule {how}",
-                "note": f"contour: map >= {calibrated['pixel']:.3f}, calibrated ({how}, no "
-                        "test labels)"}
-    value, f1 = (None, None)
-    if labels.any() and has_masks.all():
-        value, f1 = metrics.f1_optimal_threshold(maps, masks)
-    note = (f"contour: map >= {value:.3f}, F1-optimal on the test set, for pictures only (no "
-            "calibration)" if value is not None else
-            "no contour: no calibration, no test masks")
-    return {"value": value, "pixel_f1": f1, "note": note,
-            "chosen_on": "the test set, FOR THE PICTURES ONLY (no metric uses it; the checkpoint "
-                         "is not calibrated)"}
-
-
-def write_panels(samples, maps, masks, scores, threshold, note, size, folder, limit, probability):
-    # a limited number of panels: take the defect types (and good) in turn
-    by_defect = {}
-    for i, s in enumerate(samples):
-        by_defect.setdefault(s.defect, []).append(i)
-    interleaved = []
-    for rank in range(max(len(group) for group in by_defect.values())):
-        interleaved += [group[rank] for group in by_defect.values() if rank < len(group)]
-    chosen = interleaved if limit < 0 else interleaved[:limit]
-    for i in chosen:
-        s = samples[i]
-        image = data.load_image(s.image, size)
-        row = viz.hstack([viz.labelled(image, "image"), viz.labelled(viz.mask_to_uint8(masks[i]), "ground truth"),
-                          viz.labelled(viz.heat_panel(image, maps[i], threshold, probability), f"score {scores[i]:.3f}")])
-        row = viz.labelled(row, f"{s.defect} {os.path.basename(s.image)} | {note}")
-        name = f"{s.defect}_{os.path.splitext(os.path.basename(s.image))[0]}.png"
-        atomic_save_image(viz.to_pil(row), os.path.join(folder, name))
-
-
-def write_csv(path, header, rows):
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_bytes(path, buffer.getvalue().encode())
-
-
-# ----------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------
 
@@ -267,15 +195,6 @@ def protocol(image_score, pool, fpr_limit, input_size, anomaly_map):
             "auroc_flipped": False,
             "image_labels": "from the test folders (good vs a defect type)",
             "per_defect": "each defect type's images together with all good images"}
-
-
-def mean_over_categories(results):
-    """Each metric's mean over the categories (None when a category lacks it)."""
-    summary = {}
-    for name in ("image_auroc", "pixel_auroc", "au_pro"):
-        values = [r[name] for r in results.values()]
-        summary[name] = float(np.mean(values)) if values and all(v is not None for v in values) else None
-    return summary
 
 
 def print_table(results, summary):
@@ -335,22 +254,6 @@ def check_pool(pool, image_score, input_size):
                             f"(the checkpoint's input size)")
 
 
-def use_calibration(args, model, ckpt):
-    """The calibration this run decides with (realnet/calibration.py resolve), its map
-    scale put into the model; a note of what it rests on."""
-    calibrated = calibration.resolve(
-        ckpt.get("calibration"), args.calibration, args.image_threshold, args.pixel_threshold,
-        calibration.weights_digest(model.state_dict()), model.fused, args.image_score,
-        args.pool, args.precision)
-    if calibrated is not None and calibrated.get("map_scale"):
-        calibration.set_map_scale(model, calibrated["map_scale"])
-    if calibrated is not None:
-        print(calibration.describe(calibrated) + f" [{calibrated['used_from']}]")
-        for note in calibrated.get("notes") or []:
-            print("note: " + note)
-    return calibrated
-
-
 def predict_folder(args, model, features, calibrated, device):
     """--predict DIR: score, decide and map every image of a folder (no labels), as one lot."""
     record = calibrated and calibrated | {"checkpoint": os.path.abspath(args.checkpoint)}
@@ -392,7 +295,7 @@ def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size
     images = torch.stack([first[i]["image"] for i in range(len(first))]).to(device)
     speed = throughput.measure(model, features, images, args.throughput_repeats)
 
-    summary = mean_over_categories(results)
+    summary = metrics.mean_over_categories(results)
     learned = ckpt.get("learning_check") or {}
     atomic_write_json(os.path.join(out, "metrics.json"), {
         "learning_check": learned or None,
@@ -402,7 +305,7 @@ def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size
         "data": dataset.describe(), "categories": results, "mean": summary, "throughput": speed,
         "protocol": protocol(args.image_score, args.pool, args.fpr_limit, size,
                              model.config.get("anomaly_map", "discriminator")), "args": cli.args_to_dict(args)})
-    write_csv(os.path.join(out, "scores.csv"),
+    atomic_write_csv(os.path.join(out, "scores.csv"),
               ["category", "path", "defect", "label", "score", "decision"], rows)
     runs.save_args(args, out)   # with the files it describes, not before: a failed run keeps both
     print_table(results, summary)
@@ -423,7 +326,9 @@ def main(argv=None):
     size = model.config["input_size"]
     check_pool(args.pool, args.image_score, size)
     print(describe(model.config))
-    calibrated = use_calibration(args, model, ckpt)   # the fused map's scale goes into the model
+    calibrated = calibration.for_run(  # the fused map's scale goes into the model
+        model, ckpt.get("calibration"), args.calibration, args.image_threshold,
+        args.pixel_threshold, args.image_score, args.pool, args.precision)
     if args.export:
         export_model(args, model, features, ckpt, calibrated)
         return

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from realnet import precision  # noqa: E402
 from realnet.backbone import Backbone, load_backbone  # noqa: E402
 from realnet.features import FeatureExtractor  # noqa: E402
-from realnet.model import RealNet, build_config, count_parameters, realnet_loss  # noqa: E402
+from realnet.model import RealNet, build_config, count_parameters  # noqa: E402
+from train_realnet import train_step  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -84,27 +85,18 @@ PARTS = {   # part of a step -> what the table calls it
 }
 
 
-def one_step(features, model, optimizer, images, clean_features, mask, amp, device):
-    """One training step as train_realnet.py takes it; returns the seconds of each part
-    (PARTS order). The end of the UNets' forward is read by a hook on RRS, so that the
-    step itself is RealNet.forward, not a copy of it."""
-    half = len(images) // 2
+def one_step(features, model, optimizer, scaler, batch, cache, amp, device):
+    """One training step, train_realnet.train_step itself; returns the seconds of each part
+    (PARTS order). The parts' ends are read by train_step's `mark` and, for the end of the
+    UNets' forward, by a hook on RRS."""
     marks = [clock(device)]
-    with amp:
-        anomalous = features(images[:half])
-    marks.append(clock(device))
     hook = model.rrs.register_forward_pre_hook(lambda *_: marks.append(clock(device)))
-    with amp:
-        inputs = [torch.cat([a, c[half:]]) for a, c in zip(anomalous, clean_features)]
-        output = model(inputs, images.shape[-2:])
-    hook.remove()
-    loss, _ = realnet_loss(output, clean_features, mask)
-    marks.append(clock(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    marks.append(clock(device))
-    optimizer.step()
-    marks.append(clock(device))
+    try:
+        train_step(model, features, cache, batch, optimizer, scaler, amp, 1e-4, device,
+                   mark=lambda part: marks.append(clock(device)))
+    finally:
+        hook.remove()
+    # marks: start, backbone, (RRS hook) UNets, head, backward, adam
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
@@ -112,16 +104,23 @@ def measure(args, name, backbone, device):
     torch.manual_seed(0)
     model = demo_model(args, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = precision.grad_scaler(name, device)
     amp = precision.autocast(name, device)
-    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    mask = (torch.rand(args.batch_size, 1, args.input_size, args.input_size, device=device)
-            > 0.9).float()
+    half = args.batch_size // 2   # the first half anomalous, as the training stream mixes them
+    batch = {"image": torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device),
+             "mask": (torch.rand(args.batch_size, 1, args.input_size, args.input_size, device=device)
+                      > 0.9).float(),
+             "anomalous": torch.arange(args.batch_size, device=device) < half,
+             "index": torch.arange(args.batch_size, device=device)}
     features = FeatureExtractor(backbone, model)   # backbone -> AFS, as in training
     with amp:   # the cache is made in the step's precision, as train_realnet.py does
-        clean_features = features(images)
+        clean_features = features(batch["image"])
+
+    def cache(index):   # train_realnet's feature cache: the clean images' features by index
+        return [f[index] for f in clean_features]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = [one_step(features, model, optimizer, images, clean_features, mask, amp, device)
+    times = [one_step(features, model, optimizer, scaler, batch, cache, amp, device)
              for _ in range(args.warmup + args.repeats)][args.warmup:]
     row = {"precision": name}
     if device.type == "cuda":   # everything the step holds at its peak: weights, Adam, activations

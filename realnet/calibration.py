@@ -228,6 +228,60 @@ def calibrate(model, features, good_batches, device, rule=DEFAULT_RULE, target_f
     return record
 
 
+def calibrate_checkpoints(out, config, features, val, batch_size, rule, target_fpr, run_precision,
+                          val_fraction, device):
+    """Calibration, once training is over (realnet/calibration.py): model.pt and best.pt
+    each get the fused map's scale and the OK/NG thresholds of their own weights, fitted on
+    the held-out normal images (each once) in run_precision (--calibrate-precision). Returns
+    {file name: calibration record}. `val`: validation.make_validation_set's samples."""
+    from .features import FeatureExtractor   # the model's modules import this one
+    from .files import atomic_torch_save, load_checkpoint
+    from .model import RealNet
+    from .validation import learning_check
+
+    def good():   # the held-out images as they are, each once
+        return (val["normal"][i:i + batch_size]
+                for i in range(0, len(val["normal"]), batch_size))
+
+    def synthetic():   # for rule f1 only: the held-out samples with a synthetic anomaly
+        images = val["image"][val["anomalous"]]
+        return (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+
+    records, learned = {}, learning_check(out)
+    for name in ("best.pt", "model.pt"):
+        path = os.path.join(out, name)
+        if not os.path.exists(path):
+            continue
+        checkpoint = load_checkpoint(path, name, kind="realnet")
+        model = RealNet(config).to(device)
+        model.load_state_dict(checkpoint["state_dict"])
+        record = calibrate(
+            model, FeatureExtractor(features.backbone, model), good, device, rule, target_fpr,
+            run_precision, synthetic if rule == "f1" else None,
+            source=f"{len(val['normal'])} held-out TRAINING images of --val-fraction "
+                   f"{val_fraction} (never the test set)")
+        checkpoint["state_dict"] = model.state_dict()
+        checkpoint["calibration"], checkpoint["learning_check"] = record, learned
+        atomic_torch_save(checkpoint, path)
+        records[name] = record
+    return records
+
+
+def report(records, validated, warning=None, log=print):
+    """The end of train_realnet.py: each checkpoint's calibration (best.pt first: what the
+    README evaluates), their notes, and whether the model learned its synthetic anomalies."""
+    if not records:
+        log("not calibrated: " + ("no held-out image" if validated else
+                                  "give --val-fraction > 0 (held-out images)")
+            + "; no OK/NG threshold stored (python3 -m realnet.calibration makes one)")
+    for name, record in records.items():
+        log(f"{name}: {describe(record)}")
+    for note in dict.fromkeys(n for record in records.values() for n in record["notes"]):
+        log("note: " + note)
+    if warning:
+        log("WARNING: " + warning)
+
+
 def too_few_images(count):
     return (f"the OK/NG threshold rests on {count} good image(s): expect about 1 in "
             f"{count + 1} new good images or more to be called NG; collect at least "
@@ -337,6 +391,23 @@ def resolve(stored, calibration_file, image_override, pixel_override, digest, fu
     if record is not None:
         record["used_from"] = source
     return record
+
+
+def for_run(model, stored, calibration_file, image_override, pixel_override, image_score, pool,
+            run_precision, log=print):
+    """The calibration a run of evaluate.py decides with (resolve), its map scale put into
+    the model; prints what it is and what it rests on. None: no calibration."""
+    calibrated = resolve(stored, calibration_file, image_override, pixel_override,
+                         weights_digest(model.state_dict()), model.fused, image_score, pool,
+                         run_precision)
+    if calibrated is None:
+        return None
+    if calibrated.get("map_scale"):
+        set_map_scale(model, calibrated["map_scale"])
+    log(describe(calibrated) + f" [{calibrated['used_from']}]")
+    for note in calibrated.get("notes") or []:
+        log("note: " + note)
+    return calibrated
 
 
 def on_test_set(record, scores, labels):

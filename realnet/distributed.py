@@ -73,3 +73,12 @@ def all_reduce_mean(tensor, info):
     t = tensor.clone()
     dist.all_reduce(t)
     return t / info.world_size
+
+
+def require_finite(loss, step, lr, out, info):
+    """train_realnet.py: stop every process together when the loss is not finite; nothing
+    is saved from here on, so OUT keeps the last good state."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if all_reduce_mean(finite, info).item() < 1:
+        raise UserError(f"step {step}: the loss is not finite ({loss.item()}); lower --lr "
+                            f"(now {lr}); {out} keeps the last saved step")

@@ -11,6 +11,7 @@ Checkpoints hold tensors and plain types only (dict, list, tuple, str, int, floa
 None) and are read with `torch.load(weights_only=True)`: opening a downloaded model.pt can
 then not run code, as unpickling arbitrary objects could.
 """
+import csv
 import hashlib
 import io
 import json
@@ -58,6 +59,15 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def atomic_write_csv(path, header, rows):
+    """A CSV table (header, then rows) written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def atomic_write_json(path, obj):

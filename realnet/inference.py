@@ -1,7 +1,8 @@
 """A trained RealNet, ready to score images: the checkpoint, its frozen backbone and AFS.
 
 `load_model` is how evaluate.py, the calibration and the benchmarks open a checkpoint of
-train_realnet.py; `anomaly_maps` is the forward pass they all score with.
+train_realnet.py; `anomaly_maps` is the forward pass they all score with; `dataset_maps`
+scores a whole data set (evaluate.py's test splits).
 """
 import torch
 
@@ -9,7 +10,9 @@ from . import runs
 from .cli import UserError
 from .features import FeatureExtractor
 from .files import load_checkpoint
+from .loaders import start_loader
 from .model import RealNet
+from .progress import Progress
 
 # buffers of checkpoints made before calibration was its own step (realnet/calibration.py):
 # the fused map's mean and std, measured during training; the weights are kept, the map
@@ -50,3 +53,17 @@ def anomaly_maps(model, features, images):
     [0, 1], or with the fused map (model.fused) calibrated scores (0: a normal pixel's
     median, 1: its 99th percentile)."""
     return model(features(images), images.shape[-2:])["anomaly_map"]
+
+
+def dataset_maps(model, features, dataset, device, batch_size, workers, label):
+    """Every image of `dataset` (data.TestSet) -> (maps (N, S, S), masks (N, S, S) or None),
+    float32 numpy, with a progress line."""
+    loader = start_loader(dataset, workers, batch_size=batch_size)
+    progress = Progress(len(loader), label, unit="img", every=max(1, len(loader) // 10))
+    maps, masks = [], []
+    for step, batch in enumerate(loader, start=1):
+        maps.append(anomaly_maps(model, features, batch["image"].to(device)).float().cpu())
+        if "mask" in batch:
+            masks.append(batch["mask"][:, 0])
+        progress.update(step, items=len(batch["image"]))
+    return torch.cat(maps).numpy(), (torch.cat(masks).numpy() if masks else None)

@@ -45,3 +45,13 @@ def start_loader(dataset, workers, log=print, **options):
     if persistent and used > 0:
         options["persistent_workers"] = True
     return torch.utils.data.DataLoader(dataset, num_workers=used, **options)
+
+
+def training_loader(stream, start_step, total_steps, batch_size, workers, ddp):
+    """train_realnet.py's batches of the anomaly stream: this process's share (batch_size /
+    processes) of each global batch, from start_step."""
+    from .stream import StreamSampler
+    sampler = StreamSampler(start_step, total_steps, batch_size, ddp.rank, ddp.world_size)
+    return torch.utils.data.DataLoader(stream, batch_size=batch_size // ddp.world_size,
+                                       num_workers=workers, sampler=sampler,
+                                       pin_memory=ddp.device.type == "cuda")

@@ -233,3 +233,12 @@ def f1_optimal_threshold(maps, masks):
     f1 = 2 * true_pos / (2 * true_pos + false_pos + (positives.size - true_pos))
     best = int(np.argmax(f1))
     return float(thresholds[best]), float(f1[best])
+
+
+def mean_over_categories(results):
+    """Each metric's mean over the categories (None when a category lacks it)."""
+    summary = {}
+    for name in ("image_auroc", "pixel_auroc", "au_pro"):
+        values = [r[name] for r in results.values()]
+        summary[name] = float(np.mean(values)) if values and all(v is not None for v in values) else None
+    return summary

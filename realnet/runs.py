@@ -223,3 +223,18 @@ def trim_log(path, last_step):
 def log_line(log_file, entry):
     log_file.write(json.dumps(entry, sort_keys=True) + "\n")
     log_file.flush()
+
+
+def log_losses(log, progress, step, batch_size, loss, parts, ddp, started):
+    """train_realnet.py: the losses averaged over the processes, as a progress line and a
+    loss.jsonl entry."""
+    import time
+
+    import torch
+
+    from .distributed import all_reduce_mean
+    values = torch.stack([loss.detach(), parts["segmentation"], parts["reconstruction"]])
+    loss, seg, rec = all_reduce_mean(values, ddp).tolist()
+    progress.update(step, items=batch_size, loss=loss, seg=seg, rec=rec)
+    log_line(log, {"step": step, "loss": loss, "segmentation": seg, "reconstruction": rec,
+                        "elapsed_s": round(time.time() - started, 2)})

@@ -177,3 +177,10 @@ def dump_examples(stream, n, out_dir, start_g=0):
         atomic_save_image(viz.to_pil(viz.grid(rows, 1)), sheet)
         written.append(sheet)
     return written
+
+
+def write_examples(stream, n, folder):
+    """--dump N: the first N training pairs as pictures (what the model learns from)."""
+    if n:
+        written = dump_examples(stream, n, folder)
+        print(f"wrote {n} example training pairs to {folder} ({written[-1]})")

@@ -10,17 +10,12 @@ import time
 
 import torch
 
+from .inference import anomaly_maps as forward
+
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def forward(model, features, images):
-    """Images (B, 3, S, S), ImageNet-normalised -> anomaly maps (B, S, S): probabilities in
-    [0, 1], or with the fused map (model.fused) calibrated units (0: a typical normal pixel)."""
-    return model(features(images), images.shape[-2:])["anomaly_map"]
 
 
 @torch.no_grad()

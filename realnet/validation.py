@@ -111,3 +111,28 @@ def write_learning_curve(out):
     bottom = viz.line_chart(curves(runs.LOG_FILE, LOSSES), "training loss", "step", "loss")
     picture = viz.to_pil(np.concatenate([top, bottom]))
     atomic_save_image(picture, os.path.join(out, "learning_curve.png"))
+
+
+def validate_and_keep_best(model, features, val, held_out, step, best, metric, batch_size, out,
+                           save_best):
+    """Validate on the held-out training images (the discriminator's map against their
+    synthetic anomalies), log to val.jsonl and draw the learning curve; a better step is
+    handed to save_best(step, selected_on) (train_realnet.py: best.pt). Returns best."""
+    maps = validation_maps(model, features, val, next(model.parameters()).device, batch_size)
+    scores = validation_metrics(maps, val)
+    with open(os.path.join(out, VAL_LOG), "a") as f:
+        runs.log_line(f, {"step": step, **scores})
+    write_learning_curve(out)
+    print(f"validation on {len(held_out)} held-out training images at step {step}: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
+    value = scores[metric]
+    if value is None or (best["value"] is not None and value <= best["value"]):
+        return best
+    selected_on = {"rule": f"best {metric} on held-out TRAINING images with synthetic anomalies "
+                           "(never the test set)", "step": step, "scores": scores,
+                   "held_out_images": [s.image for s in held_out],
+                   "validation_samples": {"normal": int((~val["anomalous"]).sum()),
+                                          "synthetic_anomaly": int(val["anomalous"].sum()),
+                                          "distinct_images": val["distinct"]}}
+    save_best(step, selected_on)
+    return {"value": value, "step": step}

@@ -1,6 +1,7 @@
 """train_realnet.py and evaluate.py end to end on a tiny demo data set (64 px, random
 backbone, layers 1-2): the loss falls, a killed run resumes to the same weights, two DDP
 processes train the same model as one, and bad inputs get one-line errors."""
+import argparse
 import csv
 import json
 import os
@@ -404,20 +405,19 @@ def test_resume_restores_every_tensor_on_the_models_device(demo, tmp_path, devic
     from realnet.distributed import DistInfo
     from realnet.files import load_checkpoint
     from realnet.model import build_config
-    from realnet.precision import grad_scaler
+    from realnet import checkpoint
     config = build_config(load_checkpoint(demo["afs"], "--afs", kind="afs"), strides=Backbone.strides)
     run_settings, out = {"training": {"--lr": 1e-3}}, str(tmp_path)
-    scaler = lambda d: grad_scaler("fp32", d.device)
+    args = argparse.Namespace(precision="fp32", seed=0, lr=1e-3, resume=False)
     cpu = DistInfo()
-    model, _, optimizer, _, best = train_realnet.build_model(config, 1e-3, 0, False, run_settings, out, cpu,
-                                                             scaler(cpu))
+    model, _, optimizer, scaler, _, best = train_realnet.build_model(config, args, run_settings, out, cpu)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     optimizer.step()
-    train_realnet.save_run(out, model, optimizer, scaler(cpu), run_settings, 1, best, {})
+    checkpoint.save_run(out, model, optimizer, scaler, run_settings, 1, best, {})
     target = DistInfo(device=torch.device(device))
-    model, ddp_model, optimizer, step, _ = train_realnet.build_model(config, 1e-3, 0, True, run_settings, out,
-                                                                     target, scaler(target))
+    args.resume = True
+    model, ddp_model, optimizer, _, step, _ = train_realnet.build_model(config, args, run_settings, out, target)
     assert step == 1 and ddp_model is model and runs.misplaced_tensors(model, optimizer) == []
     moments = [v for entry in optimizer.state.values() for v in entry.values() if v.dim() > 0]
     assert len(moments) == 2 * len(list(model.parameters()))
