@@ -16,7 +16,7 @@ from PIL import Image
 from deploy_model import scores_and_maps, write_checkpoint
 from realnet import data, export, ops
 from test_invariance import SIZE
-from test_train_eval import ENV, REPO, one_line_error, run
+from stages import ENV, REPO, one_line_error, run
 from tiny_data import write_image
 
 # Three input sizes: the model's own, a tall one (Pillow 13 resizes it vertical pass

@@ -5,9 +5,7 @@ Each case runs a stage as the user would, through `cli.run` (in this process: `s
 a real process: `process`), with the DEFAULT --workers where the stage starts loaders, so an
 error raised in a loader worker is seen as the user sees it. A refused run must leave the
 files of an earlier one as they were."""
-import contextlib
-import importlib
-import io
+import functools
 import os
 import shutil
 import signal
@@ -19,54 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
+import stages
 from realnet import cli, data
+from stages import ENV, REPO, run, succeeded
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": REPO}
-RANDOM_BACKBONE_WARNING = "WARNING: --backbone-weights random"
-
-
-class Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def stage(script, *args):
-    """`python3 script args` in this process: exit code, stdout and stderr."""
-    module = importlib.import_module(os.path.splitext(script)[0])
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.run(lambda: module.main([str(a) for a in args]))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-def process(script, *args):
-    """A real `python3 script args` process."""
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-
-
-def one_line_error(result, *fragments):
-    """Exit code 2, no traceback, and stderr is one 'error: ...' line (the random backbone's
-    warning aside); returns it."""
-    assert result.returncode == 2, (result.returncode, result.stdout[-2000:],
-                                    result.stderr[-3000:])
-    assert "Traceback" not in result.stderr
-    lines = [l for l in result.stderr.strip().splitlines()
-             if not l.startswith(RANDOM_BACKBONE_WARNING)]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def succeeded(result):
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
-    return result
+# one way to run a stage (tests/stages.py): in this process, or as a real process
+stage = functools.partial(run, check=False, in_process=True)
+process = functools.partial(run, check=False)
+one_line_error = functools.partial(stages.one_line_error, alone=True)
 
 
 def snapshot(folder):

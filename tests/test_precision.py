@@ -11,7 +11,7 @@ import evaluate
 from realnet import data, precision
 from realnet.cli import UserError
 from realnet.inference import anomaly_maps, load_model
-from test_train_eval import demo, one_line_error, run, train_args  # noqa: F401 (fixture)
+from stages import one_line_error, run, train_args
 
 # bf16 keeps 8 significant bits: each product is within 2^-9 (0.2 %) of fp32's, and the
 # errors grow along the backbone's ~20 convolutions to about 0.7 % of a feature (measured).

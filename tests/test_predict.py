@@ -5,7 +5,6 @@ and helpers of tests/test_train_eval.py. The streaming lot itself (its folder, m
 interruptions, unreadable files) is tested below on an untrained model with a threshold
 (tests/deploy_model.py): no training needed. --export: tests/test_export.py."""
 import csv
-import glob
 import json
 import os
 import shutil
@@ -20,7 +19,8 @@ from PIL import Image
 from deploy_model import scores_and_maps, write_checkpoint
 from realnet import calibration, metrics, predict as lots
 from realnet.predict import CSV_COLUMNS
-from test_train_eval import ENV, REPO, SIZE, demo, one_line_error, run, train_args  # noqa: F401
+from stages import ENV, REPO, one_line_error, run, train_args
+from tiny_data import SIZE
 from tiny_data import write_image
 
 

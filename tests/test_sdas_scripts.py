@@ -1,58 +1,25 @@
 """train_diffusion.py and synthesize.py end to end on a toy data set (16 px, tiny UNet)."""
-import contextlib
-import importlib
-import io
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from realnet import cli, distributed, runs
+import stages
+from realnet import distributed, runs
 from realnet.files import LOCK_FILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--image-size", "16", "--workers", "0", "--sample-steps", "4", "--sheet-columns", "4"]
 
 
-class Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def run(script, *args, check=True):
-    """Run a stage's `main(argv)` in this process (as `python3 script args`, minus the start-up
-    cost of a new interpreter); exit code, stdout and stderr as a subprocess would give them."""
-    stage = importlib.import_module(os.path.splitext(script)[0])
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.run(lambda: stage.main([str(a) for a in args]))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    if check and code != 0:
-        raise AssertionError(f"{script} failed ({code}):\n{out.getvalue()}\n{err.getvalue()}")
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-def run_process(script, *args):
-    """A real `python3 script args` process (for the exit code and stderr of an error)."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
+# one way to run a stage (tests/stages.py): main(argv) in this process, or a real process
+run = functools.partial(stages.run, in_process=True)
+run_process = functools.partial(stages.run, check=False)
+assert_one_line_error = functools.partial(stages.one_line_error, alone=True)
 
 
 def make_toy_dataset(root, categories=("disc", "square"), n=8, size=24):

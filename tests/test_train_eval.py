@@ -17,69 +17,11 @@ from PIL import Image
 
 import evaluate
 import train_realnet
-from demo_data import make_demo_dataset, make_demo_textures
 from realnet import calibration, runs
 from realnet.inference import load_model
 from realnet.cli import UserError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 64
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def run(script, *args, check=True, env=ENV, launcher=None):
-    """A stage script of the repository (or, for script "-m", a module: -m NAME ...)."""
-    target = ["-m"] if script == "-m" else [os.path.join(REPO, script)]
-    command = (launcher or [sys.executable]) + target + [*map(str, args)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def one_line_error(result):
-    """Exit code 2, a single 'error: ...' line on stderr (warnings aside), no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
-def random_backbone_identity():
-    from realnet.backbone import load_backbone
-    return load_backbone("random", (1,)).identity
-
-
-def write_afs(path, category="washer", input_size=SIZE, backbone=None, layers=(1, 2), dims=(8, 16), **recorded):
-    """An AFS file in the format select_features.py writes (`recorded`: e.g. its dataset and
-    anomaly_source entries)."""
-    channels = {1: 256, 2: 512, 3: 1024, 4: 2048}
-    g = torch.Generator().manual_seed(0)
-    torch.save({"kind": "afs", "version": 1, "layers": list(layers), "dims": list(dims),
-                "indices": [torch.sort(torch.randperm(channels[l], generator=g)[:d]).values for l, d in zip(layers, dims)],
-                "scores": [torch.rand(channels[l], generator=g) for l in layers],
-                "backbone": backbone or random_backbone_identity(), "input_size": input_size,
-                "category": category, **recorded}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    data = make_demo_dataset(str(root / "data"), categories=["tablet", "washer"], image_size=SIZE, n_train=8,
-                             n_test_good=3, n_test_defect=4)
-    dtd = make_demo_textures(str(root / "dtd"), n=1)
-    identity = random_backbone_identity()
-    afs = write_afs(str(root / "afs.pt"), backbone=identity)
-    return {"root": root, "data": data, "dtd": dtd, "afs": afs, "identity": identity}
-
-
-def train_args(demo, out, *extra, steps=6):
-    return ["--data", demo["data"], "--category", "washer", "--dtd", demo["dtd"], "--afs", demo["afs"],
-            "--width-ratio", "0.5", "--batch-size", "4", "--steps", steps, "--lr", "1e-3", "--workers", "0",
-            "--log-every", "1", "--out", out, *extra]
-
+from stages import ENV, REPO, one_line_error, run, train_args
+from tiny_data import SIZE, write_afs
 
 def read_jsonl(path):
     with open(path) as f:

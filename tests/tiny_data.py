@@ -2,7 +2,10 @@
 import os
 
 import numpy as np
+import torch
 from PIL import Image
+
+SIZE = 64   # the side of the tiny demo data set and models
 
 
 def write_image(path, size=(40, 32), mode="RGB", value=None, seed=0):
@@ -41,3 +44,21 @@ def mvtec_tree(root, categories=("bottle", "screw"), normal="good", defects=("sc
                 write_image(os.path.join(base, "test", d, f"{i:03d}{ext}"), mode=mode, seed=20 + i)
                 write_mask(os.path.join(base, mask_folder, d, f"{i:03d}{mask_suffix}{mask_ext}"))
     return root
+
+
+def random_backbone_identity():
+    from realnet.backbone import load_backbone
+    return load_backbone("random", (1,)).identity
+
+
+def write_afs(path, category="washer", input_size=SIZE, backbone=None, layers=(1, 2), dims=(8, 16), **recorded):
+    """An AFS file in the format select_features.py writes (`recorded`: e.g. its dataset and
+    anomaly_source entries)."""
+    channels = {1: 256, 2: 512, 3: 1024, 4: 2048}
+    g = torch.Generator().manual_seed(0)
+    torch.save({"kind": "afs", "version": 1, "layers": list(layers), "dims": list(dims),
+                "indices": [torch.sort(torch.randperm(channels[l], generator=g)[:d]).values for l, d in zip(layers, dims)],
+                "scores": [torch.rand(channels[l], generator=g) for l in layers],
+                "backbone": backbone or random_backbone_identity(), "input_size": input_size,
+                "category": category, **recorded}, path)
+    return path
