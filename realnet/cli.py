@@ -179,6 +179,3 @@ def parse_list(text, cast=str):
     """'a,b,c' -> ['a', 'b', 'c'] (how --categories and friends are given)."""
     return [cast(t) for t in text.split(",") if t.strip()]
 
-
-def describe_json(obj):
-    return json.dumps(obj, indent=2, sort_keys=True)

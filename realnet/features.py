@@ -7,24 +7,50 @@ clean original (the reconstruction target): `pair_features` gives both, and
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import data
 
 
 class FeatureExtractor(nn.Module):
-    """images (B, 3, S, S), ImageNet-normalised -> AFS-selected features, one tensor per
-    level. The backbone is frozen and the AFS indices are fixed: no gradients flow here.
-    `model` is the RealNet whose configuration holds the AFS indices (model.select_features);
-    it is not a sub-module of the extractor (its weights belong to the model alone)."""
+    """images (B, 3, S, S), ImageNet-normalised -> the frozen backbone -> AFS: the channels
+    select_features.py chose (the model's config holds their indices), one tensor per level.
+    This is the one place where AFS is applied; the model takes its output only. No
+    gradients flow here: the backbone is frozen and the indices are fixed. The backbone is a
+    sub-module (its weights are reloaded, never stored in RealNet checkpoints); the model is
+    not (its weights belong to it alone)."""
 
     def __init__(self, backbone, model):
         super().__init__()
+        config = getattr(model, "config", model)   # a RealNet, or its config
         self.backbone = backbone
-        self.select = model.select_features
+        self.layers, self.levels = list(config["layers"]), [list(g) for g in config["levels"]]
+        device = next(iter(backbone.parameters()), torch.empty(0)).device
+        for layer, indices in zip(config["layers"], config["afs_indices"]):
+            # part of the config, not of any state_dict
+            self.register_buffer(f"afs_indices_{layer}",
+                                 torch.tensor(indices, dtype=torch.long, device=device),
+                                 persistent=False)
 
     @torch.no_grad()
     def forward(self, images):
         return self.select(self.backbone(images))
+
+    @torch.no_grad()
+    def select(self, backbone_features):
+        """AFS: backbone layers (a list in config order) -> one tensor per level. Layers of a
+        level (architecture C) are upsampled to its finest layer and concatenated."""
+        by_layer = {}
+        for layer, f in zip(self.layers, backbone_features):
+            by_layer[layer] = f.index_select(1, getattr(self, f"afs_indices_{layer}"))
+        levels = []
+        for group in self.levels:
+            size = by_layer[group[0]].shape[-2:]
+            parts = [by_layer[layer] if by_layer[layer].shape[-2:] == size else
+                     F.interpolate(by_layer[layer], size=size, mode="bilinear", align_corners=True)
+                     for layer in group]
+            levels.append(torch.cat(parts, dim=1))
+        return levels
 
 
 class FeatureCache:

@@ -1,7 +1,7 @@
 """The RealNet model (paper §3.3-3.4, eq. 5-6): what sits on top of the frozen backbone.
 
-    features (frozen WideResNet50 layers)
-      -> AFS: keep the anomaly-aware channels chosen by select_features.py (index_select)
+    features phi_k: the frozen WideResNet50's layers, AFS-selected (realnet/features.py:
+                    the channels select_features.py chose; the model takes these only)
       -> one reconstruction UNet per level: G_k(phi_k) tries to give back normal features
       -> RRS: residuals (phi_k - G_k(phi_k))^2, upsampled, ranked; keep k_max + k_mean channels
       -> discriminator: a small conv net -> 2-class logits at image size; anomaly map = class 1
@@ -339,9 +339,6 @@ class RealNet(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        for layer, indices in zip(config["layers"], config["afs_indices"]):
-            # part of the config, not of the state_dict
-            self.register_buffer(f"afs_indices_{layer}", torch.tensor(indices, dtype=torch.long), persistent=False)
         channels = level_channels(config)
         self.reconstruction = nn.ModuleList(
             ReconstructionUNet(c, config["width_ratio"], tuple(config["channel_mult"]), config["num_res_blocks"],
@@ -365,22 +362,6 @@ class RealNet(nn.Module):
         for module in self.modules():
             if isinstance(module, GlobalBatchNorm2d):
                 module.process_group = group
-
-    @torch.no_grad()
-    def select_features(self, backbone_features):
-        """AFS: backbone layers (a list in config order) -> one tensor per level. Layers
-        of a level (architecture C) are upsampled to its finest layer and concatenated."""
-        by_layer = {}
-        for layer, f in zip(self.config["layers"], backbone_features):
-            by_layer[layer] = f.index_select(1, getattr(self, f"afs_indices_{layer}"))
-        levels = []
-        for group in self.config["levels"]:
-            size = by_layer[group[0]].shape[-2:]
-            parts = [by_layer[layer] if by_layer[layer].shape[-2:] == size else
-                     F.interpolate(by_layer[layer], size=size, mode="bilinear", align_corners=True)
-                     for layer in group]
-            levels.append(torch.cat(parts, dim=1))
-        return levels
 
     def forward(self, features, image_size):
         """features: the AFS-selected features of the (possibly anomalous) images, one

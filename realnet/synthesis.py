@@ -133,10 +133,6 @@ class AnomalySynthesizer:
         return dict(anomalous=blend(image, source, mask, delta), mask=mask, kind=kind, delta=delta,
                     source=path, foreground=fg)
 
-    def __call__(self, image_uint8, rng):
-        out = self.synthesize(image_uint8, rng)
-        return out["anomalous"], out["mask"]
-
 
 
 def synthesizers_for(categories, dataset_format, size, sdas_dir=None, dtd_dir=None,

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from realnet.features import FeatureExtractor
 from realnet import model as M
 
 
@@ -64,7 +65,7 @@ def test_forward_backward_shapes(arch, layers, dims, channels, strides):
     config = M.build_config(afs, arch=arch, width_ratio=1.0)
     model = M.RealNet(config)
     backbone = fake_backbone_features(4, channels, size, strides)
-    features = model.select_features(backbone)
+    features = FeatureExtractor(torch.nn.Identity(), model).select(backbone)
     assert [f.shape[1] for f in features] == M.level_channels(config)
     assert all(f.shape[-1] == size // strides[layers.index(group[0])] for f, group in zip(features, config["levels"]))
     out = model(features, (size, size))
@@ -88,7 +89,7 @@ def test_afs_keeps_the_chosen_channels():
     afs = fake_afs()
     model = M.RealNet(M.build_config(afs))
     backbone = fake_backbone_features(2)
-    levels = model.select_features(backbone)
+    levels = FeatureExtractor(torch.nn.Identity(), model).select(backbone)
     for f, b, idx in zip(levels, backbone, afs["indices"]):
         assert torch.equal(f, b[:, idx])
     assert not any(k.startswith("afs_indices") for k in model.state_dict())  # in the config, not the weights
@@ -98,7 +99,7 @@ def test_architecture_c_upsamples_the_coarser_layer():
     afs = fake_afs((1, 2), (4, 6), (5, 7), 64)
     model = M.RealNet(M.build_config(afs, arch="C"))
     backbone = fake_backbone_features(1, (5, 7), 64, (4, 8))
-    (level,) = model.select_features(backbone)
+    (level,) = FeatureExtractor(torch.nn.Identity(), model).select(backbone)
     assert level.shape == (1, 10, 16, 16)
     up = F.interpolate(backbone[1][:, afs["indices"][1]], size=(16, 16), mode="bilinear", align_corners=True)
     assert torch.allclose(level[:, 4:], up)
@@ -107,7 +108,7 @@ def test_architecture_c_upsamples_the_coarser_layer():
 def test_segmentation_loss_reaches_the_reconstruction_nets():
     torch.manual_seed(0)
     model = M.RealNet(M.build_config(fake_afs(), width_ratio=1.0))
-    features = model.select_features(fake_backbone_features(4))
+    features = FeatureExtractor(torch.nn.Identity(), model).select(fake_backbone_features(4))
     for g in model.reconstruction:  # move away from the zero init so gradients pass through
         torch.nn.init.normal_(g.out[2].weight, std=0.01)
     out = model(features, (64, 64))
@@ -119,7 +120,7 @@ def test_segmentation_loss_reaches_the_reconstruction_nets():
 
 def test_rrs_updates_running_statistics_only_in_training():
     model = M.RealNet(M.build_config(fake_afs()))
-    features = model.select_features(fake_backbone_features(2))
+    features = FeatureExtractor(torch.nn.Identity(), model).select(fake_backbone_features(2))
     model(features, (64, 64))
     trained_mean = model.rrs.running_mean.clone()
     assert not torch.equal(trained_mean, torch.zeros_like(trained_mean))
@@ -134,7 +135,7 @@ def test_a_few_steps_lower_the_loss():
     afs = fake_afs()
     model = M.RealNet(M.build_config(afs, width_ratio=1.0))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    clean = model.select_features(fake_backbone_features(8, seed=1))
+    clean = FeatureExtractor(torch.nn.Identity(), model).select(fake_backbone_features(8, seed=1))
     mask = torch.zeros(8, 1, 64, 64)
     mask[::2, :, 16:40, 24:48] = 1
     anomalous = []
@@ -217,7 +218,7 @@ def _ddp_setup():
     model = M.RealNet(M.build_config(fake_afs(), width_ratio=1.0))
     for g in model.reconstruction:  # past the zero init, so that every gradient is informative
         torch.nn.init.normal_(g.out[2].weight, std=0.01)
-    features = model.select_features(fake_backbone_features(4, seed=3))
+    features = FeatureExtractor(torch.nn.Identity(), model).select(fake_backbone_features(4, seed=3))
     mask = torch.zeros(4, 1, 64, 64)
     mask[1::2, :, 10:30, 10:30] = 1
     return model, features, mask
@@ -279,7 +280,7 @@ def test_fused_map_is_the_weighted_mean_of_the_scaled_log_odds_and_energies():
     assert model.state_dict()["map_scale"].shape == (4,)   # discriminator + 3 levels
     assert model.part_names() == ["discriminator log-odds", "level 1 energy",
                                   "level 2 energy", "level 3 energy"]
-    features = model.select_features(fake_backbone_features(3))
+    features = FeatureExtractor(torch.nn.Identity(), model).select(fake_backbone_features(3))
     with torch.no_grad():
         for g in model.reconstruction:   # non-zero reconstructions: energies that differ
             torch.nn.init.normal_(g.out[2].weight, std=0.1)
