@@ -8,7 +8,6 @@ Every stage has the same shape: `parse_args(argv)` builds its argparse parser (t
 several stages share come from the `add_*` helpers here, so they have one name and one
 meaning everywhere) and `main(argv=None)` runs it; `cli.run(main)` is the entry point.
 """
-import json
 import math
 import os
 import random
