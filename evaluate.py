@@ -215,7 +215,7 @@ def check_images(args, ckpt):
     --predict DIR (no labelled data set needed), else of the first category's test set."""
     if args.predict:
         return predict.list_lot(args.predict)[:args.batch_size]
-    dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"),
+    dataset = data.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"),
                                          f"--checkpoint {args.checkpoint!r}")
     categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
     return [s.image for s in dataset.test(categories[0])[:args.batch_size]]
@@ -280,7 +280,7 @@ def export_model(args, model, features, ckpt, calibrated):
 
 def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size):
     """The test split of every category: metrics.json, scores.csv, panels/."""
-    dataset = runs.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"), f"--checkpoint {args.checkpoint!r}")
+    dataset = data.open_recorded_dataset(args.data, args.format, ckpt.get("dataset"), f"--checkpoint {args.checkpoint!r}")
     categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
     for category in categories:   # a missing mask or category: refused before any output
         dataset.test(category)

@@ -43,6 +43,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from realnet import afs_file, calibration, checkpoint, cli, distributed, precision, runs
+from realnet import data as realnet_data
+from realnet.backbone import load_recorded_backbone
 from realnet.features import FeatureExtractor, make_cache, pair_features
 from realnet.files import load_checkpoint, prepare_output_folder
 from realnet.loaders import capped_workers, training_loader
@@ -154,11 +156,11 @@ def open_inputs(args, device):
     afs = load_checkpoint(args.afs, "--afs", kind="afs")
     afs_file.fill_from_afs(args, afs)
     what = f"--afs {args.afs!r}"
-    dataset = runs.open_recorded_dataset(args.data, args.format, afs.get("dataset"), what)
+    dataset = realnet_data.open_recorded_dataset(args.data, args.format, afs.get("dataset"), what)
     args.data, args.format = dataset.root, dataset.format
     categories = afs_file.chosen_categories(args.category, args.categories, afs.get("category"),
                                             dataset, args.afs)
-    backbone = runs.load_recorded_backbone(afs.get("backbone"), args.backbone_weights,
+    backbone = load_recorded_backbone(afs.get("backbone"), args.backbone_weights,
                                            afs["layers"], what)
     config = build_config(afs, args.arch, args.width_ratio, args.retention, args.k_max,
                           args.k_mean, args.input_size, strides=backbone.strides,

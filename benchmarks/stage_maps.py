@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402
-from realnet import calibration, cli, data, runs  # noqa: E402
+from realnet import calibration, cli, data  # noqa: E402
 from realnet.files import atomic_write_json  # noqa: E402
 from realnet.inference import load_model  # noqa: E402
 from realnet.model import map_parts  # noqa: E402
@@ -106,7 +106,7 @@ def main(argv=None):
         print("note: the fused map is not calibrated (python3 -m realnet.calibration): no "
               "'fused' row")
         model.fused = False
-    dataset = runs.open_recorded_dataset(args.data, "auto", ckpt.get("dataset"),
+    dataset = data.open_recorded_dataset(args.data, "auto", ckpt.get("dataset"),
                                          f"--checkpoint {args.checkpoint!r}")
     category = args.category or ckpt["categories"][0]
     samples = dataset.test(category)

@@ -163,3 +163,32 @@ def load_backbone(weights="imagenet", layers=(1, 2, 3, 4)):
         identity = {"arch": ARCH, "weights": os.path.abspath(weights), "file": os.path.basename(weights),
                     "digest": file_digest(weights)}
     return Backbone(net, layers, identity)
+
+
+# ----------------------------------------------------------------------------------------
+# The frozen backbone a file was made with
+# ----------------------------------------------------------------------------------------
+
+def same_backbone(a, b):
+    """Identities (backbone.Backbone.identity) of the same weights: architecture and digest."""
+    key = lambda identity: (identity.get("arch"), identity.get("digest"))
+    return bool(a) and bool(b) and key(a) == key(b)
+
+
+def describe_backbone(identity):
+    if not identity:
+        return "an unknown backbone"
+    weights, digest = identity.get("weights"), identity.get("digest")
+    return f"{identity.get('arch')} weights {weights!r} (digest {digest})"
+
+
+def load_recorded_backbone(recorded, weights, layers, what):
+    """The frozen backbone a file (`what`, e.g. "--afs 'runs/x/afs.pt'") was made with:
+    the weights it records, or --backbone-weights `weights` when given. Features of other
+    weights would not mean the same: those are refused."""
+    backbone = load_backbone(weights or (recorded or {}).get("weights", "imagenet"), layers)
+    if not same_backbone(recorded, backbone.identity):
+        raise UserError(f"{what} was made with backbone {describe_backbone(recorded)}, not "
+                        f"{describe_backbone(backbone.identity)}: give the same "
+                        "--backbone-weights")
+    return backbone

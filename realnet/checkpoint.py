@@ -6,7 +6,7 @@
     state.pt    everything --resume needs: model, optimiser, loss scaler, random states
 
 No backbone weights are stored: they are reloaded from the recorded identity
-(runs.load_recorded_backbone), so a checkpoint stays small and cannot hide another backbone.
+(backbone.load_recorded_backbone), so a checkpoint stays small and cannot hide another backbone.
 """
 import os
 

@@ -560,3 +560,13 @@ def open_dataset(root, format="auto", categories=None):
             raise UserError(f"category {missing[0]!r} is not in {root!r} ({fmt} layout; it has: {', '.join(ordered)})")
         ordered = [c for c in ordered if c in wanted]
     return DatasetIndex(fmt, root, ordered, category_dirs, csv_samples)
+
+
+def open_recorded_dataset(root, format, recorded, what):
+    """--data ROOT (with --format) when given, else the data set a file records
+    (its `dataset` entry, data.DatasetIndex.describe())."""
+    if root:
+        return open_dataset(root, format)
+    if not recorded or not recorded.get("root"):
+        raise UserError(f"--data is needed: {what} does not record its data set")
+    return open_dataset(recorded["root"], recorded.get("format", "auto"))

@@ -6,7 +6,7 @@ scores a whole data set (evaluate.py's test splits).
 """
 import torch
 
-from . import runs
+from .backbone import load_recorded_backbone
 from .cli import UserError
 from .features import FeatureExtractor
 from .files import load_checkpoint
@@ -26,7 +26,7 @@ def load_model(path, backbone_weights, device):
     Returns (model in eval mode, features: image -> AFS features, checkpoint)."""
     ckpt = load_checkpoint(path, "--checkpoint", kind="realnet")
     config = ckpt["config"]
-    backbone = runs.load_recorded_backbone(config.get("backbone"), backbone_weights,
+    backbone = load_recorded_backbone(config.get("backbone"), backbone_weights,
                                            config["layers"], f"--checkpoint {path!r}")
     broken = [name for name, value in ckpt["state_dict"].items()
               if value.is_floating_point() and not torch.isfinite(value).all()]

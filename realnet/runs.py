@@ -17,9 +17,7 @@ import random
 import numpy as np
 import torch
 
-from .backbone import load_backbone
 from .cli import UserError, args_to_dict
-from .data import open_dataset
 from .files import atomic_write_json, atomic_write_text, load_checkpoint
 from .files import prepare_output_folder
 
@@ -149,49 +147,6 @@ def misplaced_tensors(model, optimizer):
                 found.append(f"{names.get(id(param), '?')} {key}: on {value.device}, "
                              f"parameter on {param.device}")
     return found
-
-
-# ----------------------------------------------------------------------------------------
-# The frozen backbone a file was made with
-# ----------------------------------------------------------------------------------------
-
-def same_backbone(a, b):
-    """Identities (backbone.Backbone.identity) of the same weights: architecture and digest."""
-    key = lambda identity: (identity.get("arch"), identity.get("digest"))
-    return bool(a) and bool(b) and key(a) == key(b)
-
-
-def describe_backbone(identity):
-    if not identity:
-        return "an unknown backbone"
-    weights, digest = identity.get("weights"), identity.get("digest")
-    return f"{identity.get('arch')} weights {weights!r} (digest {digest})"
-
-
-def load_recorded_backbone(recorded, weights, layers, what):
-    """The frozen backbone a file (`what`, e.g. "--afs 'runs/x/afs.pt'") was made with:
-    the weights it records, or --backbone-weights `weights` when given. Features of other
-    weights would not mean the same: those are refused."""
-    backbone = load_backbone(weights or (recorded or {}).get("weights", "imagenet"), layers)
-    if not same_backbone(recorded, backbone.identity):
-        raise UserError(f"{what} was made with backbone {describe_backbone(recorded)}, not "
-                        f"{describe_backbone(backbone.identity)}: give the same "
-                        "--backbone-weights")
-    return backbone
-
-
-# ----------------------------------------------------------------------------------------
-# The data set a file was made on
-# ----------------------------------------------------------------------------------------
-
-def open_recorded_dataset(root, format, recorded, what):
-    """--data ROOT (with --format) when given, else the data set a file records
-    (its `dataset` entry, data.DatasetIndex.describe())."""
-    if root:
-        return open_dataset(root, format)
-    if not recorded or not recorded.get("root"):
-        raise UserError(f"--data is needed: {what} does not record its data set")
-    return open_dataset(recorded["root"], recorded.get("format", "auto"))
 
 
 # ----------------------------------------------------------------------------------------

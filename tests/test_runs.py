@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from realnet.backbone import load_recorded_backbone
 from realnet import cli, runs
 from realnet.cli import UserError
 from realnet.files import atomic_torch_save, load_checkpoint
@@ -102,9 +103,9 @@ def test_a_restored_training_state_lives_on_the_models_device(tmp_path, device):
 def test_a_file_made_with_other_backbone_weights_is_refused():
     recorded = {"arch": "wide_resnet50_2", "weights": "imagenet", "digest": "0123456789abcdef"}
     with pytest.raises(UserError, match="0123456789abcdef.*--backbone-weights"):
-        runs.load_recorded_backbone(recorded, "random", (1,), "--afs 'a.pt'")
+        load_recorded_backbone(recorded, "random", (1,), "--afs 'a.pt'")
     random_identity = {"arch": "wide_resnet50_2", "weights": "random", "digest": "seed0"}
-    assert runs.load_recorded_backbone(random_identity, None, (1,), "--afs 'a.pt'").identity == random_identity
+    assert load_recorded_backbone(random_identity, None, (1,), "--afs 'a.pt'").identity == random_identity
 
 
 def test_cli_helpers():

@@ -18,6 +18,7 @@ from PIL import Image
 import evaluate
 import train_realnet
 from realnet import calibration, runs
+from realnet import data as realnet_data
 from realnet.inference import load_model
 from realnet.cli import UserError
 from stages import ENV, REPO, one_line_error, run, train_args
@@ -108,13 +109,13 @@ def test_fused_map_is_calibrated_on_the_held_out_images_and_reported(demo):
     # the calibration is that of the held-out training images, each once: refitting on them
     # reproduces it (on any other image, a test image say, it would differ)
     model, features, _ = load_model(os.path.join(out, "best.pt"), None, torch.device("cpu"))
-    samples = [s for s in runs.open_recorded_dataset(None, "auto", best["dataset"], "test").train("washer")
+    samples = [s for s in realnet_data.open_recorded_dataset(None, "auto", best["dataset"], "test").train("washer")
                if s.image in best["selected_on"]["held_out_images"]]
     images = torch.stack([evaluate.data.TestSet(samples, SIZE)[i]["image"] for i in range(len(samples))])
     refit = calibration.calibrate(model, features, lambda: [images], torch.device("cpu"))
     assert refit["image"] == pytest.approx(record["image"], rel=1e-5)
     assert refit["map_scale"]["scale"] == pytest.approx(record["map_scale"]["scale"], rel=1e-5)
-    test_samples = runs.open_recorded_dataset(None, "auto", best["dataset"], "test").test("washer")
+    test_samples = realnet_data.open_recorded_dataset(None, "auto", best["dataset"], "test").test("washer")
     test_images = torch.stack([evaluate.data.TestSet(test_samples, SIZE)[i]["image"] for i in range(2)])
     other = calibration.calibrate(model, features, lambda: [test_images], torch.device("cpu"))
     assert other["image"] != pytest.approx(record["image"], rel=1e-3)
