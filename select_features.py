@@ -26,6 +26,10 @@ afs_examples/ with N of the synthetic anomalies AFS looked at. One backbone pass
 batch serves all layers (anomalous and clean images concatenated); the authors run the
 whole backbone once per layer, four times the work. An interrupted run continues from
 afs.partial when started again with the same settings.
+
+Beyond the paper, --min-source-visibility first checks that the backbone can see each
+source's synthetic anomalies at all (realnet/visibility.py) and drops a source it cannot;
+the AFS file then records the source actually used, which train_realnet.py takes.
 """
 import argparse
 import os
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from realnet import cli, data, runs
+from realnet import cli, data, runs, visibility
 from realnet.backbone import Backbone, load_backbone
 from realnet.files import atomic_save_image, atomic_torch_save, load_checkpoint
 from realnet.files import prepare_output_folder
@@ -66,6 +70,12 @@ def parse_args(argv=None):
     cli.add_workers_arg(p)
     cli.add_device_arg(p)
     p.add_argument("--save-every", type=int, default=8, help="batches between resumable partial states")
+    p.add_argument("--min-source-visibility", type=float, default=0.0,
+                   help="beyond the paper (0: off): drop an anomaly source (SDAS or DTD, never both) "
+                        "whose synthetic anomalies the backbone cannot tell from the normal images: "
+                        "pixel AUROC of a per-location Gaussian novelty at most this on every layer, "
+                        "measured on the training images (realnet/visibility.py); the AFS file and "
+                        "so train_realnet.py then use the other source alone")
     return p.parse_args(argv)
 
 
@@ -177,6 +187,28 @@ def require_same_afs(path, args):
                                "choose another --out or delete it first")
 
 
+def drop_invisible_sources(backbone, train, category, dataset_format, args, device):
+    """--min-source-visibility (beyond the paper, realnet/visibility.py): measure how visible
+    each source's synthetic anomalies are to the backbone and drop a source nobody could
+    learn from. Returns (the synthesizers to use, the record for the AFS file)."""
+    scores = visibility.source_visibility(backbone, train, category, dataset_format, args.input_size,
+                                          args.sdas, args.dtd, args.foreground, args.seed, device)
+    dropped = visibility.invisible_sources(scores, args.min_source_visibility)
+    print(f"anomaly sources, pixel AUROC of their anomalies' novelty per layer (chance 0.5): "
+          f"{visibility.describe(scores)}")
+    if dropped:
+        print(f"note: --min-source-visibility {args.min_source_visibility}: the backbone cannot tell "
+              f"{' and '.join(dropped)} anomalies from normal {category!r} images; AFS and training use "
+              f"{' and '.join(s for s in scores if s not in dropped)} alone")
+    elif all(all(v is not None and v <= args.min_source_visibility for v in s) for s in scores.values()):
+        print(f"WARNING: no anomaly source reaches --min-source-visibility {args.min_source_visibility} on "
+              f"{category!r}: all kept; the model may not learn its synthetic anomalies")
+    sdas = None if "sdas" in dropped else args.sdas
+    dtd = None if "dtd" in dropped else args.dtd
+    record = {"threshold": args.min_source_visibility, "pixel_auroc": scores, "dropped": dropped}
+    return synthesizers_for([category], dataset_format, args.input_size, sdas, dtd, args.foreground), record
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_dims(args.layers, args.dims)
@@ -206,6 +238,11 @@ def main(argv=None):
                           files=("afs.pt", "afs_scores.png", "afs_args.json", "afs.partial"))
     require_same_afs(out, args)
     backbone = load_backbone(args.backbone_weights, args.layers).to(device)
+    source_check = None
+    if args.min_source_visibility > 0 and args.sdas and args.dtd:   # beyond the paper
+        synthesizers, source_check = drop_invisible_sources(backbone, train, category, dataset.format, args,
+                                                          device)
+        stream = AnomalyStream(train, args.input_size, synthesizers, seed=args.seed, normal_ratio=0.0)
     if args.dump:
         written = dump_examples(stream, args.dump, stem + "_examples")
         print(f"wrote {args.dump} synthetic anomalies to {stem}_examples/ (contact sheet: {written[-1]})")
@@ -240,7 +277,7 @@ def main(argv=None):
            "category": category, "dataset": {**dataset.describe(), "category": category,
                                              "class_id": dataset.class_id(category), "train_images": len(train)},
            "anomaly_source": synthesizers[category].describe(), "batches": args.batches, "batch_size": args.batch_size,
-           "seed": args.seed, "timing_s": {k: round(v, 3) for k, v in timing.items()},
+           "seed": args.seed, "source_visibility": source_check, "timing_s": {k: round(v, 3) for k, v in timing.items()},
            "args": cli.args_to_dict(args)}
     atomic_torch_save(afs, out)
     atomic_save_image(draw_scores(scores, indices, args.layers), stem + "_scores.png")
