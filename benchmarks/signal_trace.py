@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from realnet import cli, data, metrics, runs, viz  # noqa: E402
+from realnet import cli, data, metrics, viz  # noqa: E402
 from realnet.files import load_checkpoint  # noqa: E402
 from realnet.inference import load_model  # noqa: E402
 from realnet.stream import AnomalyStream  # noqa: E402
@@ -48,7 +48,7 @@ def held_out_set(ckpt, size, n_samples=32):
     sources; its first 2 x held-out images are the validation set, this takes n_samples,
     half with a synthetic anomaly) and which source made each ('normal', 'sdas', 'dtd')."""
     args = ckpt["args"]
-    dataset = runs.open_recorded_dataset(args["data"], args["format"], ckpt.get("dataset"), "checkpoint")
+    dataset = data.open_recorded_dataset(args["data"], args["format"], ckpt.get("dataset"), "checkpoint")
     category = ckpt["categories"][0]
     train, held = split_validation(dataset.train(category), args["val_fraction"], args["seed"],
                                    log=lambda *_: None)
@@ -95,9 +95,9 @@ def trace(model, features, ckpt, n_samples=32, batch=8):
     kept = [np.asarray(i) for i in model.config["afs_indices"]]
     maps, per_channel = {}, [[] for _ in kept]
     for i in range(0, len(val["image"]), batch):
-        image, clean = val["image"][i:i + batch], None
+        image = val["image"][i:i + batch]
         raw = backbone(image)
-        levels = model.select_features(raw)
+        levels = features.select(raw)
         out = model(levels, (size, size))
         found = {}
         for k, (f, (mean, std), idx) in enumerate(zip(raw, stats, kept)):

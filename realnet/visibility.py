@@ -18,7 +18,6 @@ pixel AUROC against the anomaly masks. A source whose anomalies reach at most a 
 AUROC on every layer cannot be seen by this backbone on this category: select_features.py
 --min-source-visibility drops it (never the last one), and records why in the AFS file.
 """
-import numpy as np
 import torch
 import torch.nn.functional as F
 

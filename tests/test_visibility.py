@@ -1,17 +1,13 @@
 """realnet/visibility.py and select_features.py --min-source-visibility (issue 28): a source
 whose pasted anomalies look like the normal images is measured as invisible and dropped,
 a visible one is kept, and never both are dropped."""
-import os
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import select_features
 from realnet import data, visibility
-from realnet.files import load_checkpoint
 from test_select_features import _run, demo  # noqa: F401  (the module-scoped fixture)
 from tiny_data import write_image
 
