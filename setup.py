@@ -13,6 +13,7 @@ build of torch are present (no GPU is needed to compile them). Environment switc
     CUDA_HOME=/usr/local/cuda    where the toolkit is (found automatically if standard)
     DEBUG=1                      -O0 -g
 """
+
 import os
 import shutil
 
@@ -28,12 +29,16 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 debug = os.environ.get("DEBUG", "0") == "1"
 want_cuda = os.environ.get("USE_CUDA", "1") != "0"
-has_nvcc = CUDA_HOME is not None and (os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc"))
+has_nvcc = CUDA_HOME is not None and (
+    os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc")
+)
 use_cuda = want_cuda and torch.version.cuda is not None and bool(has_nvcc)
 
 if use_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    print("realnet: no GPU visible, compiling the CUDA kernels for TORCH_CUDA_ARCH_LIST=9.0 (H100/H200)")
+    print(
+        "realnet: no GPU visible, compiling the CUDA kernels for TORCH_CUDA_ARCH_LIST=9.0 (H100/H200)"
+    )
 
 opt = ["-O0", "-g"] if debug else ["-O3"]
 sources = ["csrc/realnet.cpp", "csrc/cpu/realnet_cpu.cpp"]

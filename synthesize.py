@@ -22,6 +22,7 @@ skips the files already there (resumable). Writes <category>_<i:05d>.png, manife
 (strength and seed per image, settings, the checkpoint's digest) and preview/contact_sheet.png
 (in a sub-folder, so that readers of "every image in the folder" never take it for a sample).
 """
+
 import argparse
 import glob
 import json
@@ -39,24 +40,58 @@ from realnet.files import atomic_save_image, atomic_write_json, file_digest, loa
 from realnet.files import prepare_output_folder, readable_image
 from realnet.progress import Progress
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/diffusion/model.pt", help="model.pt written by train_diffusion.py")
-    p.add_argument("--category", default=None, help="category to synthesise (default: the checkpoint's only one)")
-    p.add_argument("--count", type=int, default=256,
-                   help="images to make (authors' config: 256; their release: 10000)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        default="runs/diffusion/model.pt",
+        help="model.pt written by train_diffusion.py",
+    )
+    p.add_argument(
+        "--category",
+        default=None,
+        help="category to synthesise (default: the checkpoint's only one)",
+    )
+    p.add_argument(
+        "--count",
+        type=int,
+        default=256,
+        help="images to make (authors' config: 256; their release: 10000)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: data/sdas/<category>)")
-    p.add_argument("--steps", type=int, default=20,
-                   help="respaced reverse steps (paper: 20, timesteps 0, 50, ..., 950)")
-    p.add_argument("--strength", type=float, nargs=2, default=[0.1, 0.2], metavar=("A", "B"),
-                   help="s ~ U(A, B) per image (paper: 0.1 0.2; 0 0 gives normal images)")
-    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
-                   help="ancestral: IDDPM, algorithm 1 (the paper's); ddim: algorithm S1 (s in 0.01-0.03)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="respaced reverse steps (paper: 20, timesteps 0, 50, ..., 950)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        nargs=2,
+        default=[0.1, 0.2],
+        metavar=("A", "B"),
+        help="s ~ U(A, B) per image (paper: 0.1 0.2; 0 0 gives normal images)",
+    )
+    p.add_argument(
+        "--sampler",
+        default="ancestral",
+        choices=["ancestral", "ddim"],
+        help="ancestral: IDDPM, algorithm 1 (the paper's); ddim: algorithm S1 (s in 0.01-0.03)",
+    )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (only with --sampler ddim)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass on each rank")
-    p.add_argument("--seed", type=int, default=0, help="base seed of every image's noise and strength")
-    p.add_argument("--sheet-count", type=int, default=32, help="images on contact_sheet.png (the first ones)")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="images per forward pass on each rank"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="base seed of every image's noise and strength"
+    )
+    p.add_argument(
+        "--sheet-count", type=int, default=32, help="images on contact_sheet.png (the first ones)"
+    )
     precision.add_precision_arg(p, "the diffusion UNet (the sampler's arithmetic stays fp32)")
     cli.add_device_arg(p)
     return p.parse_args(argv)
@@ -65,7 +100,9 @@ def parse_args(argv=None):
 def image_plan(seed, category, i, strength_range):
     """Strength and RNG seeds of image i: a function of (seed, category, i) only."""
     ss = np.random.SeedSequence([seed, zlib.crc32(category.encode()), i])
-    noise_seed, step_seed, strength_seed = (int(v) for v in ss.generate_state(3, dtype=np.uint64) % (2**63))
+    noise_seed, step_seed, strength_seed = (
+        int(v) for v in ss.generate_state(3, dtype=np.uint64) % (2**63)
+    )
     a, b = strength_range
     s = float(np.random.default_rng(strength_seed).uniform(a, b)) if b > a else float(a)
     return {"index": i, "strength": s, "noise_seed": noise_seed, "step_seed": step_seed}
@@ -77,18 +114,29 @@ def image_name(category, i):
 
 def to_uint8(x):
     """(3, H, W) in [-1, 1] -> (H, W, 3) uint8: (x + 1) * 127.5, rounded and clipped (the authors truncate)."""
-    return ((x.float().cpu().permute(1, 2, 0).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+    return (
+        ((x.float().cpu().permute(1, 2, 0).numpy() + 1.0) * 127.5)
+        .round()
+        .clip(0, 255)
+        .astype(np.uint8)
+    )
 
 
 @torch.no_grad()
 def synthesize(model, sampling, plans, class_id, size, device, sampler="ancestral", eta=0.0):
     """SDAS for a batch of planned images -> uint8 images."""
-    x_T = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(p["noise_seed"]))
-                       for p in plans]).to(device)
+    x_T = torch.stack(
+        [
+            torch.randn(3, size, size, generator=torch.Generator().manual_seed(p["noise_seed"]))
+            for p in plans
+        ]
+    ).to(device)
     generators = [torch.Generator().manual_seed(p["step_seed"]) for p in plans]
     strength = torch.tensor([p["strength"] for p in plans])
     y = torch.full((len(plans),), class_id, dtype=torch.long, device=device)
-    x0 = sampling.sample(model, x_T, y, strength=strength, sampler=sampler, eta=eta, generators=generators)
+    x0 = sampling.sample(
+        model, x_T, y, strength=strength, sampler=sampler, eta=eta, generators=generators
+    )
     return [to_uint8(x) for x in x0]
 
 
@@ -103,10 +151,14 @@ def contact_sheet(out_dir, records, count, columns=8):
     for r in records[:count]:
         with Image.open(os.path.join(out_dir, r["file"])) as im:
             zoom = -(-96 // im.width)
-            image = np.asarray(im.convert("RGB").resize((im.width * zoom, im.height * zoom), Image.NEAREST))
+            image = np.asarray(
+                im.convert("RGB").resize((im.width * zoom, im.height * zoom), Image.NEAREST)
+            )
         tiles.append(viz.labelled(image, f"{r['index']} s={r['strength']:.3f}", height=12))
     if tiles:
-        atomic_save_image(viz.to_pil(viz.grid(tiles, min(columns, len(tiles)))), sheet_path(out_dir))
+        atomic_save_image(
+            viz.to_pil(viz.grid(tiles, min(columns, len(tiles)))), sheet_path(out_dir)
+        )
 
 
 def check_previous(out_dir, settings):
@@ -118,17 +170,22 @@ def check_previous(out_dir, settings):
         except (OSError, ValueError):
             continue  # a stale, unreadable part: it is rewritten below
         if previous is not None:
-            previous.setdefault("precision", "fp32")   # folders made before --precision existed
-            runs.require_same_settings(previous, settings, f"{out_dir!r} holds images made with other settings",
-                                       "choose another --out or delete the folder")
+            previous.setdefault("precision", "fp32")  # folders made before --precision existed
+            runs.require_same_settings(
+                previous,
+                settings,
+                f"{out_dir!r} holds images made with other settings",
+                "choose another --out or delete the folder",
+            )
 
 
 def check_args(args):
     """One-line errors for values that cannot work, before anything is loaded."""
     a, b = args.strength
     if a < 0 or b < 0:
-        raise cli.UserError(f"--strength {a} {b}: the anomaly strength s must be >= 0 "
-                            "(s = 0 gives normal images)")
+        raise cli.UserError(
+            f"--strength {a} {b}: the anomaly strength s must be >= 0 (s = 0 gives normal images)"
+        )
     if a > b:
         raise cli.UserError(f"--strength {a} {b}: expected A <= B (s ~ U(A, B))")
     cli.require_positive(count=args.count, batch_size=args.batch_size, steps=args.steps)
@@ -136,8 +193,10 @@ def check_args(args):
     if args.eta < 0:
         raise cli.UserError(f"--eta must be >= 0 (got {args.eta})")
     if args.eta != 0 and args.sampler != "ddim":
-        raise cli.UserError(f"--eta {args.eta} has no effect with --sampler {args.sampler} "
-                            "(it is DDIM's: add --sampler ddim)")
+        raise cli.UserError(
+            f"--eta {args.eta} has no effect with --sampler {args.sampler} "
+            "(it is DDIM's: add --sampler ddim)"
+        )
 
 
 def merge_manifests(out_dir, category, count, seed, strength_range):
@@ -153,8 +212,12 @@ def merge_manifests(out_dir, category, count, seed, strength_range):
     for i in range(count):
         name = image_name(category, i)
         if not os.path.isfile(os.path.join(out_dir, name)):
-            raise cli.UserError(f"{os.path.join(out_dir, name)!r} is missing after synthesis (a rank failed?)")
-        merged.append(by_index.get(i) or {"file": name, **image_plan(seed, category, i, strength_range)})
+            raise cli.UserError(
+                f"{os.path.join(out_dir, name)!r} is missing after synthesis (a rank failed?)"
+            )
+        merged.append(
+            by_index.get(i) or {"file": name, **image_plan(seed, category, i, strength_range)}
+        )
     return merged
 
 
@@ -167,28 +230,41 @@ def main(argv=None):
     classes = ckpt["classes"]
     args.category = cli.only_category(args.category, classes, repr(args.checkpoint))
     if args.category not in classes:
-        raise cli.UserError(f"--category {args.category!r}: {args.checkpoint!r} was trained on {', '.join(classes)}")
+        raise cli.UserError(
+            f"--category {args.category!r}: {args.checkpoint!r} was trained on {', '.join(classes)}"
+        )
     out_dir = args.out or os.path.join("data", "sdas", args.category)
     ddp = distributed.setup(args.device)
     precision.check_precision(args.precision, ddp.device)
     log = print if ddp.is_main else (lambda *a, **k: None)
 
-    settings = {"checkpoint_digest": file_digest(args.checkpoint), "category": args.category,
-                "class_id": classes.index(args.category), "steps": args.steps, "sampler": args.sampler,
-                "eta": args.eta, "strength": [a, b], "seed": args.seed, "image_size": ckpt["image_size"],
-                "precision": args.precision}
-    prepare_output_folder(out_dir, clean=ddp.is_main, log=log, files=("manifest.json",),
-                          subfolders=("preview",))
-    distributed.barrier(ddp)   # no rank saves before the main one has removed stale temporaries
+    settings = {
+        "checkpoint_digest": file_digest(args.checkpoint),
+        "category": args.category,
+        "class_id": classes.index(args.category),
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "eta": args.eta,
+        "strength": [a, b],
+        "seed": args.seed,
+        "image_size": ckpt["image_size"],
+        "precision": args.precision,
+    }
+    prepare_output_folder(
+        out_dir, clean=ddp.is_main, log=log, files=("manifest.json",), subfolders=("preview",)
+    )
+    distributed.barrier(ddp)  # no rank saves before the main one has removed stale temporaries
     check_previous(out_dir, settings)
 
     model = adm.build_unet(ckpt["arch"])
     model.load_state_dict(ckpt["ema"])
     model.to(ddp.device).eval()
     sampling = GaussianDiffusion.from_schedule(ckpt["schedule"], args.steps)
-    log(f"checkpoint {args.checkpoint} (step {ckpt['step']}, {ckpt['arch']['preset']} preset, "
+    log(
+        f"checkpoint {args.checkpoint} (step {ckpt['step']}, {ckpt['arch']['preset']} preset, "
         f"{ckpt['image_size']}px, categories {', '.join(classes)}); timesteps {sampling.timestep_map.tolist()[::-1][:3]}..., "
-        f"{args.sampler} sampler, s ~ U({a}, {b})")
+        f"{args.sampler} sampler, s ~ U({a}, {b})"
+    )
 
     # This rank's images: i = rank, rank + W, ...; the ones already on disk are skipped.
     mine = list(range(ddp.rank, args.count, ddp.world_size))
@@ -198,20 +274,35 @@ def main(argv=None):
     present = [i for i in mine if os.path.isfile(image_path(i))]
     broken = [i for i in present if not readable_image(image_path(i))]
     if broken:
-        print(f"rank {ddp.rank}: {len(broken)} unreadable image(s) in {out_dir} are made again "
-              f"(e.g. {image_name(args.category, broken[0])})")
+        print(
+            f"rank {ddp.rank}: {len(broken)} unreadable image(s) in {out_dir} are made again "
+            f"(e.g. {image_name(args.category, broken[0])})"
+        )
     todo = sorted(set(mine) - set(present) | set(broken))
-    log(f"{args.count} images to {out_dir}: {len(mine) - len(todo)} already there on rank {ddp.rank}, "
-        f"{len(todo)} to make ({ddp.world_size} rank(s), batch {args.batch_size})")
+    log(
+        f"{args.count} images to {out_dir}: {len(mine) - len(todo)} already there on rank {ddp.rank}, "
+        f"{len(todo)} to make ({ddp.world_size} rank(s), batch {args.batch_size})"
+    )
     part_path = os.path.join(out_dir, f"manifest.rank{ddp.rank}.json")
     records = []
     progress = Progress(len(todo), "sdas", unit="img", every=1, enabled=ddp.is_main)
     start = time.time()
     for n, first in enumerate(range(0, len(todo), args.batch_size)):
-        plans = [image_plan(args.seed, args.category, i, (a, b)) for i in todo[first:first + args.batch_size]]
+        plans = [
+            image_plan(args.seed, args.category, i, (a, b))
+            for i in todo[first : first + args.batch_size]
+        ]
         with precision.autocast(args.precision, ddp.device):
-            images = synthesize(model, sampling, plans, settings["class_id"], ckpt["image_size"],
-                                ddp.device, args.sampler, args.eta)
+            images = synthesize(
+                model,
+                sampling,
+                plans,
+                settings["class_id"],
+                ckpt["image_size"],
+                ddp.device,
+                args.sampler,
+                args.eta,
+            )
         for plan, image in zip(plans, images):
             name = image_name(args.category, plan["index"])
             atomic_save_image(viz.to_pil(image), os.path.join(out_dir, name))
@@ -225,16 +316,30 @@ def main(argv=None):
     if ddp.is_main:
         merged = merge_manifests(out_dir, args.category, args.count, args.seed, (a, b))
         s = np.array([r["strength"] for r in merged])
-        atomic_write_json(os.path.join(out_dir, "manifest.json"), {
-            "kind": "sdas", "settings": settings, "checkpoint": os.path.abspath(args.checkpoint),
-            "checkpoint_step": ckpt["step"], "count": args.count,
-            "strength_stats": {"min": float(s.min()), "mean": float(s.mean()), "max": float(s.max())},
-            "args": cli.args_to_dict(args), "images": merged})
+        atomic_write_json(
+            os.path.join(out_dir, "manifest.json"),
+            {
+                "kind": "sdas",
+                "settings": settings,
+                "checkpoint": os.path.abspath(args.checkpoint),
+                "checkpoint_step": ckpt["step"],
+                "count": args.count,
+                "strength_stats": {
+                    "min": float(s.min()),
+                    "mean": float(s.mean()),
+                    "max": float(s.max()),
+                },
+                "args": cli.args_to_dict(args),
+                "images": merged,
+            },
+        )
         for path in glob.glob(os.path.join(out_dir, "manifest.rank*.json")):
             os.unlink(path)
         contact_sheet(out_dir, merged, args.sheet_count)
-        log(f"done: {args.count} images, {os.path.join(out_dir, 'manifest.json')}, "
-            f"{sheet_path(out_dir)} (look at it: objects, or noise?)")
+        log(
+            f"done: {args.count} images, {os.path.join(out_dir, 'manifest.json')}, "
+            f"{sheet_path(out_dir)} (look at it: objects, or noise?)"
+        )
     distributed.barrier(ddp)
     distributed.cleanup(ddp)
 

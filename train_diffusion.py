@@ -22,6 +22,7 @@ Writes to --out:
     samples/step_N.png  rows: s = 0, 0.1, 0.2 from the same noise, real images, DDIM round trip
     loss.jsonl          loss per logged step;   args.json   the arguments
 """
+
 import argparse
 import contextlib
 import copy
@@ -42,36 +43,67 @@ from realnet.stream import StepBatches
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add = p.add_argument
     cli.add_data_args(p, default=None, required=True, help="data set root (MVTec, VisA, ...)")
-    add("--categories", default=None,
+    add(
+        "--categories",
+        default=None,
         help="comma-separated categories to train on (default: all, one class-conditional model "
-             "as the authors)")
+        "as the authors)",
+    )
     add("--out", default="runs/diffusion", help="output folder")
     add("--preset", default="paper", choices=sorted(adm.PRESETS), help="UNet size (see adm.py)")
-    add("--image-size", type=int, default=None,
-        help="training resolution (default: the preset's, 256 paper / 64 tiny)")
+    add(
+        "--image-size",
+        type=int,
+        default=None,
+        help="training resolution (default: the preset's, 256 paper / 64 tiny)",
+    )
     add("--model-channels", type=int, default=None, help="override the preset's base width")
-    add("--init-weights", default=None,
+    add(
+        "--init-weights",
+        default=None,
         help="initialise from OpenAI's 256x256_diffusion.pt (the paper does; only the label "
-             "embedding stays random)")
-    add("--steps", type=int, default=50000,
-        help="optimiser steps (the authors' MVTec run: about 50k, their issue #47)")
-    add("--batch-size", type=int, default=16,
-        help="images per forward/backward pass, over all ranks (authors: 5 per GPU x 4 GPUs)")
-    add("--accumulate", type=int, default=1,
-        help="passes per optimiser step, gradients averaged (authors: 3, 60 images per step)")
+        "embedding stays random)",
+    )
+    add(
+        "--steps",
+        type=int,
+        default=50000,
+        help="optimiser steps (the authors' MVTec run: about 50k, their issue #47)",
+    )
+    add(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per forward/backward pass, over all ranks (authors: 5 per GPU x 4 GPUs)",
+    )
+    add(
+        "--accumulate",
+        type=int,
+        default=1,
+        help="passes per optimiser step, gradients averaged (authors: 3, 60 images per step)",
+    )
     add("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4, fine-tuning)")
     add("--grad-clip", type=float, default=1.0, help="gradient norm clipping (paper: 1.0)")
     add("--ema", type=float, default=0.9999, help="EMA decay of the weights synthesize.py uses")
-    add("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+    add(
+        "--ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="use min(ema, (1+n)/(10+n)) at update n, so a short run's EMA is not mostly its "
-             "random init (0.9999 needs ~10k updates to forget it); --no-ema-warmup is the "
-             "authors' plain EMA")
-    add("--precision", default="fp32", choices=["fp32", "bf16"],
-        help="bf16: autocast the UNet (halves activation memory on a GPU; the authors: fp32)")
+        "random init (0.9999 needs ~10k updates to forget it); --no-ema-warmup is the "
+        "authors' plain EMA",
+    )
+    add(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast the UNet (halves activation memory on a GPU; the authors: fp32)",
+    )
     add("--seed", type=int, default=0, help="seed of the init, batches, timesteps and noise")
     add("--log-every", type=int, default=20, help="steps between progress lines")
     add("--sample-every", type=int, default=500, help="steps between sample sheets (0: the end)")
@@ -87,28 +119,51 @@ def parse_args(argv=None):
 
 
 # What must match for --resume to continue a run (the rest, e.g. --steps, may change).
-RESUME_KEYS = ("data", "format", "categories", "preset", "image_size", "model_channels",
-               "init_weights", "batch_size", "accumulate", "lr", "ema", "ema_warmup", "seed")
+RESUME_KEYS = (
+    "data",
+    "format",
+    "categories",
+    "preset",
+    "image_size",
+    "model_channels",
+    "init_weights",
+    "batch_size",
+    "accumulate",
+    "lr",
+    "ema",
+    "ema_warmup",
+    "seed",
+)
 
 
 def check_args(args):
     """One-line errors for values that cannot work, before anything is loaded."""
-    cli.require_positive(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate,
-                         image_size=args.image_size, sheet_columns=args.sheet_columns,
-                         sample_steps=args.sample_steps, log_every=args.log_every,
-                         save_every=args.save_every)
+    cli.require_positive(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        accumulate=args.accumulate,
+        image_size=args.image_size,
+        sheet_columns=args.sheet_columns,
+        sample_steps=args.sample_steps,
+        log_every=args.log_every,
+        save_every=args.save_every,
+    )
     cli.require_non_negative(workers=args.workers, sample_every=args.sample_every)
-    cli.require_finite_positive(lr=args.lr, grad_clip=args.grad_clip)   # nan: learns nothing
+    cli.require_finite_positive(lr=args.lr, grad_clip=args.grad_clip)  # nan: learns nothing
     if not 0.0 <= args.ema < 1.0:
         raise cli.UserError(f"--ema must be in [0, 1) (got {args.ema})")
     factor = 2 ** (len(adm.PRESETS[args.preset]["channel_mult"]) - 1)
     if args.image_size % factor:
-        raise cli.UserError(f"--image-size {args.image_size}: must be a multiple of {factor} for "
-                            f"the {args.preset} preset")
+        raise cli.UserError(
+            f"--image-size {args.image_size}: must be a multiple of {factor} for "
+            f"the {args.preset} preset"
+        )
     if args.init_weights and not os.path.isfile(args.init_weights):
-        raise cli.UserError(f"--init-weights: file {args.init_weights!r} does not exist; download "
-                            f"OpenAI's class-conditional 256x256 model from {adm.OPENAI_URL} "
-                            "(e.g. into pretrain/)")
+        raise cli.UserError(
+            f"--init-weights: file {args.init_weights!r} does not exist; download "
+            f"OpenAI's class-conditional 256x256 model from {adm.OPENAI_URL} "
+            "(e.g. into pretrain/)"
+        )
 
 
 # ----------------------------------------------------------------------------- data
@@ -121,8 +176,10 @@ def training_images(root, format, categories, size, log):
         train = index.train(name)
         samples += train
         class_ids += [c] * len(train)
-    log(f"data: {len(samples)} normal training images of {len(classes)} categories "
-        f"({', '.join(classes)}) from {root} ({index.format}), {size}x{size}")
+    log(
+        f"data: {len(samples)} normal training images of {len(classes)} categories "
+        f"({', '.join(classes)}) from {root} ({index.format}), {size}x{size}"
+    )
     return index, classes, DiffusionImages(samples, class_ids, size)
 
 
@@ -154,8 +211,9 @@ def sample_noise(seed, micro, positions, image_shape, num_timesteps):
     return torch.cat(ts), torch.stack(noises)
 
 
-def accumulate_gradients(net, diffusion, batches, micro_steps, seed, positions, ddp, precision,
-                         sums):
+def accumulate_gradients(
+    net, diffusion, batches, micro_steps, seed, positions, ddp, precision, sums
+):
     """Forward and backward over `micro_steps` (their numbers in the run), gradients averaged;
     DDP all-reduces once, after the last. Returns `sums` (loss, mse, vb) plus theirs."""
     for i, micro in enumerate(micro_steps):
@@ -169,8 +227,11 @@ def accumulate_gradients(net, diffusion, batches, micro_steps, seed, positions, 
                 losses = diffusion.training_losses(net, x0, t, y, noise)
             loss = losses["loss"].mean()
             (loss / len(micro_steps)).backward()
-        sums = [sums[0] + loss.item(), sums[1] + losses["mse"].mean().item(),
-                sums[2] + losses["vb"].mean().item()]
+        sums = [
+            sums[0] + loss.item(),
+            sums[1] + losses["mse"].mean().item(),
+            sums[2] + losses["vb"].mean().item(),
+        ]
     return sums
 
 
@@ -188,25 +249,37 @@ def sample_sheet(ema, diffusion_sampling, images, class_ids, classes, step, devi
     strengths = (0.0, 0.1, 0.2)
     gens = [torch.Generator().manual_seed(2000 + j) for _ in strengths for j in range(n)]
     s = torch.tensor([v for v in strengths for _ in range(n)])
-    samples = diffusion_sampling.sample(ema, x_T.repeat(len(strengths), 1, 1, 1).to(device),
-                                        y.repeat(len(strengths)),
-                                        strength=s, generators=gens)
+    samples = diffusion_sampling.sample(
+        ema,
+        x_T.repeat(len(strengths), 1, 1, 1).to(device),
+        y.repeat(len(strengths)),
+        strength=s,
+        generators=gens,
+    )
     real = images.to(device)
     inverted = diffusion_sampling.ddim_invert(ema, real, y)
     recon = diffusion_sampling.sample(ema, inverted, y, strength=0.0, sampler="ddim")
-    rows = [(f"s = {v}", samples[i * n:(i + 1) * n]) for i, v in enumerate(strengths)]
-    rows += [("real", real), ("DDIM-inverted noise", inverted.clamp(-3, 3) / 3),
-             ("DDIM reconstruction", recon)]
+    rows = [(f"s = {v}", samples[i * n : (i + 1) * n]) for i, v in enumerate(strengths)]
+    rows += [
+        ("real", real),
+        ("DDIM-inverted noise", inverted.clamp(-3, 3) / 3),
+        ("DDIM reconstruction", recon),
+    ]
     rows[0] = (f"s = 0.0   (EMA weights at step {step})", rows[0][1])
     rows[3] = (f"real: {', '.join(dict.fromkeys(classes[c] for c in class_ids))}", rows[3][1])
     zoom = -(-96 // size)  # small images enlarged (nearest) to >= 96 px, so they can be judged
     pictures = []
     for title, batch in rows:
-        row = viz.hstack([viz.tensor_to_uint8(b, "minus_one_one").repeat(zoom, 0).repeat(zoom, 1)
-                          for b in batch])
+        row = viz.hstack(
+            [
+                viz.tensor_to_uint8(b, "minus_one_one").repeat(zoom, 0).repeat(zoom, 1)
+                for b in batch
+            ]
+        )
         pictures.append(viz.labelled(row, title))
-    sheet = np.concatenate([np.pad(p, ((0, 2), (0, 0), (0, 0)), constant_values=255)
-                            for p in pictures], axis=0)
+    sheet = np.concatenate(
+        [np.pad(p, ((0, 2), (0, 0), (0, 0)), constant_values=255) for p in pictures], axis=0
+    )
     atomic_save_image(viz.to_pil(sheet), path)
     return path
 
@@ -224,12 +297,24 @@ def resume_settings(args):
 
 def save_checkpoints(out, step, model, ema, optimizer, settings, common):
     """model.pt for synthesize.py (EMA only) and state.pt for --resume; both atomic."""
-    atomic_torch_save({"kind": "diffusion", "version": 1, "ema": ema.state_dict(), "step": step,
-                       **common}, os.path.join(out, "model.pt"))
-    atomic_torch_save({"kind": "diffusion_train_state", "version": 1, "config": settings,
-                       "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                       "optimizer": optimizer.state_dict(), "rng": runs.rng_state(), **common},
-                      os.path.join(out, runs.STATE_FILE))
+    atomic_torch_save(
+        {"kind": "diffusion", "version": 1, "ema": ema.state_dict(), "step": step, **common},
+        os.path.join(out, "model.pt"),
+    )
+    atomic_torch_save(
+        {
+            "kind": "diffusion_train_state",
+            "version": 1,
+            "config": settings,
+            "step": step,
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": runs.rng_state(),
+            **common,
+        },
+        os.path.join(out, runs.STATE_FILE),
+    )
 
 
 def build_model(args, classes, ddp, log):
@@ -238,17 +323,21 @@ def build_model(args, classes, ddp, log):
     (arch, model, net, ema, optimizer, start_step)."""
     state = runs.load_state(args.out, args.resume, "diffusion_train_state", log)
     cli.seed_everything(args.seed)
-    arch = adm.architecture(args.preset, len(classes), image_size=args.image_size,
-                            model_channels=args.model_channels)
+    arch = adm.architecture(
+        args.preset, len(classes), image_size=args.image_size, model_channels=args.model_channels
+    )
     model = adm.build_unet(arch)
     if state is None and args.init_weights:
         adm.load_pretrained(model, args.init_weights, log=log)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if state is not None:
         path = os.path.join(args.out, runs.STATE_FILE)
-        runs.require_same_settings(state["config"], resume_settings(args),
-                                   f"--resume: {path!r} was made with another configuration",
-                                   "give the same arguments or another --out")
+        runs.require_same_settings(
+            state["config"],
+            resume_settings(args),
+            f"--resume: {path!r} was made with another configuration",
+            "give the same arguments or another --out",
+        )
     # on the device first, then the optimiser: its restored moments follow the parameters
     model.to(ddp.device)
     ema.to(ddp.device)
@@ -262,8 +351,10 @@ def build_model(args, classes, ddp, log):
     if ddp.enabled:
         device_ids = [ddp.device] if ddp.device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=device_ids)
-    log(f"UNet preset {args.preset}: {adm.count_parameters(model) / 1e6:.2f}M parameters, "
-        f"{ddp.world_size} rank(s) on {ddp.device}")
+    log(
+        f"UNet preset {args.preset}: {adm.count_parameters(model) / 1e6:.2f}M parameters, "
+        f"{ddp.world_size} rank(s) on {ddp.device}"
+    )
     return arch, model, net, ema, optimizer, state["step"] if state else 0
 
 
@@ -274,28 +365,48 @@ def main(argv=None):
     ddp = distributed.setup(args.device)
     distributed.require_divisible_batch(args.batch_size, ddp)
     log = print if ddp.is_main else (lambda *a, **k: None)
-    prepare_output_folder(args.out, clean=ddp.is_main, log=log,
-                          files=("model.pt", runs.STATE_FILE, "args.json", runs.LOG_FILE),
-                          subfolders=("samples",))
+    prepare_output_folder(
+        args.out,
+        clean=ddp.is_main,
+        log=log,
+        files=("model.pt", runs.STATE_FILE, "args.json", runs.LOG_FILE),
+        subfolders=("samples",),
+    )
     workers = args.workers if args.workers is not None else (4 if ddp.device.type == "cuda" else 0)
-    index, classes, dataset = training_images(args.data, args.format, args.categories,
-                                              args.image_size, log)
+    index, classes, dataset = training_images(
+        args.data, args.format, args.categories, args.image_size, log
+    )
     arch, model, net, ema, optimizer, start_step = build_model(args, classes, ddp, log)
     schedule = default_schedule()
-    diffusion = GaussianDiffusion.from_schedule(schedule)                     # training: all T
+    diffusion = GaussianDiffusion.from_schedule(schedule)  # training: all T
     sampling = GaussianDiffusion.from_schedule(schedule, args.sample_steps)  # sheets: respaced
     sheet = sheet_images(dataset, args.sheet_columns)
-    common = {"arch": arch, "schedule": schedule, "classes": classes, "dataset": index.describe(),
-              "image_size": args.image_size, "args": cli.args_to_dict(args)}
+    common = {
+        "arch": arch,
+        "schedule": schedule,
+        "classes": classes,
+        "dataset": index.describe(),
+        "image_size": args.image_size,
+        "args": cli.args_to_dict(args),
+    }
     log_path = runs.start_outputs(args.out, args, start_step) if ddp.is_main else os.devnull
-    positions = range(ddp.rank, args.batch_size, ddp.world_size)   # this rank's places in a batch
-    sampler = StepBatches(len(dataset), args.batch_size, start_step * args.accumulate,
-                          args.steps * args.accumulate, args.seed, ddp.rank, ddp.world_size)
-    batches = iter(start_loader(dataset, workers, log, batch_sampler=sampler,
-                                persistent_workers=True))
-    progress = Progress(args.steps, "diffusion", every=args.log_every, start_step=start_step,
-                        enabled=ddp.is_main)
-    sums, count = [0.0, 0.0, 0.0], 0   # loss, mse, vb since the last log line
+    positions = range(ddp.rank, args.batch_size, ddp.world_size)  # this rank's places in a batch
+    sampler = StepBatches(
+        len(dataset),
+        args.batch_size,
+        start_step * args.accumulate,
+        args.steps * args.accumulate,
+        args.seed,
+        ddp.rank,
+        ddp.world_size,
+    )
+    batches = iter(
+        start_loader(dataset, workers, log, batch_sampler=sampler, persistent_workers=True)
+    )
+    progress = Progress(
+        args.steps, "diffusion", every=args.log_every, start_step=start_step, enabled=ddp.is_main
+    )
+    sums, count = [0.0, 0.0, 0.0], 0  # loss, mse, vb since the last log line
 
     model.train()
     with open(log_path, "a") as loss_log:
@@ -303,13 +414,23 @@ def main(argv=None):
             # one optimiser step over `accumulate` micro-batches: L_simple + L_vlb (docs/method.md)
             optimizer.zero_grad(set_to_none=True)
             micro_steps = range(step * args.accumulate, (step + 1) * args.accumulate)
-            sums = accumulate_gradients(net, diffusion, batches, micro_steps, args.seed, positions,
-                                        ddp, args.precision, sums)
+            sums = accumulate_gradients(
+                net,
+                diffusion,
+                batches,
+                micro_steps,
+                args.seed,
+                positions,
+                ddp,
+                args.precision,
+                sums,
+            )
             count += args.accumulate
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             if not torch.isfinite(grad_norm):
-                raise cli.UserError(f"step {step + 1}: the gradient is not finite; lower --lr "
-                                    f"(now {args.lr})")
+                raise cli.UserError(
+                    f"step {step + 1}: the gradient is not finite; lower --lr (now {args.lr})"
+                )
             optimizer.step()
             update_ema(ema, model, ema_decay(args.ema, args.ema_warmup, step))
             done, last = step + 1, step + 1 == args.steps
@@ -333,8 +454,10 @@ def main(argv=None):
     if start_step < args.steps:
         log(f"done: {os.path.join(args.out, 'model.pt')} (EMA weights; synthesize.py reads it)")
     else:
-        log(f"nothing to do: {os.path.join(args.out, runs.STATE_FILE)} is already at step "
-            f"{start_step} >= --steps {args.steps}")
+        log(
+            f"nothing to do: {os.path.join(args.out, runs.STATE_FILE)} is already at step "
+            f"{start_step} >= --steps {args.steps}"
+        )
     distributed.cleanup(ddp)
 
 

@@ -33,6 +33,7 @@ evaluate.py --predict decides with), in the precision evaluate.py will run
 One model over several categories (`--categories a,b,c`, "unified") is an option beyond the
 paper, which trains one model per category.
 """
+
 import argparse
 import functools
 import math
@@ -58,57 +59,96 @@ from realnet.validation import validate_and_keep_best
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 4: train RealNet (paper §3.3-3.4).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Stage 4: train RealNet (paper §3.3-3.4).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add = p.add_argument
     add("--afs", required=True, help="AFS file from select_features.py (the kept channels)")
     cli.add_data_args(p, default=None, help="data set root; None: the AFS file's")
     add("--category", default=None, help="the category; None: the AFS file's")
-    add("--categories", default=None,
+    add(
+        "--categories",
+        default=None,
         help="UNIFIED, beyond the paper: one model over these comma-separated categories (the "
-             "AFS file made for any one of them; --sdas is then DIR/<category>)")
+        "AFS file made for any one of them; --sdas is then DIR/<category>)",
+    )
     cli.add_anomaly_source_args(p, from_afs=True)
     add("--normal-ratio", type=float, default=0.5, help="normal share of every batch (paper)")
-    add("--backbone-weights", default=None,
-        help="imagenet | PATH.pth | random; None: the weights the AFS file was made with")
+    add(
+        "--backbone-weights",
+        default=None,
+        help="imagenet | PATH.pth | random; None: the weights the AFS file was made with",
+    )
     add("--input-size", type=int, default=None, help="image side; None: the AFS file's")
     add("--arch", default="A", choices=sorted(ARCHITECTURES), help="A: one UNet per layer (paper)")
     add("--width-ratio", type=float, default=0.5, help="UNet width / input channels (paper)")
     add("--retention", type=float, default=1 / 3, help="residual channels RRS keeps (paper)")
     add("--k-max", type=int, default=None, help="RRS channels ranked by max (M*retention/2)")
     add("--k-mean", type=int, default=None, help="RRS channels ranked by mean (M*retention/2)")
-    add("--anomaly-map", default="discriminator", choices=sorted(ANOMALY_MAPS),
+    add(
+        "--anomaly-map",
+        default="discriminator",
+        choices=sorted(ANOMALY_MAPS),
         help="what the model reports: discriminator (the paper: its class-1 probability) | "
-             "fused (beyond the paper: the discriminator's log-odds and each level's "
-             "reconstruction energy, each scaled on the held-out normal images by calibration, "
-             "and averaged; needs --val-fraction)")
+        "fused (beyond the paper: the discriminator's log-odds and each level's "
+        "reconstruction energy, each scaled on the held-out normal images by calibration, "
+        "and averaged; needs --val-fraction)",
+    )
     add("--batch-size", type=int, default=16, help="global batch size (paper)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (paper)")
-    add("--lr-schedule", default="constant", choices=["constant", "cosine"],
-        help="constant (paper) | cosine: decay to 0 over the run (stabler last step, short runs)")
+    add(
+        "--lr-schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="constant (paper) | cosine: decay to 0 over the run (stabler last step, short runs)",
+    )
     add("--epochs", type=int, default=1000, help="passes over the training images (paper)")
     add("--steps", type=int, default=None, help="optimiser steps; overrides --epochs")
     add("--seed", type=int, default=0, help="model init, data order and synthetic anomalies")
     precision.add_precision_arg(p, "the backbone, UNets and discriminator")
-    add("--val-fraction", type=float, default=0.0,
-        help="hold out this share of the TRAINING images to choose the checkpoint on (0: last)")
+    add(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this share of the TRAINING images to choose the checkpoint on (0: last)",
+    )
     add("--val-every", type=int, default=500, help="steps between validations (--val-fraction)")
-    add("--val-metric", default="pixel_auroc", choices=["pixel_auroc", "au_pro", "image_auroc"],
+    add(
+        "--val-metric",
+        default="pixel_auroc",
+        choices=["pixel_auroc", "au_pro", "image_auroc"],
         help="what best.pt maximises on the held-out training images (the discriminator's "
-             "map: the synthetic anomalies are what it was trained to find)")
-    add("--threshold-rule", default=calibration.DEFAULT_RULE, choices=sorted(calibration.RULES),
+        "map: the synthetic anomalies are what it was trained to find)",
+    )
+    add(
+        "--threshold-rule",
+        default=calibration.DEFAULT_RULE,
+        choices=sorted(calibration.RULES),
         help="the OK/NG threshold calibration stores in model.pt and best.pt, from the held-out "
-             "images (--val-fraction): normal (the highest good score plus a margin) | fpr (at "
-             "most --target-fpr of the good ones NG) | f1 (F1-optimal vs their synthetic "
-             "anomalies: sits high, real defects are fainter)")
-    add("--target-fpr", type=float, default=0.01,
-        help="with --threshold-rule fpr: the false-positive rate allowed on normal images")
-    precision.add_precision_arg(p, "calibration after training: the precision evaluate.py "
-                                   "will run in (evaluate.py's default: fp32)",
-                                flag="--calibrate-precision")
-    add("--cache-features", default="auto", choices=["auto", "on", "off"],
+        "images (--val-fraction): normal (the highest good score plus a margin) | fpr (at "
+        "most --target-fpr of the good ones NG) | f1 (F1-optimal vs their synthetic "
+        "anomalies: sits high, real defects are fainter)",
+    )
+    add(
+        "--target-fpr",
+        type=float,
+        default=0.01,
+        help="with --threshold-rule fpr: the false-positive rate allowed on normal images",
+    )
+    precision.add_precision_arg(
+        p,
+        "calibration after training: the precision evaluate.py "
+        "will run in (evaluate.py's default: fp32)",
+        flag="--calibrate-precision",
+    )
+    add(
+        "--cache-features",
+        default="auto",
+        choices=["auto", "on", "off"],
         help="keep the clean images' features (frozen backbone, no augmentation: exact); "
-             "auto = on when they take under 4 GiB")
+        "auto = on when they take under 4 GiB",
+    )
     add("--save-every", type=int, default=500, help="steps between resumable states")
     add("--log-every", type=int, default=10, help="steps between progress lines / log entries")
     cli.add_workers_arg(p)
@@ -123,30 +163,41 @@ def parse_args(argv=None):
 # Inputs: what the AFS file decided
 # ----------------------------------------------------------------------------------------
 
+
 def check_args(args, ddp):
     """What would make a run learn nothing, refused before any work."""
     distributed.require_divisible_batch(args.batch_size, ddp)
-    cli.require_positive(epochs=args.epochs, save_every=args.save_every,
-                         val_every=args.val_every, log_every=args.log_every,
-                         **({} if args.steps is None else {"steps": args.steps}))
+    cli.require_positive(
+        epochs=args.epochs,
+        save_every=args.save_every,
+        val_every=args.val_every,
+        log_every=args.log_every,
+        **({} if args.steps is None else {"steps": args.steps}),
+    )
     cli.require_non_negative(workers=args.workers, dump=args.dump)
     cli.require_finite_positive(lr=args.lr, width_ratio=args.width_ratio)
     if not 0 <= args.retention <= 1:
         raise cli.UserError(f"--retention must be in [0, 1], got {args.retention}")
     if not 0 <= args.normal_ratio < 1:
-        raise cli.UserError(f"--normal-ratio must be in [0, 1) (1 leaves no synthetic anomaly "
-                            f"to learn from), got {args.normal_ratio}")
+        raise cli.UserError(
+            f"--normal-ratio must be in [0, 1) (1 leaves no synthetic anomaly "
+            f"to learn from), got {args.normal_ratio}"
+        )
     if not 0 <= args.val_fraction < 1:
-        raise cli.UserError(f"--val-fraction must be in [0, 1) (a share of the training "
-                            f"images), got {args.val_fraction}")
+        raise cli.UserError(
+            f"--val-fraction must be in [0, 1) (a share of the training "
+            f"images), got {args.val_fraction}"
+        )
     precision.check_precision(args.precision, ddp.device)
     precision.check_precision(args.calibrate_precision, ddp.device, "--calibrate-precision")
     if not 0 <= args.target_fpr < 1:
         raise cli.UserError(f"--target-fpr must be in [0, 1), got {args.target_fpr}")
     if args.anomaly_map == "fused" and args.val_fraction <= 0:
-        raise cli.UserError("--anomaly-map fused is calibrated on held-out normal images: "
-                            "give --val-fraction > 0 (e.g. 0.1)")
-    args.workers = capped_workers(args.workers, args.steps)   # no more than can help
+        raise cli.UserError(
+            "--anomaly-map fused is calibrated on held-out normal images: "
+            "give --val-fraction > 0 (e.g. 0.1)"
+        )
+    args.workers = capped_workers(args.workers, args.steps)  # no more than can help
 
 
 def open_inputs(args, device):
@@ -158,13 +209,23 @@ def open_inputs(args, device):
     what = f"--afs {args.afs!r}"
     dataset = realnet_data.open_recorded_dataset(args.data, args.format, afs.get("dataset"), what)
     args.data, args.format = dataset.root, dataset.format
-    categories = afs_file.chosen_categories(args.category, args.categories, afs.get("category"),
-                                            dataset, args.afs)
-    backbone = load_recorded_backbone(afs.get("backbone"), args.backbone_weights,
-                                           afs["layers"], what)
-    config = build_config(afs, args.arch, args.width_ratio, args.retention, args.k_max,
-                          args.k_mean, args.input_size, strides=backbone.strides,
-                          anomaly_map=args.anomaly_map)
+    categories = afs_file.chosen_categories(
+        args.category, args.categories, afs.get("category"), dataset, args.afs
+    )
+    backbone = load_recorded_backbone(
+        afs.get("backbone"), args.backbone_weights, afs["layers"], what
+    )
+    config = build_config(
+        afs,
+        args.arch,
+        args.width_ratio,
+        args.retention,
+        args.k_max,
+        args.k_mean,
+        args.input_size,
+        strides=backbone.strides,
+        anomaly_map=args.anomaly_map,
+    )
     return afs, dataset, categories, backbone.to(device), config | {"backbone": backbone.identity}
 
 
@@ -172,19 +233,24 @@ def output_folder(out, categories, ddp):
     """--out (default runs/<categories>/realnet), locked, with stale files of another run
     refused (files.prepare_output_folder)."""
     out = out or os.path.join("runs", "_".join(categories), "realnet")
-    prepare_output_folder(out, clean=ddp.is_main, files=("model.pt", "state.pt", "best.pt",
-                                                          "args.json", runs.LOG_FILE),
-                          subfolders=("examples",))
+    prepare_output_folder(
+        out,
+        clean=ddp.is_main,
+        files=("model.pt", "state.pt", "best.pt", "args.json", runs.LOG_FILE),
+        subfolders=("examples",),
+    )
     return out
 
 
 def training_stream(args, dataset, categories):
     """The training images less the held-out share, as the stream of training samples (half
     normal, half with a synthetic anomaly): (stream, held-out samples, the synthesizers)."""
-    samples, held_out = split_validation([s for c in categories for s in dataset.train(c)],
-                                         args.val_fraction, args.seed)
-    synthesizers = synthesizers_for(categories, dataset.format, args.input_size, args.sdas,
-                                    args.dtd, args.foreground)
+    samples, held_out = split_validation(
+        [s for c in categories for s in dataset.train(c)], args.val_fraction, args.seed
+    )
+    synthesizers = synthesizers_for(
+        categories, dataset.format, args.input_size, args.sdas, args.dtd, args.foreground
+    )
     stream = AnomalyStream(samples, args.input_size, synthesizers, args.seed, args.normal_ratio)
     return stream, held_out, synthesizers
 
@@ -192,14 +258,16 @@ def training_stream(args, dataset, categories):
 def held_out_set(held_out, synthesizers, args):
     """The validation set of the held-out training images (validation.make_validation_set),
     their synthetic anomalies drawn like the training ones, from a seed of their own."""
-    stream = AnomalyStream(held_out, args.input_size, synthesizers, args.seed + 1,
-                           args.normal_ratio)
+    stream = AnomalyStream(
+        held_out, args.input_size, synthesizers, args.seed + 1, args.normal_ratio
+    )
     return make_validation_set(stream, len(held_out))
 
 
 # ----------------------------------------------------------------------------------------
 # The model and one training step
 # ----------------------------------------------------------------------------------------
+
 
 def build_model(config, args, run, out, ddp):
     """The model (seeded), its optimiser and loss scaler (fp16 only), where a resumed run left
@@ -215,7 +283,7 @@ def build_model(config, args, run, out, ddp):
     step, best = checkpoint.resume(state, model, optimizer, scaler, run, out)
     ddp_model = model
     if ddp.enabled:
-        model.set_process_group(torch.distributed.group.WORLD)   # RRS, BatchNorm: global batch
+        model.set_process_group(torch.distributed.group.WORLD)  # RRS, BatchNorm: global batch
         device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
         ddp_model = DistributedDataParallel(model, device_ids=device_ids)
     return model, ddp_model, optimizer, scaler, step, best
@@ -229,8 +297,9 @@ def learning_rate(lr, schedule, step, total_steps):
     return 0.5 * lr * (1 + math.cos(math.pi * step / total_steps))
 
 
-def train_step(model, features, cache, batch, optimizer, scaler, amp, lr, device, check=None,
-               mark=None):
+def train_step(
+    model, features, cache, batch, optimizer, scaler, amp, lr, device, check=None, mark=None
+):
     """One optimiser step (paper §3.3-3.4): the batch is half normal images, half synthetic
     anomalies; the frozen backbone and AFS give features (the clean originals' from the
     cache), the UNets reconstruct them, RRS keeps the residuals that carry the anomaly, the
@@ -247,7 +316,7 @@ def train_step(model, features, cache, batch, optimizer, scaler, amp, lr, device
     if check is not None:
         check(loss)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()   # scaled in fp16 only
+    scaler.scale(loss).backward()  # scaled in fp16 only
     mark("backward")
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -261,28 +330,37 @@ def train_step(model, features, cache, batch, optimizer, scaler, amp, lr, device
 # What the loop prints
 # ----------------------------------------------------------------------------------------
 
+
 def print_plan(config, model, categories, n_images, held_out, total_steps, args, ddp, cache):
     batch_size = args.batch_size
     epochs = total_steps / math.ceil(n_images / batch_size)
     unified = " (UNIFIED: one model for all)" if len(categories) > 1 else ""
-    held = (f", {len(held_out)} held out for checkpoint choice and calibration"
-            if held_out else "")
+    held = f", {len(held_out)} held out for checkpoint choice and calibration" if held_out else ""
     print(f"{describe(config)}; {count_parameters(model) / 1e6:.2f} M trainable parameters")
-    print(f"training on {n_images} images of {', '.join(categories)}{unified}{held}; "
-          f"{total_steps} steps of {batch_size} ({epochs:.1f} epochs), {ddp.world_size} "
-          f"process(es) on {ddp.device}, clean-image features {'cached' if cache else 'computed'}")
+    print(
+        f"training on {n_images} images of {', '.join(categories)}{unified}{held}; "
+        f"{total_steps} steps of {batch_size} ({epochs:.1f} epochs), {ddp.world_size} "
+        f"process(es) on {ddp.device}, clean-image features {'cached' if cache else 'computed'}"
+    )
 
 
 def print_done(step, started, out, best, metric, records, validated):
-    note = f", best.pt from step {best['step']} ({metric} {best['value']:.4f})" if best["step"] else ""
-    print(f"done: {step} steps in {time.time() - started:.0f} s; model "
-          f"{os.path.join(out, 'model.pt')}{note}")
+    note = (
+        f", best.pt from step {best['step']} ({metric} {best['value']:.4f})"
+        if best["step"]
+        else ""
+    )
+    print(
+        f"done: {step} steps in {time.time() - started:.0f} s; model "
+        f"{os.path.join(out, 'model.pt')}{note}"
+    )
     calibration.report(records, validated, (learning_check(out) or {}).get("warning"))
 
 
 # ----------------------------------------------------------------------------------------
 # Main: set-up, then the loop (step, log, validate, save)
 # ----------------------------------------------------------------------------------------
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -295,19 +373,29 @@ def main(argv=None):
     out = output_folder(args.out, categories, ddp)
     run = checkpoint.run_settings(args, afs, dataset, categories, len(samples))
     extra = {"args": cli.args_to_dict(args), "afs_path": os.path.abspath(args.afs)}
-    model, ddp_model, optimizer, scaler, start_step, best = build_model(config, args, run, out, ddp)
+    model, ddp_model, optimizer, scaler, start_step, best = build_model(
+        config, args, run, out, ddp
+    )
     log_path = runs.start_outputs(out, args, start_step) if ddp.is_main else os.devnull
     distributed.barrier(ddp)
     features = FeatureExtractor(backbone, model)
-    amp = precision.autocast(args.precision, ddp.device)   # the networks' arithmetic
-    with amp:   # the cached features are made in the precision of the anomalous ones
+    amp = precision.autocast(args.precision, ddp.device)  # the networks' arithmetic
+    with amp:  # the cached features are made in the precision of the anomalous ones
         cache = make_cache(args.cache_features, config, stream, features, ddp.device)
     val = held_out_set(held_out, synthesizers, args) if held_out and ddp.is_main else None
     loader = training_loader(stream, start_step, total_steps, args.batch_size, args.workers, ddp)
-    progress = Progress(total_steps, "train", unit="img", every=args.log_every,
-                        start_step=start_step, enabled=ddp.is_main)
+    progress = Progress(
+        total_steps,
+        "train",
+        unit="img",
+        every=args.log_every,
+        start_step=start_step,
+        enabled=ddp.is_main,
+    )
     if ddp.is_main:
-        print_plan(config, model, categories, len(samples), held_out, total_steps, args, ddp, cache)
+        print_plan(
+            config, model, categories, len(samples), held_out, total_steps, args, ddp, cache
+        )
         write_examples(stream, args.dump if start_step == 0 else 0, os.path.join(out, "examples"))
     save_best = lambda step, why: checkpoint.save_best(out, model, run, step, why, extra)  # noqa: E731
 
@@ -316,10 +404,21 @@ def main(argv=None):
     with open(log_path, "a") as log:
         for step, batch in enumerate(loader, start=start_step + 1):
             lr = learning_rate(args.lr, args.lr_schedule, step - 1, total_steps)
-            finite = functools.partial(distributed.require_finite, step=step, lr=args.lr, out=out,
-                                       info=ddp)
-            loss, parts = train_step(ddp_model, features, cache, batch, optimizer, scaler, amp, lr,
-                                     ddp.device, check=finite)
+            finite = functools.partial(
+                distributed.require_finite, step=step, lr=args.lr, out=out, info=ddp
+            )
+            loss, parts = train_step(
+                ddp_model,
+                features,
+                cache,
+                batch,
+                optimizer,
+                scaler,
+                amp,
+                lr,
+                ddp.device,
+                check=finite,
+            )
             last = step == total_steps
             if step % args.log_every == 0 or last:
                 runs.log_losses(log, progress, step, args.batch_size, loss, parts, ddp, started)
@@ -327,15 +426,38 @@ def main(argv=None):
                 progress.update(step, items=args.batch_size)
             if val is not None and (step % args.val_every == 0 or last):
                 with amp:
-                    best = validate_and_keep_best(model, features, val, held_out, step, best,
-                                                  args.val_metric, args.batch_size, out, save_best)
+                    best = validate_and_keep_best(
+                        model,
+                        features,
+                        val,
+                        held_out,
+                        step,
+                        best,
+                        args.val_metric,
+                        args.batch_size,
+                        out,
+                        save_best,
+                    )
             if (step % args.save_every == 0 or last) and ddp.is_main:
                 checkpoint.save_run(out, model, optimizer, scaler, run, step, best, extra)
-    if ddp.is_main and step == start_step:   # a finished run resumed: nothing left to train
+    if ddp.is_main and step == start_step:  # a finished run resumed: nothing left to train
         checkpoint.save_run(out, model, optimizer, scaler, run, step, best, extra)
-    records = calibration.calibrate_checkpoints(
-        out, config, features, val, args.batch_size, args.threshold_rule, args.target_fpr,
-        args.calibrate_precision, args.val_fraction, ddp.device) if ddp.is_main and val else {}
+    records = (
+        calibration.calibrate_checkpoints(
+            out,
+            config,
+            features,
+            val,
+            args.batch_size,
+            args.threshold_rule,
+            args.target_fpr,
+            args.calibrate_precision,
+            args.val_fraction,
+            ddp.device,
+        )
+        if ddp.is_main and val
+        else {}
+    )
     distributed.barrier(ddp)
     if ddp.is_main:
         print_done(step, started, out, best, args.val_metric, records, val is not None)

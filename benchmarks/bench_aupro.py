@@ -13,6 +13,7 @@ Three implementations on the same synthetic maps (smooth noise, blob-shaped defe
             skimage); timed over --authors-steps thresholds and extrapolated to 1000.
 Also times pixel AUROC (ours vs sklearn's roc_auc_score) on the same pixels.
 """
+
 import argparse
 import os
 import sys
@@ -28,11 +29,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from realnet import metrics  # noqa: E402
 from test_metrics import mvtec_au_pro  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+)
 parser.add_argument("--images", type=int, default=1725, help="MVTec AD's test set size")
 parser.add_argument("--anomalous", type=int, default=1258, help="MVTec AD's defective test images")
 parser.add_argument("--size", type=int, default=256, help="the evaluation resolution")
-parser.add_argument("--authors-steps", type=int, default=20, help="thresholds of the authors' loop to time (1000 = all)")
+parser.add_argument(
+    "--authors-steps",
+    type=int,
+    default=20,
+    help="thresholds of the authors' loop to time (1000 = all)",
+)
 parser.add_argument("--skip-mvtec", action="store_true", help="skip MVTec's argsort version")
 parser.add_argument("--skip-sklearn", action="store_true", help="skip sklearn's pixel AUROC")
 parser.add_argument("--seed", type=int, default=0)
@@ -49,7 +57,9 @@ def make_maps(n, n_anomalous, size, seed):
             ry, rx = rng.integers(2, size // 8, 2)
             masks[i][((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = 1
     noise = torch.from_numpy(rng.standard_normal((n, 1, size // 8, size // 8)).astype(np.float32))
-    smooth = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+    smooth = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)[
+        :, 0
+    ].numpy()
     maps = 1 / (1 + np.exp(-(smooth + 2.5 * masks - 1.5)))
     return maps.astype(np.float32), masks
 
@@ -74,7 +84,9 @@ def authors_pro_loop(preds, masks, steps):
             for k, box in enumerate(ndi.find_objects(label_map), start=1):
                 region = label_map[box] == k
                 filled = ndi.binary_fill_holes(region)  # prop.filled_image
-                intersection = np.logical_and(binary_score_maps[i][box], filled).astype(np.float32).sum()
+                intersection = (
+                    np.logical_and(binary_score_maps[i][box], filled).astype(np.float32).sum()
+                )
                 pro.append(intersection / region.sum())  # / prop.area
         pros_mean.append(np.array(pro).mean())
         masks_neg = ~masks
@@ -84,8 +96,11 @@ def authors_pro_loop(preds, masks, steps):
     fprs, pros_mean = np.array(fprs), np.array(pros_mean)
     idx = fprs <= expect_fpr
     selected = fprs[idx]
-    selected = (selected - selected.min()) / (selected.max() - selected.min())  # min-max, not / 0.3
+    selected = (selected - selected.min()) / (
+        selected.max() - selected.min()
+    )  # min-max, not / 0.3
     from sklearn.metrics import auc
+
     return auc(selected, pros_mean[idx])
 
 
@@ -98,26 +113,39 @@ def timed(fn):
 def main():
     args = parser.parse_args()
     maps, masks = make_maps(args.images, args.anomalous, args.size, args.seed)
-    print(f"{args.images} maps of {args.size}x{args.size} ({maps.size / 1e6:.0f} M pixels), "
-          f"{args.anomalous} with defects; torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print(
+        f"{args.images} maps of {args.size}x{args.size} ({maps.size / 1e6:.0f} M pixels), "
+        f"{args.anomalous} with defects; torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}"
+    )
 
     ours, t_ours = timed(lambda: metrics.au_pro(maps, masks))
     print(f"ours     AU-PRO {ours:.8f}  {t_ours:7.2f} s")
     if not args.skip_mvtec:
         ref, t_ref = timed(lambda: mvtec_au_pro(maps, masks))
-        print(f"mvtec    AU-PRO {ref:.8f}  {t_ref:7.2f} s   |ours - mvtec| = {abs(ours - ref):.2e}")
+        print(
+            f"mvtec    AU-PRO {ref:.8f}  {t_ref:7.2f} s   |ours - mvtec| = {abs(ours - ref):.2e}"
+        )
     value, t_auth = timed(lambda: authors_pro_loop(maps, masks, args.authors_steps))
     total = t_auth * 1000 / args.authors_steps
     shown = f"{value:.8f}" if value is not None else "(not all steps)"
-    print(f"authors  PRO    {shown}  {total:7.1f} s for 1000 thresholds"
-          + ("" if args.authors_steps == 1000 else f" (extrapolated from {args.authors_steps}: {t_auth:.1f} s)"))
+    print(
+        f"authors  PRO    {shown}  {total:7.1f} s for 1000 thresholds"
+        + (
+            ""
+            if args.authors_steps == 1000
+            else f" (extrapolated from {args.authors_steps}: {t_auth:.1f} s)"
+        )
+    )
 
     auroc, t_auroc = timed(lambda: metrics.pixel_auroc(maps, masks))
     print(f"ours     pixel AUROC {auroc:.8f}  {t_auroc:7.2f} s")
     if not args.skip_sklearn:
         from sklearn.metrics import roc_auc_score
+
         ref, t_sk = timed(lambda: roc_auc_score(masks.ravel() > 0, maps.ravel()))
-        print(f"sklearn  pixel AUROC {ref:.8f}  {t_sk:7.2f} s   |ours - sklearn| = {abs(auroc - ref):.2e}")
+        print(
+            f"sklearn  pixel AUROC {ref:.8f}  {t_sk:7.2f} s   |ours - sklearn| = {abs(auroc - ref):.2e}"
+        )
     (thr, f1), t_f1 = timed(lambda: metrics.f1_optimal_threshold(maps, masks))
     print(f"ours     F1-optimal threshold {thr:.6f} (F1 {f1:.4f})  {t_f1:7.2f} s")
 

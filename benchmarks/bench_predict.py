@@ -26,6 +26,7 @@ largest loader worker, and the peak of the whole process tree's PSS (proportiona
 size, sampled every 0.2 s: forked workers share most of the parent's pages, so adding
 their RSS would count those pages three times).
 """
+
 import argparse
 import datetime
 import json
@@ -97,31 +98,64 @@ def make_checkpoint(path, size):
     import torch
     from realnet.backbone import Backbone, load_backbone
     from realnet.model import RealNet, build_config
+
     layers, dims = (1, 2), (32, 64)
     identity = load_backbone("random", layers).identity
     channels = [Backbone.channels[layer - 1] for layer in layers]
-    afs = {"layers": list(layers), "dims": list(dims), "input_size": size,
-           "indices": [list(range(0, c, c // d))[:d] for c, d in zip(channels, dims)],
-           "scores": [torch.zeros(c) for c in channels], "backbone": identity}
-    model = RealNet(build_config(afs, width_ratio=0.25, k_max=16, k_mean=16,
-                                 strides=Backbone.strides))
-    torch.save({"kind": "realnet", "version": 1, "config": model.config, "step": 0,
-                "state_dict": model.state_dict(), "selected_on": {"rule": "a benchmark"},
-                "backbone": identity, "categories": ["washer"],
-                "threshold": {"rule": "fpr", "target_fpr": 0.5, "image": 0.5, "pixel": 0.5,
-                              "image_score": "avgpool", "pool": 16,
-                              "chosen_on": "a fixed value (benchmark)"}}, path)
+    afs = {
+        "layers": list(layers),
+        "dims": list(dims),
+        "input_size": size,
+        "indices": [list(range(0, c, c // d))[:d] for c, d in zip(channels, dims)],
+        "scores": [torch.zeros(c) for c in channels],
+        "backbone": identity,
+    }
+    model = RealNet(
+        build_config(afs, width_ratio=0.25, k_max=16, k_mean=16, strides=Backbone.strides)
+    )
+    torch.save(
+        {
+            "kind": "realnet",
+            "version": 1,
+            "config": model.config,
+            "step": 0,
+            "state_dict": model.state_dict(),
+            "selected_on": {"rule": "a benchmark"},
+            "backbone": identity,
+            "categories": ["washer"],
+            "threshold": {
+                "rule": "fpr",
+                "target_fpr": 0.5,
+                "image": 0.5,
+                "pixel": 0.5,
+                "image_score": "avgpool",
+                "pool": 16,
+                "chosen_on": "a fixed value (benchmark)",
+            },
+        },
+        path,
+    )
 
 
 def make_lot(root, n):
     """n copies of the demo data set's test images at 160 px."""
     from demo_data import make_demo_dataset
     from realnet import data
-    source = make_demo_dataset(os.path.join(root, "demo"), categories=["washer"],
-                               image_size=160, n_train=1, n_test_good=4, n_test_defect=4)
-    originals = sorted(p for p, _, names in os.walk(os.path.join(source, "washer", "test"))
-                       for p in [os.path.join(p, name) for name in names]
-                       if data.is_image_file(p))
+
+    source = make_demo_dataset(
+        os.path.join(root, "demo"),
+        categories=["washer"],
+        image_size=160,
+        n_train=1,
+        n_test_good=4,
+        n_test_defect=4,
+    )
+    originals = sorted(
+        p
+        for p, _, names in os.walk(os.path.join(source, "washer", "test"))
+        for p in [os.path.join(p, name) for name in names]
+        if data.is_image_file(p)
+    )
     folder = os.path.join(root, "lot")
     os.makedirs(folder)
     for i in range(n):
@@ -149,8 +183,14 @@ def in_process(code):
     """Run a measurement in a fresh process; returns (its JSON line, its stdout, the peak
     PSS of its process tree in MiB)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     peak = 0.0
     while child.poll() is None:
         peak = max(peak, tree_pss_mib(child.pid))
@@ -176,48 +216,74 @@ def main():
         make_checkpoint(checkpoint, args.size)
         folder = make_lot(root, args.images)
         load_before = os.getloadavg()
-        scoring_code = SCORING.format(repo=REPO, checkpoint=checkpoint, folder=folder,
-                                      batch=args.batch_size, size=args.size,
-                                      workers=args.workers)
+        scoring_code = SCORING.format(
+            repo=REPO,
+            checkpoint=checkpoint,
+            folder=folder,
+            batch=args.batch_size,
+            size=args.size,
+            workers=args.workers,
+        )
         first, _, _ = in_process(scoring_code)
         lot = os.path.join(root, "predicted")
-        argv = ["--checkpoint", checkpoint, "--predict", folder, "--out", lot,
-                "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+        argv = [
+            "--checkpoint",
+            checkpoint,
+            "--predict",
+            folder,
+            "--out",
+            lot,
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+        ]
         predicted, stdout, peak_pss = in_process(PREDICT.format(repo=REPO, argv=argv))
         second, _, _ = in_process(scoring_code)
         described = json.load(open(os.path.join(lot, "lot.json")))
-        sizes = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(lot)
-                    for n in names)
+        sizes = sum(
+            os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(lot) for n in names
+        )
         scoring_rate = (first["images_per_s"] + second["images_per_s"]) / 2
         scoring_cpu = (first["cpu_seconds"] + second["cpu_seconds"]) / 2
         predict_rate = args.images / predicted["predict_wall_seconds"]
         result = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-                       f"({len(os.sched_getaffinity(0))} usable)",
+            f"({len(os.sched_getaffinity(0))} usable)",
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "images": args.images, "input_size": args.size, "batch_size": args.batch_size,
+            "images": args.images,
+            "input_size": args.size,
+            "batch_size": args.batch_size,
             "workers": args.workers,
-            "forward_images_per_s": [first["forward_images_per_s"],
-                                     second["forward_images_per_s"]],
-            "scoring_images_per_s": [round(first["images_per_s"], 3),
-                                     round(second["images_per_s"], 3)],
+            "forward_images_per_s": [
+                first["forward_images_per_s"],
+                second["forward_images_per_s"],
+            ],
+            "scoring_images_per_s": [
+                round(first["images_per_s"], 3),
+                round(second["images_per_s"], 3),
+            ],
             "predict_images_per_s_whole_run": round(predict_rate, 3),
             "predict_images_per_s_lot_json": described["images_per_s"],
             "ratio_predict_to_scoring_wall": round(predict_rate / scoring_rate, 3),
-            "cpu_seconds_per_image": {"scoring": round(scoring_cpu / args.images, 4),
-                                      "predict": round(predicted["cpu_seconds"] / args.images,
-                                                       4)},
+            "cpu_seconds_per_image": {
+                "scoring": round(scoring_cpu / args.images, 4),
+                "predict": round(predicted["cpu_seconds"] / args.images, 4),
+            },
             "ratio_predict_to_scoring_cpu": round(scoring_cpu / predicted["cpu_seconds"], 3),
             "predict_wall_seconds": round(predicted["predict_wall_seconds"], 1),
             "scoring_wall_seconds": [round(first["seconds"], 1), round(second["seconds"], 1)],
             "main_peak_rss_mib": round(predicted["main_peak_mib"], 1),
             "largest_worker_peak_rss_mib": round(predicted["worker_peak_mib"], 1),
             "process_tree_peak_pss_mib": round(peak_pss, 1),
-            "lot_mib_on_disk": round(sizes / 2**20, 1), "counts": described["counts"],
+            "lot_mib_on_disk": round(sizes / 2**20, 1),
+            "counts": described["counts"],
             "load_average_before_after": [load_before, os.getloadavg()],
-            "progress_lines": [line for line in stdout.splitlines()
-                               if "predict step" in line][-2:]}
+            "progress_lines": [line for line in stdout.splitlines() if "predict step" in line][
+                -2:
+            ],
+        }
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result, indent=2))

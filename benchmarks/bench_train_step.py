@@ -20,6 +20,7 @@ CUDA in synchronised wall time. The median of --repeats steps after --warmup.
 
 The AFS channels are a fixed random choice (the cost does not depend on which channels).
 """
+
 import argparse
 import json
 import os
@@ -40,16 +41,20 @@ from train_realnet import train_step  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--input-size", type=int, default=128, help="image side (demo: 128)")
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="backbone layers (demo)")
-    p.add_argument("--dims", type=int, nargs="+", default=[64, 128],
-                   help="AFS channels per layer (demo)")
+    p.add_argument(
+        "--dims", type=int, nargs="+", default=[64, 128], help="AFS channels per layer (demo)"
+    )
     p.add_argument("--width-ratio", type=float, default=0.25, help="UNet width (demo: 0.25)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step (demo: 8)")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
-                   choices=list(precision.PRECISIONS))
+    p.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16"], choices=list(precision.PRECISIONS)
+    )
     p.add_argument("--repeats", type=int, default=10, help="measured steps per precision")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -61,10 +66,16 @@ def demo_model(args, device):
     """A RealNet of the requested size on a random backbone, random AFS channels."""
     g = torch.Generator().manual_seed(0)
     channels = [Backbone.channels[layer - 1] for layer in args.layers]
-    afs = {"layers": args.layers, "dims": args.dims, "input_size": args.input_size,
-           "scores": [[0.0] * c for c in channels],
-           "indices": [sorted(torch.randperm(c, generator=g)[:d].tolist())
-                       for c, d in zip(channels, args.dims)]}
+    afs = {
+        "layers": args.layers,
+        "dims": args.dims,
+        "input_size": args.input_size,
+        "scores": [[0.0] * c for c in channels],
+        "indices": [
+            sorted(torch.randperm(c, generator=g)[:d].tolist())
+            for c, d in zip(channels, args.dims)
+        ],
+    }
     config = build_config(afs, width_ratio=args.width_ratio)
     return RealNet(config).to(device).train()
 
@@ -76,7 +87,7 @@ def clock(device):
     return time.thread_time()
 
 
-PARTS = {   # part of a step -> what the table calls it
+PARTS = {  # part of a step -> what the table calls it
     "backbone_ms": "backbone on the anomalous half",
     "unets_ms": "reconstruction UNets, forward",
     "head_ms": "RRS + discriminator + loss, forward",
@@ -92,8 +103,18 @@ def one_step(features, model, optimizer, scaler, batch, cache, amp, device):
     marks = [clock(device)]
     hook = model.rrs.register_forward_pre_hook(lambda *_: marks.append(clock(device)))
     try:
-        train_step(model, features, cache, batch, optimizer, scaler, amp, 1e-4, device,
-                   mark=lambda part: marks.append(clock(device)))
+        train_step(
+            model,
+            features,
+            cache,
+            batch,
+            optimizer,
+            scaler,
+            amp,
+            1e-4,
+            device,
+            mark=lambda part: marks.append(clock(device)),
+        )
     finally:
         hook.remove()
     # marks: start, backbone, (RRS hook) UNets, head, backward, adam
@@ -106,24 +127,30 @@ def measure(args, name, backbone, device):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = precision.grad_scaler(name, device)
     amp = precision.autocast(name, device)
-    half = args.batch_size // 2   # the first half anomalous, as the training stream mixes them
-    batch = {"image": torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device),
-             "mask": (torch.rand(args.batch_size, 1, args.input_size, args.input_size, device=device)
-                      > 0.9).float(),
-             "anomalous": torch.arange(args.batch_size, device=device) < half,
-             "index": torch.arange(args.batch_size, device=device)}
-    features = FeatureExtractor(backbone, model)   # backbone -> AFS, as in training
-    with amp:   # the cache is made in the step's precision, as train_realnet.py does
+    half = args.batch_size // 2  # the first half anomalous, as the training stream mixes them
+    batch = {
+        "image": torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device),
+        "mask": (
+            torch.rand(args.batch_size, 1, args.input_size, args.input_size, device=device) > 0.9
+        ).float(),
+        "anomalous": torch.arange(args.batch_size, device=device) < half,
+        "index": torch.arange(args.batch_size, device=device),
+    }
+    features = FeatureExtractor(backbone, model)  # backbone -> AFS, as in training
+    with amp:  # the cache is made in the step's precision, as train_realnet.py does
         clean_features = features(batch["image"])
 
-    def cache(index):   # train_realnet's feature cache: the clean images' features by index
+    def cache(index):  # train_realnet's feature cache: the clean images' features by index
         return [f[index] for f in clean_features]
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = [one_step(features, model, optimizer, scaler, batch, cache, amp, device)
-             for _ in range(args.warmup + args.repeats)][args.warmup:]
+    times = [
+        one_step(features, model, optimizer, scaler, batch, cache, amp, device)
+        for _ in range(args.warmup + args.repeats)
+    ][args.warmup :]
     row = {"precision": name}
-    if device.type == "cuda":   # everything the step holds at its peak: weights, Adam, activations
+    if device.type == "cuda":  # everything the step holds at its peak: weights, Adam, activations
         row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     for i, part in enumerate(PARTS):
         row[part] = round(1e3 * statistics.median(t[i] for t in times), 1)
@@ -138,29 +165,53 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(1)   # thread CPU time is the whole cost with one thread
+        torch.set_num_threads(1)  # thread CPU time is the whole cost with one thread
     for name in args.precisions:
         precision.check_precision(name, device)
     backbone = load_backbone("random", args.layers).to(device)
     rows = [measure(args, name, backbone, device) for name in args.precisions]
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores" if device.type == "cpu"
-               else torch.cuda.get_device_name(device))
-    print(f"{time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, "
-          f"{'1 thread, thread CPU time' if device.type == 'cpu' else 'synchronised wall time'}")
-    print(f"input {args.input_size} px, layers {args.layers}, AFS dims {args.dims}, width "
-          f"{args.width_ratio}, batch {args.batch_size} (half anomalous), median of "
-          f"{args.repeats} steps")
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores"
+        if device.type == "cpu"
+        else torch.cuda.get_device_name(device)
+    )
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, "
+        f"{'1 thread, thread CPU time' if device.type == 'cpu' else 'synchronised wall time'}"
+    )
+    print(
+        f"input {args.input_size} px, layers {args.layers}, AFS dims {args.dims}, width "
+        f"{args.width_ratio}, batch {args.batch_size} (half anomalous), median of "
+        f"{args.repeats} steps"
+    )
     cuda = device.type == "cuda"
-    print("| precision | " + " | ".join(f"{what}, ms" for what in PARTS.values())
-          + " | step, ms | images/s |" + (" peak GPU MiB |" if cuda else ""))
+    print(
+        "| precision | "
+        + " | ".join(f"{what}, ms" for what in PARTS.values())
+        + " | step, ms | images/s |"
+        + (" peak GPU MiB |" if cuda else "")
+    )
     print("|---" * (len(PARTS) + 4 + cuda) + "|")
     for r in rows:
-        print(f"| {r['precision']} | " + " | ".join(str(r[part]) for part in PARTS)
-              + f" | {r['step_ms']} | {r['images_per_s']} |" + (f" {r['peak_gpu_mib']} |" if cuda else ""))
+        print(
+            f"| {r['precision']} | "
+            + " | ".join(str(r[part]) for part in PARTS)
+            + f" | {r['step_ms']} | {r['images_per_s']} |"
+            + (f" {r['peak_gpu_mib']} |" if cuda else "")
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "machine": machine,
-                       "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "date": time.strftime("%Y-%m-%d"),
+                    "machine": machine,
+                    "torch": torch.__version__,
+                    "args": vars(args),
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

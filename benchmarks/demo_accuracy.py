@@ -38,6 +38,7 @@ where the margin exceeds the seeds' spread.
 
 The baseline lives here, as a yardstick, not in the realnet package.
 """
+
 import argparse
 import datetime
 import json
@@ -59,15 +60,17 @@ from realnet import data, metrics  # noqa: E402
 from realnet.backbone import load_backbone  # noqa: E402
 
 DEMO_CATEGORIES = ["washer", "tablet", "granite", "weave"]
-UNSEEN = "wood"   # benchmarks/unseen_category.py
+UNSEEN = "wood"  # benchmarks/unseen_category.py
 # Which categories' test splits were looked at while choosing demo.sh's flags, and for what.
-TUNING = {"washer": "tuned (steps, schedule, best.pt, fused map, AFS dims + bf16, foreground "
-                    "none, calibration rule and map scale)",
-          "granite": "tuned (steps, schedule, best.pt, fused map, calibration rule and map scale)",
-          "weave": "tuned earlier (width, lr, batch, layers 1-2)",
-          "tablet": "untuned, but not a generalisation check: the fused map came from a "
-                    "diagnosis of its test split",
-          UNSEEN: "unseen: drawn for this check, never used to choose anything"}
+TUNING = {
+    "washer": "tuned (steps, schedule, best.pt, fused map, AFS dims + bf16, foreground "
+    "none, calibration rule and map scale)",
+    "granite": "tuned (steps, schedule, best.pt, fused map, calibration rule and map scale)",
+    "weave": "tuned earlier (width, lr, batch, layers 1-2)",
+    "tablet": "untuned, but not a generalisation check: the fused map came from a "
+    "diagnosis of its test split",
+    UNSEEN: "unseen: drawn for this check, never used to choose anything",
+}
 METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 NAMES = {"image_auroc": "image", "pixel_auroc": "pixel", "au_pro": "AU-PRO"}
 FLOORS = (1e-4, 1e-3, 1e-2)
@@ -75,21 +78,44 @@ VERDICT = ("image_fpr", "image_recall", "balanced_accuracy", "best_balanced_accu
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--categories", nargs="+", default=DEMO_CATEGORIES, help="demo categories to run")
-    p.add_argument("--unseen", action="store_true",
-                   help=f"also the unseen category {UNSEEN} (drawn into data/unseen)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--categories", nargs="+", default=DEMO_CATEGORIES, help="demo categories to run"
+    )
+    p.add_argument(
+        "--unseen",
+        action="store_true",
+        help=f"also the unseen category {UNSEEN} (drawn into data/unseen)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="demo.sh SEED repetitions")
-    p.add_argument("--data", default="data/demo", help="the demo data set (drawn by demo.sh if missing)")
+    p.add_argument(
+        "--data", default="data/demo", help="the demo data set (drawn by demo.sh if missing)"
+    )
     p.add_argument("--size", type=int, default=128, help="input side, the demo's (demo.sh SIZE)")
-    p.add_argument("--out", default="runs/demo_accuracy", help="output folder: one demo run per category and seed")
-    p.add_argument("--baseline-only", action="store_true", help="skip RealNet (the yardstick alone)")
-    p.add_argument("--table", default=None, help="only reprint the table of a saved demo_accuracy.json")
-    p.add_argument("--collect", nargs="+", default=None,
-                   help="only read finished demo.sh output folders (OUT of demo.sh) and print their rows")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep finished demo runs in OUT (demo.sh resumes them) instead of starting afresh")
+    p.add_argument(
+        "--out",
+        default="runs/demo_accuracy",
+        help="output folder: one demo run per category and seed",
+    )
+    p.add_argument(
+        "--baseline-only", action="store_true", help="skip RealNet (the yardstick alone)"
+    )
+    p.add_argument(
+        "--table", default=None, help="only reprint the table of a saved demo_accuracy.json"
+    )
+    p.add_argument(
+        "--collect",
+        nargs="+",
+        default=None,
+        help="only read finished demo.sh output folders (OUT of demo.sh) and print their rows",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep finished demo runs in OUT (demo.sh resumes them) instead of starting afresh",
+    )
     return p.parse_args(argv)
 
 
@@ -97,14 +123,19 @@ def parse_args(argv=None):
 # The yardstick: a per-location diagonal Gaussian on the same random backbone
 # ----------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def gaussian_features(backbone, paths, size, batch=16):
     """Layers 1 and 2, layer 2 upsampled to layer 1's grid and concatenated: (N, 768, h, w)."""
     out = []
     for start in range(0, len(paths), batch):
-        images = torch.stack([data.to_tensor(data.load_image(p, size)) for p in paths[start:start + batch]])
+        images = torch.stack(
+            [data.to_tensor(data.load_image(p, size)) for p in paths[start : start + batch]]
+        )
         layer1, layer2 = backbone(images)
-        layer2 = F.interpolate(layer2, size=layer1.shape[-2:], mode="bilinear", align_corners=False)
+        layer2 = F.interpolate(
+            layer2, size=layer1.shape[-2:], mode="bilinear", align_corners=False
+        )
         out.append(torch.cat([layer1, layer2], dim=1).double())
     return torch.cat(out)
 
@@ -115,17 +146,25 @@ def gaussian_baseline(dataset, category, size, backbone):
     train = gaussian_features(backbone, [s.image for s in dataset.train(category)], size)
     test_samples = dataset.test(category)
     test = gaussian_features(backbone, [s.image for s in test_samples], size)
-    masks = np.stack([data.load_mask(s.mask, size) if s.mask else np.zeros((size, size), np.float32)
-                      for s in test_samples])
+    masks = np.stack(
+        [
+            data.load_mask(s.mask, size) if s.mask else np.zeros((size, size), np.float32)
+            for s in test_samples
+        ]
+    )
     labels = np.array([s.label for s in test_samples], bool)
     by_floor = {}
     for floor in FLOORS:
         mean, var = train.mean(dim=0), train.var(dim=0) + floor
         maps = ((test - mean) ** 2 / var).sum(dim=1, keepdim=True)
-        maps = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+        maps = F.interpolate(
+            maps.float(), size=(size, size), mode="bilinear", align_corners=False
+        )[:, 0].numpy()
         by_floor[f"{floor:g}"] = {
             "image_auroc": metrics.image_auroc(labels, maps.reshape(len(maps), -1).max(axis=1)),
-            "pixel_auroc": metrics.pixel_auroc(maps, masks), "au_pro": metrics.au_pro(maps, masks)}
+            "pixel_auroc": metrics.pixel_auroc(maps, masks),
+            "au_pro": metrics.au_pro(maps, masks),
+        }
     best = {k: max(r[k] for r in by_floor.values()) for k in METRICS}
     best_floor = {k: max(by_floor, key=lambda f: by_floor[f][k]) for k in METRICS}
     return best, {"by_floor": by_floor, "best_floor": best_floor}
@@ -135,15 +174,22 @@ def gaussian_baseline(dataset, category, size, backbone):
 # RealNet: demo.sh, exactly as a user runs it
 # ----------------------------------------------------------------------------------------
 
+
 def run_demo(category, data_root, dtd, seed, out):
     """demo.sh on one category (no set-up); returns the stage times it printed."""
-    env = dict(os.environ, CATEGORY=category, OUT=out, DATA=data_root, DTD=dtd, SEED=str(seed),
-               SETUP="0")
+    env = dict(
+        os.environ, CATEGORY=category, OUT=out, DATA=data_root, DTD=dtd, SEED=str(seed), SETUP="0"
+    )
     log_path = out + ".log"
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log:
-        done = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            ["bash", os.path.join(ROOT, "demo.sh")],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     if done.returncode:
         sys.exit(f"demo.sh failed on {category} (exit {done.returncode}); see {log_path}")
     stages, in_times = {}, False
@@ -166,19 +212,33 @@ def collect(out):
         report = json.load(f)
     category, result = next(iter(report["categories"].items()))
     table_path = os.path.join(out, "eval", "stage_maps.json")
-    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "stage_maps.py"), "--checkpoint",
-                    report["checkpoint"]["path"], "--json", table_path], check=True,
-                   stdout=subprocess.DEVNULL, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "stage_maps.py"),
+            "--checkpoint",
+            report["checkpoint"]["path"],
+            "--json",
+            table_path,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     with open(table_path) as f:
         paper = json.load(f)["maps"]["all"]["discriminator"]
     verdict = result.get("calibration_on_test", {})
-    return category, {"fused": {k: result[k] for k in METRICS}, "paper": {k: paper[k] for k in METRICS},
-                      "verdict": {k: verdict.get(k) for k in VERDICT}}
+    return category, {
+        "fused": {k: result[k] for k in METRICS},
+        "paper": {k: paper[k] for k in METRICS},
+        "verdict": {k: verdict.get(k) for k in VERDICT},
+    }
 
 
 # ----------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------
+
 
 def fmt(value):
     return "  -  " if value is None else f"{value:.3f}"
@@ -210,19 +270,31 @@ def compare(real, base):
 
 
 def table(rows, tuning):
-    lines = ["| category | flags chosen on its test split? | seeds | baseline image / pixel / AU-PRO (best floor) "
-             "| RealNet fused (demo) | vs baseline | RealNet paper's map | OK/NG on the test split: FPR / recall / "
-             "balanced accuracy (best any threshold reaches) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| category | flags chosen on its test split? | seeds | baseline image / pixel / AU-PRO (best floor) "
+        "| RealNet fused (demo) | vs baseline | RealNet paper's map | OK/NG on the test split: FPR / recall / "
+        "balanced accuracy (best any threshold reaches) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for category, row in rows.items():
         base, seeds = row["baseline"], row.get("seeds", {})
         runs_ = list(seeds.values())
-        cell = lambda key: " / ".join(spread([r[key][k] for r in runs_]) for k in METRICS) if runs_ else "-"
-        verdict = (" / ".join(spread([r["verdict"][k] for r in runs_]) for k in VERDICT[:3])
-                   + f" ({spread([r['verdict'][VERDICT[3]] for r in runs_])})") if runs_ else "-"
-        lines.append(f"| {category} | {tuning.get(category, 'untuned')} | {len(runs_)} | "
-                     f"{' / '.join(fmt(base[k]) for k in METRICS)} | {cell('fused')} | "
-                     f"{compare([r['fused'] for r in runs_], base) if runs_ else '-'} | {cell('paper')} | {verdict} |")
+        cell = lambda key: (
+            " / ".join(spread([r[key][k] for r in runs_]) for k in METRICS) if runs_ else "-"
+        )
+        verdict = (
+            (
+                " / ".join(spread([r["verdict"][k] for r in runs_]) for k in VERDICT[:3])
+                + f" ({spread([r['verdict'][VERDICT[3]] for r in runs_])})"
+            )
+            if runs_
+            else "-"
+        )
+        lines.append(
+            f"| {category} | {tuning.get(category, 'untuned')} | {len(runs_)} | "
+            f"{' / '.join(fmt(base[k]) for k in METRICS)} | {cell('fused')} | "
+            f"{compare([r['fused'] for r in runs_], base) if runs_ else '-'} | {cell('paper')} | {verdict} |"
+        )
     return "\n".join(lines)
 
 
@@ -231,7 +303,9 @@ def main(argv=None):
     if args.table:
         with open(args.table) as f:
             saved = json.load(f)
-        print(table(saved["categories"], saved.get("tuning", {c: "-" for c in saved["categories"]})))
+        print(
+            table(saved["categories"], saved.get("tuning", {c: "-" for c in saved["categories"]}))
+        )
         return
     os.chdir(ROOT)
     if args.collect:
@@ -240,22 +314,46 @@ def main(argv=None):
             print(f"{category} ({out}): " + json.dumps(row))
         return
     if not os.path.isdir(args.data) and args.data == "data/demo":
-        subprocess.run([sys.executable, "-m", "demo_data", "--out", "data/demo", "--dtd-out",
-                        "data/demo_dtd"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "demo_data",
+                "--out",
+                "data/demo",
+                "--dtd-out",
+                "data/demo_dtd",
+            ],
+            check=True,
+        )
     sources = {c: (args.data, "data/demo_dtd") for c in args.categories}
     if args.unseen:
-        subprocess.run([sys.executable, os.path.join("benchmarks", "unseen_category.py"), "--out",
-                        "data/unseen"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join("benchmarks", "unseen_category.py"),
+                "--out",
+                "data/unseen",
+            ],
+            check=True,
+        )
         sources[UNSEEN] = ("data/unseen", "data/demo_dtd")
     backbone = load_backbone("random", (1, 2))
     rows = {}
     for category, (root, dtd) in sources.items():
         start = time.time()
         base, floors = gaussian_baseline(data.open_dataset(root), category, args.size, backbone)
-        rows[category] = {"baseline": base, "baseline_floors": floors, "baseline_s": time.time() - start,
-                          "seeds": {}}
-        print(f"{category}: baseline {' / '.join(fmt(v) for v in base.values())} "
-              f"(best floors {floors['best_floor']})", flush=True)
+        rows[category] = {
+            "baseline": base,
+            "baseline_floors": floors,
+            "baseline_s": time.time() - start,
+            "seeds": {},
+        }
+        print(
+            f"{category}: baseline {' / '.join(fmt(v) for v in base.values())} "
+            f"(best floors {floors['best_floor']})",
+            flush=True,
+        )
         if args.baseline_only:
             continue
         for seed in args.seeds:
@@ -265,17 +363,27 @@ def main(argv=None):
             start = time.time()
             stages = run_demo(category, root, dtd, seed, out)
             _, found = collect(out)
-            rows[category]["seeds"][str(seed)] = found | {"seconds": time.time() - start, "stages_s": stages}
-            print(f"{category} seed {seed}: fused {' / '.join(fmt(v) for v in found['fused'].values())}, "
-                  f"paper's map {' / '.join(fmt(v) for v in found['paper'].values())}, OK/NG "
-                  f"{found['verdict']} ({time.time() - start:.0f} s)", flush=True)
+            rows[category]["seeds"][str(seed)] = found | {
+                "seconds": time.time() - start,
+                "stages_s": stages,
+            }
+            print(
+                f"{category} seed {seed}: fused {' / '.join(fmt(v) for v in found['fused'].values())}, "
+                f"paper's map {' / '.join(fmt(v) for v in found['paper'].values())}, OK/NG "
+                f"{found['verdict']} ({time.time() - start:.0f} s)",
+                flush=True,
+            )
 
     text = table(rows, TUNING)
     print("\n" + text)
-    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-              "command": "python3 benchmarks/demo_accuracy.py " + " ".join(argv or sys.argv[1:]),
-              "tuning": {c: TUNING.get(c, "untuned") for c in rows}, "categories": rows}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "command": "python3 benchmarks/demo_accuracy.py " + " ".join(argv or sys.argv[1:]),
+        "tuning": {c: TUNING.get(c, "untuned") for c in rows},
+        "categories": rows,
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "demo_accuracy.json"), "w") as f:
         json.dump(result, f, indent=2)

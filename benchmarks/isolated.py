@@ -1,5 +1,6 @@
 """Run one measurement in a fresh process, so that one variant's memory (and compiled
 caches, and allocator state) cannot inflate or speed up the next one's."""
+
 import multiprocessing as mp
 
 

@@ -6,6 +6,7 @@
 One forward+backward of ops.rrs_select (the shapes of benchmarks/bench_ops.py) under
 torch.profiler, after warm-up; prints each version's CUDA kernels by total device time.
 """
+
 import argparse
 import os
 import sys
@@ -19,16 +20,23 @@ from realnet import ops  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernels", default=",".join(map(str, ops.CUDA_KERNEL_VERSIONS)),
-                        help="CUDA kernel versions, comma-separated")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--kernels",
+        default=",".join(map(str, ops.CUDA_KERNEL_VERSIONS)),
+        help="CUDA kernel versions, comma-separated",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--rows", type=int, default=12, help="kernels listed per version")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not ops.HAS_EXTENSION:
         sys.exit("profile_ops.py: needs a GPU and the compiled extension")
-    feats, recons, rm, rv, upstream = make_rrs_inputs(args.batch_size, "cuda", getattr(torch, args.dtype))
+    feats, recons, rm, rv, upstream = make_rrs_inputs(
+        args.batch_size, "cuda", getattr(torch, args.dtype)
+    )
 
     def step():
         selected, _ = ops.rrs_select(feats, recons, K_MAX, K_MEAN, rm, rv, True)
@@ -45,9 +53,11 @@ def main():
         events = [e for e in prof.key_averages() if e.device_time_total > 0]
         events.sort(key=lambda e: -e.device_time_total)
         total = sum(e.self_device_time_total for e in events)
-        print(f"\nversion {version}: one forward+backward, {args.dtype}, batch {args.batch_size}: "
-              f"{total / 1e3:.3f} ms of kernels")
-        for e in events[:args.rows]:
+        print(
+            f"\nversion {version}: one forward+backward, {args.dtype}, batch {args.batch_size}: "
+            f"{total / 1e3:.3f} ms of kernels"
+        )
+        for e in events[: args.rows]:
             print(f"  {e.self_device_time_total / 1e3:8.3f} ms  x{e.count:<3d} {e.key[:100]}")
 
 

@@ -24,6 +24,7 @@ type, with the same metric code and image score as evaluate.py (on the CPU).
 A diagnosis, not a method: pick the map RealNet reports by looking at these numbers on a
 test split, and that split no longer measures anything.
 """
+
 import argparse
 import os
 import sys
@@ -45,16 +46,21 @@ METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="model.pt or best.pt from train_realnet.py")
-    p.add_argument("--category", default=None, help="test split to score (default: the checkpoint's first)")
+    p.add_argument(
+        "--category", default=None, help="test split to score (default: the checkpoint's first)"
+    )
     p.add_argument("--data", default=None, help="data set root (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=16, help="test images per forward pass")
     p.add_argument("--json", default=None, help="also write the table to this file")
-    p.add_argument("--calibration", default=None,
-                   help="the calibration file whose map scale the fused row uses (default: "
-                        "the checkpoint's)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="the calibration file whose map scale the fused row uses (default: the checkpoint's)",
+    )
     return p.parse_args(argv)
 
 
@@ -63,19 +69,22 @@ def stage_maps(model, features, test_set, batch_size):
     """{map name: (N, S, S) array} and the masks (N, S, S) of every test image."""
     size = model.config["input_size"]
     maps, masks = {}, []
-    upsample = lambda x: F.interpolate(x.float(), size=(size, size), mode="bilinear",
-                                       align_corners=False)[:, 0]
+    upsample = lambda x: F.interpolate(
+        x.float(), size=(size, size), mode="bilinear", align_corners=False
+    )[:, 0]
     for batch in torch.utils.data.DataLoader(test_set, batch_size=batch_size):
         levels = features(batch["image"])
         out = model(levels, (size, size))
         # the discriminator's log-odds, then each level's energy (the fused map's parts)
         parts = map_parts(out["logits"], levels, out["reconstructions"])
-        found = {"discriminator": out["discriminator_map"].float(),
-                 "discriminator log-odds": parts[:, 0],
-                 "rrs residuals": upsample(out["selected"].sum(1, keepdim=True))}
+        found = {
+            "discriminator": out["discriminator_map"].float(),
+            "discriminator log-odds": parts[:, 0],
+            "rrs residuals": upsample(out["selected"].sum(1, keepdim=True)),
+        }
         for n in range(1, parts.shape[1]):
             found[f"level {n} energy"] = parts[:, n]
-        if model.fused:   # what the model reports (evaluate.py): their calibrated mean
+        if model.fused:  # what the model reports (evaluate.py): their calibrated mean
             found["fused"] = out["anomaly_map"].float()
         for name, value in found.items():
             maps.setdefault(name, []).append(value.numpy())
@@ -87,8 +96,14 @@ def score(anomaly_maps, masks, labels, rows):
     """Image AUROC, pixel AUROC, AU-PRO of the images `rows`, as evaluate.py computes them."""
     m = anomaly_maps[rows]
     scores = evaluate.score_images(m, evaluate.IMAGE_SCORE, evaluate.POOL)
-    result, _ = evaluate.compute_metrics(m, masks[rows], labels[rows], np.ones(int(labels[rows].sum()), bool),
-                                         scores, evaluate.FPR_LIMIT)
+    result, _ = evaluate.compute_metrics(
+        m,
+        masks[rows],
+        labels[rows],
+        np.ones(int(labels[rows].sum()), bool),
+        scores,
+        evaluate.FPR_LIMIT,
+    )
     return {k: result[k] for k in METRICS}
 
 
@@ -97,39 +112,62 @@ def main(argv=None):
     cli.require_positive(batch_size=args.batch_size)
     model, features, ckpt = load_model(args.checkpoint, None, torch.device("cpu"))
     record = ckpt.get("calibration")
-    if args.calibration:   # as evaluate.py --calibration
-        record = calibration.read_file(args.calibration,
-                                       calibration.weights_digest(model.state_dict()), model.fused)
-    if model.fused and record:   # the map scale evaluate.py scores with
+    if args.calibration:  # as evaluate.py --calibration
+        record = calibration.read_file(
+            args.calibration, calibration.weights_digest(model.state_dict()), model.fused
+        )
+    if model.fused and record:  # the map scale evaluate.py scores with
         calibration.set_map_scale(model, record["map_scale"])
     elif model.fused:
-        print("note: the fused map is not calibrated (python3 -m realnet.calibration): no "
-              "'fused' row")
+        print(
+            "note: the fused map is not calibrated (python3 -m realnet.calibration): no "
+            "'fused' row"
+        )
         model.fused = False
-    dataset = data.open_recorded_dataset(args.data, "auto", ckpt.get("dataset"),
-                                         f"--checkpoint {args.checkpoint!r}")
+    dataset = data.open_recorded_dataset(
+        args.data, "auto", ckpt.get("dataset"), f"--checkpoint {args.checkpoint!r}"
+    )
     category = args.category or ckpt["categories"][0]
     samples = dataset.test(category)
     if any(s.label == 1 and s.mask is None for s in samples):
-        raise cli.UserError(f"category {category!r}: some anomalous test images have no "
-                            "ground-truth mask; the pixel metrics need them")
-    maps, masks = stage_maps(model, features, data.TestSet(samples, model.config["input_size"]),
-                             args.batch_size)
+        raise cli.UserError(
+            f"category {category!r}: some anomalous test images have no "
+            "ground-truth mask; the pixel metrics need them"
+        )
+    maps, masks = stage_maps(
+        model, features, data.TestSet(samples, model.config["input_size"]), args.batch_size
+    )
     labels = np.array([s.label for s in samples], dtype=bool)
     defects = np.array([s.defect for s in samples])
     groups = {"all": np.ones(len(samples), bool), **evaluate.defect_rows(labels, defects)}
-    table = {group: {name: score(m, masks, labels, rows) for name, m in maps.items()}
-             for group, rows in groups.items()}
+    table = {
+        group: {name: score(m, masks, labels, rows) for name, m in maps.items()}
+        for group, rows in groups.items()
+    }
 
-    print(f"{category}: {len(samples)} test images, checkpoint {args.checkpoint} (step {ckpt.get('step')})")
+    print(
+        f"{category}: {len(samples)} test images, checkpoint {args.checkpoint} (step {ckpt.get('step')})"
+    )
     print(f"{'images':<10} {'map':<16} {'image':>6} {'pixel':>6} {'AU-PRO':>7}")
     for group, row in table.items():
         for name, values in row.items():
-            print(f"{group:<10} {name:<16} " + " ".join(f"{values[k]:>6.3f}" if k != "au_pro"
-                                                         else f"{values[k]:>7.3f}" for k in METRICS))
+            print(
+                f"{group:<10} {name:<16} "
+                + " ".join(
+                    f"{values[k]:>6.3f}" if k != "au_pro" else f"{values[k]:>7.3f}"
+                    for k in METRICS
+                )
+            )
     if args.json:
-        atomic_write_json(args.json, {"checkpoint": os.path.abspath(args.checkpoint),
-                                      "step": ckpt.get("step"), "category": category, "maps": table})
+        atomic_write_json(
+            args.json,
+            {
+                "checkpoint": os.path.abspath(args.checkpoint),
+                "step": ckpt.get("step"),
+                "category": category,
+                "maps": table,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -22,4 +22,5 @@ Modules (each small, each read on its own), in the order the pipeline uses them:
 The exact semantics and every departure from the authors' code: docs/method.md. The
 embedded demo data set is drawn by demo_data.py, outside this package.
 """
+
 __version__ = "0.1.0"

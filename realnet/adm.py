@@ -17,6 +17,7 @@ into every ResBlock as a per-channel scale and shift of its second GroupNorm (Fi
 Presets (see PRESETS): `paper` (552.8M parameters with 15 classes) and `tiny` (trains on a
 laptop CPU in minutes at 64x64; same code, fewer channels and levels).
 """
+
 import math
 
 import torch
@@ -28,15 +29,35 @@ from .cli import UserError
 PRESETS = {
     # OpenAI's 256x256 class-conditional model (guided-diffusion `256x256_diffusion.pt`), as
     # the authors use it (552.8M parameters with 15 classes).
-    "paper": dict(image_size=256, in_channels=3, model_channels=256, channel_mult=(1, 1, 2, 2, 4, 4),
-                  num_res_blocks=2, attention_resolutions=(32, 16, 8), num_head_channels=64,
-                  use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, learn_sigma=True),
+    "paper": dict(
+        image_size=256,
+        in_channels=3,
+        model_channels=256,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2,
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=64,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        dropout=0.0,
+        learn_sigma=True,
+    ),
     # Same building blocks, small enough to train on 2 CPU cores: 4 levels at 64x64
     # (64 -> 32 -> 16 -> 8 px, widths 32, 32, 64, 64), one ResBlock per level, attention only
     # at 8x8 and in the middle; 1.5M parameters, 1.4 GFLOP per 64x64 image.
-    "tiny": dict(image_size=64, in_channels=3, model_channels=32, channel_mult=(1, 1, 2, 2),
-                 num_res_blocks=1, attention_resolutions=(8,), num_head_channels=32,
-                 use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, learn_sigma=True),
+    "tiny": dict(
+        image_size=64,
+        in_channels=3,
+        model_channels=32,
+        channel_mult=(1, 1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        dropout=0.0,
+        learn_sigma=True,
+    ),
 }
 
 # Where OpenAI's weights come from (named in the error when the file is missing).
@@ -46,7 +67,11 @@ OPENAI_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x
 def timestep_embedding(timesteps, dim, max_period=10000):
     """Sinusoidal embedding of (B,) integer timesteps -> (B, dim): [cos(t f_i), sin(t f_i)]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / half
+    )
     args = timesteps[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -100,7 +125,11 @@ class Downsample(nn.Module):
 
     def __init__(self, channels, use_conv):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+        self.op = (
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+            if use_conv
+            else nn.AvgPool2d(2, 2)
+        )
 
     def forward(self, x):
         return self.op(x)
@@ -113,13 +142,24 @@ class ResBlock(nn.Module):
     first conv, on both branches) instead of in a separate layer: "resblock_updown".
     """
 
-    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_scale_shift_norm=False,
-                 up=False, down=False):
+    def __init__(
+        self,
+        channels,
+        emb_channels,
+        dropout,
+        out_channels=None,
+        use_scale_shift_norm=False,
+        up=False,
+        down=False,
+    ):
         super().__init__()
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
-                                       nn.Conv2d(channels, self.out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            normalization(channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, self.out_channels, 3, padding=1),
+        )
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -128,9 +168,17 @@ class ResBlock(nn.Module):
         else:
             self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
-        self.out_layers = nn.Sequential(normalization(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
-                                        zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)))
+            nn.SiLU(),
+            nn.Linear(
+                emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels
+            ),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
+        )
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         else:
@@ -163,7 +211,9 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels, num_head_channels):
         super().__init__()
         if channels % num_head_channels:
-            raise ValueError(f"attention: {channels} channels are not a multiple of {num_head_channels} per head")
+            raise ValueError(
+                f"attention: {channels} channels are not a multiple of {num_head_channels} per head"
+            )
         self.num_heads = channels // num_head_channels
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
@@ -172,10 +222,12 @@ class AttentionBlock(nn.Module):
     def forward(self, x, emb=None):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))                                  # (B, 3C, L)
+        qkv = self.qkv(self.norm(x))  # (B, 3C, L)
         length = qkv.shape[-1]
         ch = c // self.num_heads
-        q, k, v = qkv.reshape(b * self.num_heads, 3 * ch, length).split(ch, dim=1)   # (B*H, ch, L) each
+        q, k, v = qkv.reshape(b * self.num_heads, 3 * ch, length).split(
+            ch, dim=1
+        )  # (B*H, ch, L) each
         # softmax(q^T k / sqrt(ch)) v, as scaled_dot_product_attention on (B*H, L, ch)
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         h = a.transpose(1, 2).reshape(b, c, length)
@@ -198,11 +250,27 @@ class UNet(nn.Module):
         -> (B, 2C, H, W) when learn_sigma: the predicted noise and the variance interpolation v.
     """
 
-    def __init__(self, image_size, in_channels, model_channels, channel_mult, num_res_blocks,
-                 attention_resolutions, num_head_channels, use_scale_shift_norm, resblock_updown,
-                 dropout=0.0, learn_sigma=True, num_classes=None):
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        channel_mult,
+        num_res_blocks,
+        attention_resolutions,
+        num_head_channels,
+        use_scale_shift_norm,
+        resblock_updown,
+        dropout=0.0,
+        learn_sigma=True,
+        num_classes=None,
+    ):
         super().__init__()
-        self.image_size, self.in_channels, self.model_channels = image_size, in_channels, model_channels
+        self.image_size, self.in_channels, self.model_channels = (
+            image_size,
+            in_channels,
+            model_channels,
+        )
         self.num_classes = num_classes
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         # Attention is given at pixel resolutions; inside the net it is placed by the
@@ -210,7 +278,9 @@ class UNet(nn.Module):
         attention_ds = {image_size // int(r) for r in attention_resolutions}
         emb_dim = model_channels * 4
 
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
 
@@ -221,7 +291,9 @@ class UNet(nn.Module):
             return AttentionBlock(ch, num_head_channels)
 
         ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))]
+        )
         skip_channels = [ch]
         ds = 1
         for level, mult in enumerate(channel_mult):
@@ -252,8 +324,11 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(EmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(),
-                                 zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1)),
+        )
 
     def forward(self, x, timesteps, y=None):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
@@ -289,7 +364,11 @@ def architecture(preset, num_classes, **overrides):
 
 def build_unet(arch_or_preset, num_classes=None, **overrides):
     """build_unet("tiny", num_classes=3, image_size=64) or build_unet(checkpoint["arch"])."""
-    arch = arch_or_preset if isinstance(arch_or_preset, dict) else architecture(arch_or_preset, num_classes, **overrides)
+    arch = (
+        arch_or_preset
+        if isinstance(arch_or_preset, dict)
+        else architecture(arch_or_preset, num_classes, **overrides)
+    )
     return UNet(**arch["kwargs"])
 
 
@@ -303,10 +382,14 @@ def load_pretrained(model, path, log=print):
     then keeps its random initialisation. Returns (loaded, skipped, missing) name lists.
     """
     import os
+
     if not os.path.isfile(path):
-        raise UserError(f"--init-weights: file {path!r} does not exist; download OpenAI's "
-                        f"class-conditional 256x256 model from {OPENAI_URL} and give its path")
-    from .files import safe_torch_load   # weights_only=True: OpenAI's file is a plain state dict
+        raise UserError(
+            f"--init-weights: file {path!r} does not exist; download OpenAI's "
+            f"class-conditional 256x256 model from {OPENAI_URL} and give its path"
+        )
+    from .files import safe_torch_load  # weights_only=True: OpenAI's file is a plain state dict
+
     state = safe_torch_load(path, "--init-weights")
     if isinstance(state, dict) and state.get("kind") == "diffusion":
         state = state["ema"]
@@ -314,7 +397,7 @@ def load_pretrained(model, path, log=print):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"--init-weights: {path!r} does not hold a state_dict of tensors")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     own = model.state_dict()
     loaded, skipped = [], []
     with torch.no_grad():
@@ -332,7 +415,9 @@ def load_pretrained(model, path, log=print):
     if missing:
         log(f"  kept their random initialisation ({len(missing)}): " + ", ".join(missing))
     if not loaded:
-        raise UserError(f"--init-weights: nothing in {path!r} fits this UNet (another architecture or image size?)")
+        raise UserError(
+            f"--init-weights: nothing in {path!r} fits this UNet (another architecture or image size?)"
+        )
     return loaded, skipped, missing
 
 

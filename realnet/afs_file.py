@@ -3,6 +3,7 @@ was made with (data set, category, anomaly source, input size), which become
 train_realnet.py's defaults. A flag that differs is used with a note; one that cannot fit
 the kept channels (another input size, another category) is refused.
 """
+
 import os
 
 from . import cli
@@ -13,8 +14,11 @@ def fill_from_afs(args, afs):
     no flag is given. A flag that differs is used, with a note (AFS chose its channels with
     the file's settings); another --input-size is refused."""
     source = afs.get("anomaly_source") or {}
-    recorded = {"sdas": None if args.categories else source.get("sdas_dir"),   # unified: DIR/<c>
-                "dtd": source.get("dtd_dir"), "foreground": source.get("foreground", "category")}
+    recorded = {
+        "sdas": None if args.categories else source.get("sdas_dir"),  # unified: DIR/<c>
+        "dtd": source.get("dtd_dir"),
+        "foreground": source.get("foreground", "category"),
+    }
     for name, value in recorded.items():
         given = getattr(args, name)
         if given is None:
@@ -22,21 +26,26 @@ def fill_from_afs(args, afs):
         elif value is not None and given != value and os.path.abspath(str(given)) != value:
             print(f"note: {cli.flag(name)} {given} differs from the AFS file's {value}")
     if args.input_size not in (None, afs["input_size"]):
-        raise cli.UserError(f"--afs {args.afs!r} was made at input size {afs['input_size']}, not "
-                            f"--input-size {args.input_size}: run select_features.py with "
-                            f"--input-size {args.input_size}")
+        raise cli.UserError(
+            f"--afs {args.afs!r} was made at input size {afs['input_size']}, not "
+            f"--input-size {args.input_size}: run select_features.py with "
+            f"--input-size {args.input_size}"
+        )
     args.input_size = afs["input_size"]
 
 
 def chosen_categories(category, categories, afs_category, dataset, afs_path):
     """--category (one model, the paper) or --categories (unified); default the AFS file's."""
     if category and categories:
-        raise cli.UserError("give --category (one model per category) or --categories "
-                            "(unified), not both")
+        raise cli.UserError(
+            "give --category (one model per category) or --categories (unified), not both"
+        )
     names = cli.parse_list(categories) if categories else [category or afs_category]
     for name in names:
-        dataset.class_id(name)   # UserError if missing
+        dataset.class_id(name)  # UserError if missing
     if afs_category not in names:
-        raise cli.UserError(f"--afs {afs_path!r} was made for category {afs_category!r}, not "
-                            f"{' / '.join(names)}: run select_features.py for this category")
+        raise cli.UserError(
+            f"--afs {afs_path!r} was made for category {afs_category!r}, not "
+            f"{' / '.join(names)}: run select_features.py for this category"
+        )
     return names

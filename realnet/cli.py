@@ -8,6 +8,7 @@ Every stage has the same shape: `parse_args(argv)` builds its argparse parser (t
 several stages share come from the `add_*` helpers here, so they have one name and one
 meaning everywhere) and `main(argv=None)` runs it; `cli.run(main)` is the entry point.
 """
+
 import math
 import os
 import random
@@ -27,8 +28,9 @@ def resolve_device(arg):
     if arg not in ("auto", "cpu", "cuda") and not arg.startswith("cuda:"):
         raise UserError(f"--device {arg!r}: expected auto, cpu, cuda or cuda:N")
     if arg.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {arg}: CUDA is not available on this machine "
-                        "(use --device cpu)")
+        raise UserError(
+            f"--device {arg}: CUDA is not available on this machine (use --device cpu)"
+        )
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(arg)
@@ -44,8 +46,10 @@ def only_category(category, categories, where):
     if category is not None:
         return category
     if len(categories) != 1:
-        raise UserError(f"--category is needed: {where} has {len(categories)} categories: "
-                        f"{', '.join(categories)}")
+        raise UserError(
+            f"--category is needed: {where} has {len(categories)} categories: "
+            f"{', '.join(categories)}"
+        )
     return categories[0]
 
 
@@ -83,38 +87,59 @@ def refuse_ignored(args, name, default, needs, why):
 # Flags shared by several stages
 # ----------------------------------------------------------------------------------------
 
-def add_data_args(parser, default="data/demo", required=False,
-                  help="data set root (the embedded demo by default)"):
+
+def add_data_args(
+    parser,
+    default="data/demo",
+    required=False,
+    help="data set root (the embedded demo by default)",
+):
     parser.add_argument("--data", default=default, required=required, help=help)
-    parser.add_argument("--format", default="auto",
-                        help="layout: auto | mvtec | mpdd | btad | visa | visa_csv | folder")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        help="layout: auto | mvtec | mpdd | btad | visa | visa_csv | folder",
+    )
 
 
 def add_anomaly_source_args(parser, from_afs=False):
     """--sdas, --dtd, --foreground: where synthetic anomalies come from and where they go.
     from_afs: the defaults are those the AFS file records (train_realnet.py)."""
-    from .masks import FOREGROUND_MODES   # here, not at the top: masks.py imports this module
+    from .masks import FOREGROUND_MODES  # here, not at the top: masks.py imports this module
+
     note = "; None: the AFS file's" if from_afs else ""
-    parser.add_argument("--sdas", default=None,
-                        help="folder of SDAS images (synthesize.py)" + note)
-    parser.add_argument("--dtd", default=None,
-                        help="DTD folder (images/<texture>/*); with --sdas: half each" + note)
-    parser.add_argument("--foreground", default=None if from_afs else "category",
-                        choices=FOREGROUND_MODES, help="where anomalies may go: the authors' rule "
-                        "per category, auto (Otsu) or none" + note)
+    parser.add_argument(
+        "--sdas", default=None, help="folder of SDAS images (synthesize.py)" + note
+    )
+    parser.add_argument(
+        "--dtd",
+        default=None,
+        help="DTD folder (images/<texture>/*); with --sdas: half each" + note,
+    )
+    parser.add_argument(
+        "--foreground",
+        default=None if from_afs else "category",
+        choices=FOREGROUND_MODES,
+        help="where anomalies may go: the authors' rule per category, auto (Otsu) or none" + note,
+    )
 
 
 def add_device_arg(parser):
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA if available) | cpu | cuda | cuda:N")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA if available) | cpu | cuda | cuda:N"
+    )
 
 
 def add_workers_arg(parser, default=2):
     """--workers; default None: 4 with CUDA, 0 on a CPU (the stage decides)."""
     why = "" if default is not None else "; default: 4 with CUDA, 0 on a CPU (they would compete)"
-    parser.add_argument("--workers", type=int, default=default,
-                        help="data loader processes (0 = in-process; capped to the CPU cores "
-                             "and the batches)" + why)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default,
+        help="data loader processes (0 = in-process; capped to the CPU cores "
+        "and the batches)" + why,
+    )
 
 
 def worker_error_line(message):
@@ -177,4 +202,3 @@ def seed_everything(seed):
 def parse_list(text, cast=str):
     """'a,b,c' -> ['a', 'b', 'c'] (how --categories and friends are given)."""
     return [cast(t) for t in text.split(",") if t.strip()]
-

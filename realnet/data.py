@@ -49,6 +49,7 @@ Category order: for the known data sets the authors' class-id order (docs/method
 class-conditional diffusion model uses; otherwise sorted. A category's class id is its
 position in `DatasetIndex.categories`.
 """
+
 import csv
 import os
 from dataclasses import dataclass
@@ -59,20 +60,54 @@ from PIL import Image, ImageOps
 
 from .cli import UserError, require_dir
 
-ORIENTATION_TAG = 0x0112   # EXIF Orientation
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 FORMATS = ("mvtec", "mpdd", "btad", "visa", "visa_csv", "folder")
 
 # The authors' class-id order (utils/categories.py).
 KNOWN_CATEGORIES = {
-    "mvtec": ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-              "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper"],
-    "visa": ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-             "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"],
-    "mpdd": ["bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"],
+    "mvtec": [
+        "bottle",
+        "cable",
+        "capsule",
+        "carpet",
+        "grid",
+        "hazelnut",
+        "leather",
+        "metal_nut",
+        "pill",
+        "screw",
+        "tile",
+        "toothbrush",
+        "transistor",
+        "wood",
+        "zipper",
+    ],
+    "visa": [
+        "candle",
+        "capsules",
+        "cashew",
+        "chewinggum",
+        "fryum",
+        "macaroni1",
+        "macaroni2",
+        "pcb1",
+        "pcb2",
+        "pcb3",
+        "pcb4",
+        "pipe_fryum",
+    ],
+    "mpdd": [
+        "bracket_black",
+        "bracket_brown",
+        "bracket_white",
+        "connector",
+        "metal_plate",
+        "tubes",
+    ],
     "btad": ["01", "02", "03"],
 }
-NORMAL_FOLDERS = ("good", "ok", "normal")   # MVTec/MPDD say "good", BTAD/VisA "ok"
+NORMAL_FOLDERS = ("good", "ok", "normal")  # MVTec/MPDD say "good", BTAD/VisA "ok"
 MASK_FOLDERS = ("ground_truth", "masks")
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -81,10 +116,10 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 @dataclass(frozen=True)
 class Sample:
-    image: str            # path
-    mask: str | None      # ground-truth mask; None for good images (and all training images)
-    label: int            # 0 good, 1 anomalous
-    defect: str           # "good" or the defect type (folder name; "ko" for BTAD/VisA re-format)
+    image: str  # path
+    mask: str | None  # ground-truth mask; None for good images (and all training images)
+    label: int  # 0 good, 1 anomalous
+    defect: str  # "good" or the defect type (folder name; "ko" for BTAD/VisA re-format)
     category: str
 
 
@@ -92,12 +127,13 @@ class Sample:
 # Reading pixels
 # ----------------------------------------------------------------------------------------
 
+
 def _open(path, what):
     """The decoded image at `path`, turned upright (its EXIF orientation applied, as every
     viewer shows it); UserError naming the file otherwise."""
     try:
         with Image.open(path) as image:
-            image.load()   # decodes every byte: a truncated file fails here, not later
+            image.load()  # decodes every byte: a truncated file fails here, not later
             return ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise UserError(f"{what} {path!r} does not exist")
@@ -117,15 +153,17 @@ def _levels(image, path, what):
     if mode == "F":
         values = np.asarray(image, np.float32)
         if not np.isfinite(values).all() or values.min() < 0 or values.max() > 65535:
-            raise UserError(f"{what} {path!r} is a float image with values outside [0, 65535] "
-                            "(expected [0, 1], [0, 255] or [0, 65535])")
+            raise UserError(
+                f"{what} {path!r} is a float image with values outside [0, 65535] "
+                "(expected [0, 1], [0, 255] or [0, 65535])"
+            )
         top = values.max()
         return values * (255.0 if top <= 1 else 1.0 if top <= 255 else 255 / 65535)
     if mode in ("L", "RGB"):
         return np.asarray(image, np.float32)
-    if mode == "1":   # 1-bit: 0 and 255
+    if mode == "1":  # 1-bit: 0 and 255
         return np.asarray(image.convert("L"), np.float32)
-    if mode in ("LA", "La"):   # grey without its alpha channel
+    if mode in ("LA", "La"):  # grey without its alpha channel
         return np.asarray(image.getchannel(0), np.float32)
     if mode in ("P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
         # colour without the alpha channel (transparency is not what the camera saw); a
@@ -171,14 +209,18 @@ def binarize_mask(levels, path):
     if levels.max() >= MASK_LEVEL:
         grey = float(np.mean((levels > MASK_NEAR) & (levels < 255 - MASK_NEAR)))
         if grey > MASK_GREY_SHARE:
-            raise UserError(f"mask {path!r} is not a mask: {grey:.0%} of its pixels are grey "
-                            f"levels between {MASK_NEAR} and {255 - MASK_NEAR} (expected 0 for "
-                            f"normal and 255 for defect, at most {MASK_GREY_SHARE:.0%} between)")
+            raise UserError(
+                f"mask {path!r} is not a mask: {grey:.0%} of its pixels are grey "
+                f"levels between {MASK_NEAR} and {255 - MASK_NEAR} (expected 0 for "
+                f"normal and 255 for defect, at most {MASK_GREY_SHARE:.0%} between)"
+            )
         return levels >= MASK_LEVEL
     labels = np.unique(levels)
     if len(labels) > MASK_MAX_LABELS:
-        raise UserError(f"mask {path!r} is not a mask: {len(labels)} distinct values all below "
-                        f"{MASK_LEVEL} (expected 0 and 255, or 0 and a few class values)")
+        raise UserError(
+            f"mask {path!r} is not a mask: {len(labels)} distinct values all below "
+            f"{MASK_LEVEL} (expected 0 and 255, or 0 and a few class values)"
+        )
     return levels > 0
 
 
@@ -243,10 +285,19 @@ class TestSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         s = self.samples[i]
-        mask = load_mask(s.mask, self.size) if s.mask else np.zeros((self.size, self.size), np.float32)
-        return dict(image=to_tensor(load_image(s.image, self.size)),
-                    mask=torch.from_numpy(mask)[None],
-                    label=s.label, defect=s.defect, path=s.image, index=i)
+        mask = (
+            load_mask(s.mask, self.size)
+            if s.mask
+            else np.zeros((self.size, self.size), np.float32)
+        )
+        return dict(
+            image=to_tensor(load_image(s.image, self.size)),
+            mask=torch.from_numpy(mask)[None],
+            label=s.label,
+            defect=s.defect,
+            path=s.image,
+            index=i,
+        )
 
 
 class DiffusionImages(torch.utils.data.Dataset):
@@ -279,11 +330,12 @@ class DiffusionImages(torch.utils.data.Dataset):
 # Listing folders
 # ----------------------------------------------------------------------------------------
 
+
 def is_image_file(name):
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-_reported_skips = set()   # folders whose skipped files were already reported (once each)
+_reported_skips = set()  # folders whose skipped files were already reported (once each)
 
 
 def list_images(folder, log=print):
@@ -297,24 +349,35 @@ def list_images(folder, log=print):
         if not is_image_file(name):
             continue
         path = os.path.join(folder, name)
-        why = ("broken link" if os.path.islink(path) and not os.path.exists(path) else
-               "not a file" if not os.path.isfile(path) else
-               "not readable" if not os.access(path, os.R_OK) else None)
+        why = (
+            "broken link"
+            if os.path.islink(path) and not os.path.exists(path)
+            else "not a file"
+            if not os.path.isfile(path)
+            else "not readable"
+            if not os.access(path, os.R_OK)
+            else None
+        )
         if why:
             skipped.setdefault(why, []).append(path)
         else:
             found.append(path)
     if skipped and folder not in _reported_skips:
         _reported_skips.add(folder)
-        reasons = ", ".join(f"{len(paths)} {why} (e.g. {sorted(paths)[0]!r})"
-                            for why, paths in sorted(skipped.items()))
+        reasons = ", ".join(
+            f"{len(paths)} {why} (e.g. {sorted(paths)[0]!r})"
+            for why, paths in sorted(skipped.items())
+        )
         log(f"note: skipped {sum(map(len, skipped.values()))} file(s) in {folder}: {reasons}")
     return sorted(found)
 
 
 def _subfolders(folder):
-    return sorted(n for n in os.listdir(folder)
-                  if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
+    return sorted(
+        n
+        for n in os.listdir(folder)
+        if not n.startswith(".") and os.path.isdir(os.path.join(folder, n))
+    )
 
 
 def _stem(path):
@@ -340,11 +403,15 @@ def _read_train(category_dir, category):
     train_root = os.path.join(category_dir, "train")
     normal = _first_existing(train_root, NORMAL_FOLDERS)
     if normal is None:
-        raise UserError(f"{train_root!r}: expected a folder of normal training images "
-                        f"named {' or '.join(NORMAL_FOLDERS)}")
+        raise UserError(
+            f"{train_root!r}: expected a folder of normal training images "
+            f"named {' or '.join(NORMAL_FOLDERS)}"
+        )
     train = [Sample(p, None, 0, "good", category) for p in list_images(normal)]
     if not train:
-        raise UserError(f"{normal!r}: no training images (expected {', '.join(IMAGE_EXTENSIONS)} files)")
+        raise UserError(
+            f"{normal!r}: no training images (expected {', '.join(IMAGE_EXTENSIONS)} files)"
+        )
     return train
 
 
@@ -370,9 +437,13 @@ def _read_test(category_dir, category, mask_folders=MASK_FOLDERS):
         for p in images:
             mask = masks.get(_stem(p) + "_mask") or masks.get(_stem(p))
             if mask is None:
-                where = os.path.join(mask_root or os.path.join(category_dir, mask_folders[0]), defect)
-                raise UserError(f"defective test image {p!r} has no mask "
-                                f"(expected {os.path.join(where, _stem(p) + '_mask.png')} or {_stem(p)}.png)")
+                where = os.path.join(
+                    mask_root or os.path.join(category_dir, mask_folders[0]), defect
+                )
+                raise UserError(
+                    f"defective test image {p!r} has no mask "
+                    f"(expected {os.path.join(where, _stem(p) + '_mask.png')} or {_stem(p)}.png)"
+                )
             _check_mask_size(p, mask)
             used_masks.add(mask)
             test.append(Sample(p, mask, 1, defect, category))
@@ -383,8 +454,10 @@ def _read_test(category_dir, category, mask_folders=MASK_FOLDERS):
             for m in list_images(os.path.join(mask_root, defect)):
                 if m not in used_masks:
                     stem = _stem(m)[:-5] if _stem(m).endswith("_mask") else _stem(m)
-                    raise UserError(f"mask {m!r} has no test image (expected "
-                                    f"{os.path.join(test_root, defect, stem)}.<png|jpg|bmp>)")
+                    raise UserError(
+                        f"mask {m!r} has no test image (expected "
+                        f"{os.path.join(test_root, defect, stem)}.<png|jpg|bmp>)"
+                    )
     if not test:
         raise UserError(f"{test_root!r}: no test images")
     return test
@@ -400,7 +473,9 @@ def _read_visa_csv(root, csv_path):
         raise UserError(f"{csv_path!r} is not a readable CSV file ({type(e).__name__})")
     needed = {"object", "split", "label", "image", "mask"}
     if not rows or not needed <= set(rows[0]):
-        raise UserError(f"{csv_path!r}: expected the columns {','.join(sorted(needed))} (VisA's split_csv/1cls.csv)")
+        raise UserError(
+            f"{csv_path!r}: expected the columns {','.join(sorted(needed))} (VisA's split_csv/1cls.csv)"
+        )
     for line, row in enumerate(rows, start=2):
         category, split, label = row["object"].strip(), row["split"].strip(), row["label"].strip()
         image = os.path.join(root, row["image"].strip())
@@ -412,17 +487,22 @@ def _read_visa_csv(root, csv_path):
             test.append(Sample(image, None, 0, "good", category))
         elif split == "test" and label == "anomaly":
             if not mask:
-                raise UserError(f"{csv_path!r} line {line}: anomalous test image {row['image']!r} has no mask")
+                raise UserError(
+                    f"{csv_path!r} line {line}: anomalous test image {row['image']!r} has no mask"
+                )
             test.append(Sample(image, os.path.join(root, mask), 1, "anomaly", category))
         else:
-            raise UserError(f"{csv_path!r} line {line}: unknown split/label {split!r}/{label!r} "
-                            "(expected train|test and normal|anomaly)")
+            raise UserError(
+                f"{csv_path!r} line {line}: unknown split/label {split!r}/{label!r} "
+                "(expected train|test and normal|anomaly)"
+            )
     return per_category
 
 
 # ----------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------
+
 
 class DatasetIndex:
     """What `open_dataset` returns: the categories and, per category, the samples."""
@@ -441,8 +521,10 @@ class DatasetIndex:
 
     def _check(self, category):
         if category not in self.categories:
-            raise UserError(f"category {category!r} is not in {self.root!r} "
-                            f"({self.format} layout; it has: {', '.join(self.categories)})")
+            raise UserError(
+                f"category {category!r} is not in {self.root!r} "
+                f"({self.format} layout; it has: {', '.join(self.categories)})"
+            )
         return category
 
     def train(self, category):
@@ -454,8 +536,9 @@ class DatasetIndex:
             if self._csv_samples is not None:
                 train = self._csv_samples[category][0]
                 if not train:
-                    raise UserError(f"{self.root!r}: no training images of {category!r} in "
-                                    "split_csv/1cls.csv")
+                    raise UserError(
+                        f"{self.root!r}: no training images of {category!r} in split_csv/1cls.csv"
+                    )
             else:
                 train = _read_train(self._category_dirs[category], category)
             for s in train:
@@ -471,8 +554,9 @@ class DatasetIndex:
             if self._csv_samples is not None:
                 test = self._csv_samples[category][1]
                 if not test:
-                    raise UserError(f"{self.root!r}: no test images of {category!r} in "
-                                    "split_csv/1cls.csv")
+                    raise UserError(
+                        f"{self.root!r}: no test images of {category!r} in split_csv/1cls.csv"
+                    )
                 for s in test:
                     image_size_of(s.image)
                     if s.mask:
@@ -484,7 +568,11 @@ class DatasetIndex:
 
     def describe(self):
         """JSON-friendly identity (stored in the files the stages write)."""
-        return {"root": os.path.abspath(self.root), "format": self.format, "categories": self.categories}
+        return {
+            "root": os.path.abspath(self.root),
+            "format": self.format,
+            "categories": self.categories,
+        }
 
 
 def _order(names, format):
@@ -523,7 +611,8 @@ def detect_format(root):
     raise UserError(
         f"{root!r}: unknown layout; expected <category>/train/good (+ <category>/test for "
         "evaluation: MVTec, MPDD, BTAD, VisA), split_csv/1cls.csv (VisA download) or "
-        "train/good (+ test/<defect> + masks/: folder)")
+        "train/good (+ test/<defect> + masks/: folder)"
+    )
 
 
 def open_dataset(root, format="auto", categories=None):
@@ -531,19 +620,25 @@ def open_dataset(root, format="auto", categories=None):
     these (a list or a comma-separated string). UserError on any problem."""
     require_dir(root, "data set")
     if format not in ("auto",) + FORMATS:
-        raise UserError(f"unknown data set format {format!r} (expected auto, {', '.join(FORMATS)})")
+        raise UserError(
+            f"unknown data set format {format!r} (expected auto, {', '.join(FORMATS)})"
+        )
     fmt = detect_format(root) if format == "auto" else format
     category_dirs, csv_samples = {}, None
     if fmt == "visa_csv":
         csv_path = os.path.join(root, "split_csv", "1cls.csv")
         if not os.path.isfile(csv_path):
-            raise UserError(f"{root!r}: no split_csv/1cls.csv (the visa_csv layout is VisA as downloaded)")
+            raise UserError(
+                f"{root!r}: no split_csv/1cls.csv (the visa_csv layout is VisA as downloaded)"
+            )
         csv_samples = _read_visa_csv(root, csv_path)
         names = list(csv_samples)
     elif fmt == "folder":
         if not os.path.isdir(os.path.join(root, "train")):
-            raise UserError(f"{root!r}: no train/ folder (the folder layout is train/good, "
-                            "test/good, test/<defect>, masks/<defect>)")
+            raise UserError(
+                f"{root!r}: no train/ folder (the folder layout is train/good, "
+                "test/good, test/<defect>, masks/<defect>)"
+            )
         name = os.path.basename(os.path.abspath(root))
         category_dirs[name] = root
         names = [name]
@@ -554,10 +649,14 @@ def open_dataset(root, format="auto", categories=None):
         category_dirs = {n: os.path.join(root, n) for n in names}
     ordered = _order(names, fmt)
     if categories is not None:
-        wanted = [c for c in (categories.split(",") if isinstance(categories, str) else categories) if c]
+        wanted = [
+            c for c in (categories.split(",") if isinstance(categories, str) else categories) if c
+        ]
         missing = [c for c in wanted if c not in names]
         if missing:
-            raise UserError(f"category {missing[0]!r} is not in {root!r} ({fmt} layout; it has: {', '.join(ordered)})")
+            raise UserError(
+                f"category {missing[0]!r} is not in {root!r} ({fmt} layout; it has: {', '.join(ordered)})"
+            )
         ordered = [c for c in ordered if c in wanted]
     return DatasetIndex(fmt, root, ordered, category_dirs, csv_samples)
 

@@ -18,6 +18,7 @@ where anomalies live. Sampling uses 20 respaced steps (timesteps 0, 50, ..., 950
 All schedule arrays are float64 (as OpenAI's numpy arrays); values are taken per timestep
 and cast to float32 when they meet the images.
 """
+
 import math
 
 import numpy as np
@@ -68,8 +69,13 @@ def mean_flat(x):
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def approx_standard_normal_cdf(x):
@@ -86,7 +92,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+    )
 
 
 def randn_per_image(generators, shape, device):
@@ -106,8 +114,9 @@ class GaussianDiffusion:
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()
         self.num_timesteps = len(betas)
-        self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(len(betas)),
-                                         dtype=torch.long)
+        self.timestep_map = torch.tensor(
+            timestep_map if timestep_map is not None else range(len(betas)), dtype=torch.long
+        )
         alphas = 1.0 - betas
         acp = np.cumprod(alphas)
         acp_prev = np.append(1.0, acp[:-1])
@@ -126,7 +135,9 @@ class GaussianDiffusion:
             posterior_variance=posterior_variance,
             # beta~_0 = 0: its log is replaced by the log of beta~_1 (the value is never
             # used as a variance at t = 0, where the decoder likelihood is used instead).
-            posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+            posterior_log_variance_clipped=np.log(
+                np.append(posterior_variance[1], posterior_variance[1:])
+            ),
             posterior_mean_coef1=betas * np.sqrt(acp_prev) / (1.0 - acp),
             posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp),
         )
@@ -138,7 +149,9 @@ class GaussianDiffusion:
         """`schedule` as stored in a checkpoint; `steps` respaces it (None: all T steps)."""
         if schedule.get("kind") != "linear":
             raise UserError(f"unknown noise schedule {schedule!r}")
-        betas = linear_betas(schedule["num_timesteps"], schedule["beta_start"], schedule["beta_end"])
+        betas = linear_betas(
+            schedule["num_timesteps"], schedule["beta_start"], schedule["beta_end"]
+        )
         if steps is None or steps == len(betas):
             return cls(betas)
         timesteps = respaced_timesteps(len(betas), steps)
@@ -151,11 +164,17 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------------- forward process
     def q_sample(self, x0, t, noise):
-        return self._at("sqrt_alphas_cumprod", t, x0) * x0 + self._at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        return (
+            self._at("sqrt_alphas_cumprod", t, x0) * x0
+            + self._at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
 
     def q_posterior(self, x0, x_t, t):
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self._at("posterior_mean_coef1", t, x_t) * x0 + self._at("posterior_mean_coef2", t, x_t) * x_t
+        mean = (
+            self._at("posterior_mean_coef1", t, x_t) * x0
+            + self._at("posterior_mean_coef2", t, x_t) * x_t
+        )
         return mean, self._at("posterior_log_variance_clipped", t, x_t)
 
     # ----------------------------------------------------------------------- reverse process
@@ -171,7 +190,10 @@ class GaussianDiffusion:
         max_log = self._at("log_betas", t, x)
         frac = (v + 1) / 2  # v is not clamped (as in IDDPM)
         log_variance = frac * max_log + (1 - frac) * min_log
-        pred_x0 = self._at("sqrt_recip_alphas_cumprod", t, x) * x - self._at("sqrt_recipm1_alphas_cumprod", t, x) * eps
+        pred_x0 = (
+            self._at("sqrt_recip_alphas_cumprod", t, x) * x
+            - self._at("sqrt_recipm1_alphas_cumprod", t, x) * eps
+        )
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean, _ = self.q_posterior(pred_x0, x, t)
@@ -186,8 +208,12 @@ class GaussianDiffusion:
         t > 0, the decoder's negative log-likelihood of x_0 at t = 0. (B,)"""
         true_mean, true_log_variance = self.q_posterior(x0, x_t, t)
         out = self.mean_variance(output, x_t, t, clip_denoised=False)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
+        kl = mean_flat(
+            normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
+        ) / math.log(2.0)
+        nll = -mean_flat(
+            discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])
+        ) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model, x0, t, y, noise=None):
@@ -217,18 +243,22 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x, t, y, clip_denoised=True)
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         s = self._per_image(strength, x)
-        return out["mean"] + nonzero * torch.sqrt(1 + s) * torch.exp(0.5 * out["log_variance"]) * z, out
+        return out["mean"] + nonzero * torch.sqrt(1 + s) * torch.exp(
+            0.5 * out["log_variance"]
+        ) * z, out
 
     def ddim_sample(self, model, x, t, y, strength, z, eta=0.0):
         """One DDIM step (eta = 0: deterministic) with the SDAS perturbation of the appendix's
         algorithm S1 as the authors' code does it: an extra sqrt(s) Sigma_theta^(1/2) z on top
         of the eta-noise sigma_eta z, the same z (as the authors' ddim_sample)."""
         out = self.p_mean_variance(model, x, t, y, clip_denoised=True)
-        eps = (self._at("sqrt_recip_alphas_cumprod", t, x) * x - out["pred_x0"]) / self._at("sqrt_recipm1_alphas_cumprod", t, x)
+        eps = (self._at("sqrt_recip_alphas_cumprod", t, x) * x - out["pred_x0"]) / self._at(
+            "sqrt_recipm1_alphas_cumprod", t, x
+        )
         abar = self._at("alphas_cumprod", t, x)
         abar_prev = self._at("alphas_cumprod_prev", t, x)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-        mean = out["pred_x0"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+        mean = out["pred_x0"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         s = self._per_image(strength, x)
         extra = torch.sqrt(s) * torch.exp(0.5 * out["log_variance"])
@@ -237,7 +267,9 @@ class GaussianDiffusion:
     def ddim_reverse_sample(self, model, x, t, y):
         """Deterministic DDIM step x_t -> x_{t+1} (inversion of an image to its noise)."""
         out = self.p_mean_variance(model, x, t, y, clip_denoised=True)
-        eps = (self._at("sqrt_recip_alphas_cumprod", t, x) * x - out["pred_x0"]) / self._at("sqrt_recipm1_alphas_cumprod", t, x)
+        eps = (self._at("sqrt_recip_alphas_cumprod", t, x) * x - out["pred_x0"]) / self._at(
+            "sqrt_recipm1_alphas_cumprod", t, x
+        )
         abar_next = self._at("alphas_cumprod_next", t, x)
         return out["pred_x0"] * torch.sqrt(abar_next) + torch.sqrt(1 - abar_next) * eps
 
@@ -253,7 +285,11 @@ class GaussianDiffusion:
         x = x_T
         for k in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
-            z = torch.randn_like(x) if generators is None else randn_per_image(generators, x.shape[1:], x.device)
+            z = (
+                torch.randn_like(x)
+                if generators is None
+                else randn_per_image(generators, x.shape[1:], x.device)
+            )
             if sampler == "ancestral":
                 x, _ = self.p_sample(model, x, t, y, strength, z)
             else:

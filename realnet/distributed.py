@@ -4,6 +4,7 @@ under `torchrun --nproc_per_node N` without code changes (NCCL on GPU, gloo on C
 The authors' scripts *require* a distributed launcher even on one GPU (their issue #31);
 here `setup()` only initialises a process group when torchrun's variables are present.
 """
+
 import os
 from dataclasses import dataclass
 
@@ -52,8 +53,10 @@ def setup(device_arg="auto"):
 def require_divisible_batch(batch_size, info):
     """--batch-size is the global batch: a positive multiple of the number of processes."""
     if batch_size < 1 or batch_size % info.world_size:
-        raise UserError(f"--batch-size {batch_size} must be a positive multiple of the "
-                        f"{info.world_size} processes")
+        raise UserError(
+            f"--batch-size {batch_size} must be a positive multiple of the "
+            f"{info.world_size} processes"
+        )
 
 
 def barrier(info):
@@ -80,5 +83,7 @@ def require_finite(loss, step, lr, out, info):
     is saved from here on, so OUT keeps the last good state."""
     finite = torch.isfinite(loss.detach()).float().reshape(1)
     if all_reduce_mean(finite, info).item() < 1:
-        raise UserError(f"step {step}: the loss is not finite ({loss.item()}); lower --lr "
-                            f"(now {lr}); {out} keeps the last saved step")
+        raise UserError(
+            f"step {step}: the loss is not finite ({loss.item()}); lower --lr "
+            f"(now {lr}); {out} keeps the last saved step"
+        )

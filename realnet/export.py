@@ -36,6 +36,7 @@ torch's own check of the program's input specification would raise its longer me
 The programs are exported under torch.no_grad(): the decorators of the backbone and of AFS
 then change nothing, and the graph holds no grad-mode switches (they do not serialise).
 """
+
 import contextlib
 import io
 import json
@@ -55,13 +56,14 @@ from . import data, metrics, ops
 from .cli import UserError
 from .files import atomic_write_bytes, atomic_write_text, file_digest
 
-PIL_PRECISION_BITS = 22   # Pillow's fixed point for 8-bit images (Resample.c: 32 - 8 - 2)
+PIL_PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images (Resample.c: 32 - 8 - 2)
 MAX_SIDE, MAX_BATCH = 16384, 1024
 
 
 # ----------------------------------------------------------------------------------------
 # PIL's bilinear resize, in torch, exactly
 # ----------------------------------------------------------------------------------------
+
 
 def pil_bilinear_weights(in_size, out_size, device=None):
     """(out_size, in_size) float64: row o holds the weights Pillow's bilinear filter gives
@@ -71,7 +73,7 @@ def pil_bilinear_weights(in_size, out_size, device=None):
     source = torch.arange(in_size, dtype=torch.float64, device=device)
     target = torch.arange(out_size, dtype=torch.float64, device=device)
     scale = torch.ones((), dtype=torch.float64, device=device) * in_size / out_size
-    support = torch.clamp(scale, min=1.0)        # the filter's support (1) times filterscale
+    support = torch.clamp(scale, min=1.0)  # the filter's support (1) times filterscale
     center = (target + 0.5) * scale
     first = torch.clamp(torch.trunc(center - support + 0.5), min=0.0)
     last = torch.minimum(torch.trunc(center + support + 0.5), torch.ones_like(center) * in_size)
@@ -118,6 +120,7 @@ def resize_uint8_like_pil(images, size, vertical_first_rule=None):
 
     def vertical(x):
         return _fixed_point_pass(x.transpose(-1, -2), along_height).transpose(-1, -2)
+
     horizontal_first = vertical(horizontal(images))
     if not vertical_first_rule:
         return horizontal_first
@@ -132,7 +135,7 @@ def resize_float_like_pil(maps, height, width):
     """(B, S, S) float32 -> (B, height, width) float32 as PIL resizes a mode-F image with
     BILINEAR (double accumulation, float32 after each pass): --predict's mask."""
     size_h, size_w = maps.shape[-2:]
-    wide = (maps.double() @ pil_bilinear_weights(size_w, width, maps.device).transpose(0, 1))
+    wide = maps.double() @ pil_bilinear_weights(size_w, width, maps.device).transpose(0, 1)
     tall = pil_bilinear_weights(size_h, height, maps.device) @ wide.float().double()
     return tall.float()
 
@@ -140,6 +143,7 @@ def resize_float_like_pil(maps, height, width):
 # ----------------------------------------------------------------------------------------
 # The whole model
 # ----------------------------------------------------------------------------------------
+
 
 class WholeModel(nn.Module):
     """uint8 RGB images (B, H, W, 3) -> {"score", "anomaly_map" at H x W, "ng"}: see the
@@ -152,9 +156,10 @@ class WholeModel(nn.Module):
         self.register_buffer("mean", torch.from_numpy(data.IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.from_numpy(data.IMAGENET_STD).view(1, 3, 1, 1))
         self.decides = image_threshold is not None
-        self.register_buffer("image_threshold",
-                             torch.tensor(image_threshold if self.decides else 0.0,
-                                          dtype=torch.float32))
+        self.register_buffer(
+            "image_threshold",
+            torch.tensor(image_threshold if self.decides else 0.0, dtype=torch.float32),
+        )
 
     def forward(self, images):
         height, width = images.shape[1], images.shape[2]
@@ -187,9 +192,17 @@ class ReferenceRRS(nn.Module):
         self.register_buffer("running_var", rrs.running_var.detach().clone())
 
     def forward(self, features, reconstructions, process_group=None):
-        return ops.rrs_select_reference(features, reconstructions, self.k_max, self.k_mean,
-                                        self.running_mean, self.running_var, False,
-                                        self.momentum, self.eps)
+        return ops.rrs_select_reference(
+            features,
+            reconstructions,
+            self.k_max,
+            self.k_mean,
+            self.running_mean,
+            self.running_var,
+            False,
+            self.momentum,
+            self.eps,
+        )
 
 
 @contextlib.contextmanager
@@ -206,21 +219,32 @@ def reference_rrs(model):
 def export_program(whole):
     """torch.export of WholeModel, batch, height and width dynamic."""
     size = whole.size
-    example = torch.randint(0, 256, (2, size + 7, size + 13, 3), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(0))
+    example = torch.randint(
+        0,
+        256,
+        (2, size + 7, size + 13, 3),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(0),
+    )
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     height = torch.export.Dim("height", min=2, max=MAX_SIDE)
     width = torch.export.Dim("width", min=2, max=MAX_SIDE)
     device = next(whole.model.parameters()).device
     with torch.no_grad():
-        return torch.export.export(whole.eval(), (example.to(device),),
-                                   dynamic_shapes=({0: batch, 1: height, 2: width},))
+        return torch.export.export(
+            whole.eval(), (example.to(device),), dynamic_shapes=({0: batch, 1: height, 2: width},)
+        )
 
 
 def fused_ops_in(program):
     """The realnet operators the program's graph calls, e.g. ['rrs_gather', ...]."""
-    return sorted({str(node.target).split(".")[1] for node in program.graph.nodes
-                   if node.op == "call_function" and str(node.target).startswith("realnet.")})
+    return sorted(
+        {
+            str(node.target).split(".")[1]
+            for node in program.graph.nodes
+            if node.op == "call_function" and str(node.target).startswith("realnet.")
+        }
+    )
 
 
 def save(program, path):
@@ -238,14 +262,18 @@ def save(program, path):
 # Loading and calling, with one-line errors
 # ----------------------------------------------------------------------------------------
 
+
 def realnet_ops_called(path):
     """The torch.ops.realnet operators a saved program calls, read from its archive's graph
     (without loading it): e.g. ['rrs_gather', 'rrs_rank', 'rrs_stats'], [] for the reference
     variant."""
     try:
         with zipfile.ZipFile(path) as archive:
-            graphs = [archive.read(n) for n in archive.namelist()
-                      if "/models/" in n and n.endswith(".json")]
+            graphs = [
+                archive.read(n)
+                for n in archive.namelist()
+                if "/models/" in n and n.endswith(".json")
+            ]
     except (OSError, zipfile.BadZipFile):
         return []
     found = set()
@@ -271,13 +299,18 @@ def load(path):
     missing = [op for op in realnet_ops_called(path) if not registered(op)]
     if missing:
         reference = reference_path(path)
-        instead = (f", or load its reference variant {reference!r} (torch only)"
-                   if os.path.isfile(reference) and reference != path else "")
-        raise UserError(f"{path!r} calls the fused operators torch.ops.realnet."
-                        f"{', '.join(missing)}, which are not registered in this process (the "
-                        "compiled extension realnet/_C*.so is not built or not loaded): "
-                        "torch.ops.load_library('<repository>/realnet/_C*.so') before "
-                        f"loading it{instead}")
+        instead = (
+            f", or load its reference variant {reference!r} (torch only)"
+            if os.path.isfile(reference) and reference != path
+            else ""
+        )
+        raise UserError(
+            f"{path!r} calls the fused operators torch.ops.realnet."
+            f"{', '.join(missing)}, which are not registered in this process (the "
+            "compiled extension realnet/_C*.so is not built or not loaded): "
+            "torch.ops.load_library('<repository>/realnet/_C*.so') before "
+            f"loading it{instead}"
+        )
     try:
         return torch.export.load(path)
     except Exception as e:
@@ -293,12 +326,16 @@ def check_input(images):
     if images.dtype != torch.uint8:
         raise UserError(f"the program takes uint8 images (0..255), got {images.dtype}")
     if images.dim() != 4 or images.shape[-1] != 3:
-        raise UserError(f"the program takes RGB images as (batch, height, width, 3), got shape "
-                        f"{tuple(images.shape)}")
+        raise UserError(
+            f"the program takes RGB images as (batch, height, width, 3), got shape "
+            f"{tuple(images.shape)}"
+        )
     sides_fit = all(2 <= side <= MAX_SIDE for side in images.shape[1:3])
     if not (1 <= images.shape[0] <= MAX_BATCH and sides_fit):
-        raise UserError(f"the program takes 1 to {MAX_BATCH} images of 2 to {MAX_SIDE} pixels a "
-                        f"side, got shape {tuple(images.shape)}")
+        raise UserError(
+            f"the program takes 1 to {MAX_BATCH} images of 2 to {MAX_SIDE} pixels a "
+            f"side, got shape {tuple(images.shape)}"
+        )
     return images
 
 
@@ -311,6 +348,7 @@ def run(program, images):
 # ----------------------------------------------------------------------------------------
 # evaluate.py --export
 # ----------------------------------------------------------------------------------------
+
 
 def reference_path(path):
     return os.path.splitext(path)[0] + ".reference.pt2"
@@ -335,8 +373,9 @@ def check_destination(path):
         raise UserError(f"--export {path!r}: the folder {folder!r} is not writable")
     for other in (reference_path(path), description_path(path)):
         if os.path.isdir(other):
-            raise UserError(f"--export {path!r}: {other!r} is a folder, and the export writes "
-                            "a file there")
+            raise UserError(
+                f"--export {path!r}: {other!r} is a folder, and the export writes a file there"
+            )
 
 
 @torch.no_grad()
@@ -349,6 +388,7 @@ def predict_pipeline(model, features, path, pool):
     score = metrics.image_scores(maps, pool="max" if pool == 1 else pool)[0]
     width, height = data.image_size_of(path)
     from PIL import Image
+
     full = Image.fromarray(maps[0], mode="F")
     if full.size != (width, height):
         full = full.resize((width, height), Image.BILINEAR)
@@ -368,17 +408,23 @@ def compare_with_predict(program, model, features, paths, pool, image_threshold)
         pixels = torch.from_numpy(data.load_image(path))[None].to(device)
         out = module(pixels)
         got = float(out["score"][0])
-        worst["score_relative"] = max(worst["score_relative"],
-                                      abs(got - float(score)) / max(abs(float(score)), 1e-12))
-        worst["map_at_image_size_abs"] = max(worst["map_at_image_size_abs"], float(
-            np.abs(out["anomaly_map"][0].cpu().numpy() - full).max()))
+        worst["score_relative"] = max(
+            worst["score_relative"], abs(got - float(score)) / max(abs(float(score)), 1e-12)
+        )
+        worst["map_at_image_size_abs"] = max(
+            worst["map_at_image_size_abs"],
+            float(np.abs(out["anomaly_map"][0].cpu().numpy() - full).max()),
+        )
         if image_threshold is not None:
             verdicts_equal &= bool(out["ng"][0]) == bool(score >= np.float32(image_threshold))
     twice = torch.from_numpy(data.load_image(paths[0]))[None].repeat(2, 1, 1, 1).to(device)
     pair = module(twice)["score"]
     worst["batch_of_two_vs_one_abs"] = float((pair - module(twice[:1])["score"][0]).abs().max())
-    return {"images": len(paths), "max_difference": worst,
-            "verdicts_equal": verdicts_equal if image_threshold is not None else None}
+    return {
+        "images": len(paths),
+        "max_difference": worst,
+        "verdicts_equal": verdicts_equal if image_threshold is not None else None,
+    }
 
 
 def resize_difference(paths, size):
@@ -392,8 +438,17 @@ def resize_difference(paths, size):
     return worst
 
 
-def export_whole_model(model, features, path, check_paths, pool=16, image_threshold=None,
-                       pixel_threshold=None, checkpoint=None, log=print):
+def export_whole_model(
+    model,
+    features,
+    path,
+    check_paths,
+    pool=16,
+    image_threshold=None,
+    pixel_threshold=None,
+    checkpoint=None,
+    log=print,
+):
     """Export the fused and the reference variant, save them, load them back, compare
     them with --predict's pipeline on `check_paths`; write the description file. Returns
     the description (what <PATH>.export.json holds)."""
@@ -403,8 +458,10 @@ def export_whole_model(model, features, path, check_paths, pool=16, image_thresh
     if ops.HAS_EXTENSION:
         variants["fused"] = path
     else:
-        log("note: the compiled extension realnet._C is not built: only the reference "
-            "variant is exported")
+        log(
+            "note: the compiled extension realnet._C is not built: only the reference "
+            "variant is exported"
+        )
     variants["reference"] = reference_path(path)
     report = {"kind": "realnet_export", "version": 1, "programs": {}}
     for variant, target in variants.items():
@@ -423,43 +480,68 @@ def export_whole_model(model, features, path, check_paths, pool=16, image_thresh
         save(program, target)
         reloaded = load(target)
         report["programs"][variant] = {
-            "file": os.path.basename(target), "realnet_ops_in_graph": found,
-            "needs": ("torch and the compiled realnet operators: torch.ops.load_library("
-                      "'<repository>/realnet/_C*.so') before torch.export.load"
-                      if found else "torch only (plain torch.export.load)"),
+            "file": os.path.basename(target),
+            "realnet_ops_in_graph": found,
+            "needs": (
+                "torch and the compiled realnet operators: torch.ops.load_library("
+                "'<repository>/realnet/_C*.so') before torch.export.load"
+                if found
+                else "torch only (plain torch.export.load)"
+            ),
             "export_seconds": round(seconds, 2),
-            "vs_predict": compare_with_predict(reloaded, model, features, check_paths, pool,
-                                               image_threshold)}
-    report.update({
-        "input": "uint8 RGB images, channels last (batch, height, width, 3); batch 1 to "
-                 f"{MAX_BATCH}, height and width 2 to {MAX_SIDE}; decode (EXIF orientation, "
-                 "gray or 16-bit to RGB) as realnet/data.py does before calling",
-        "outputs": {"score": "(batch,) float32, the image score",
-                    "anomaly_map": "(batch, height, width) float32, the map at the input's "
-                                   "own size (PIL bilinear from the model's size)",
-                    **({"ng": "(batch,) bool, score >= image_threshold (True: NG)"}
-                       if image_threshold is not None else {})},
-        "preprocessing": f"PIL-exact bilinear resize to {model.config['input_size']} x "
-                         f"{model.config['input_size']} (uint8, antialiased when shrinking, "
-                         f"the pass order of Pillow {PIL.__version__}), ImageNet mean/std "
-                         "normalisation",
-        "pillow": PIL.__version__,
-        "resize_max_abs_difference_vs_pil": resize_difference(check_paths,
-                                                              model.config["input_size"]),
-        "image_score": ("max of the map" if pool == 1 else
-                        f"max of the {pool}x{pool} average-pooled map (stride 1), at the "
-                        "model's input size"),
-        "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
-        "pixel_threshold_use": "a defect mask is anomaly_map >= pixel_threshold (not applied "
-                               "inside the program)",
-        "anomaly_map": model.config.get("anomaly_map", "discriminator"),
-        "input_size": model.config["input_size"], "torch": torch.__version__,
-        "checkpoint": ({"path": os.path.abspath(checkpoint), "digest": file_digest(checkpoint)}
-                       if checkpoint else None),
-        "load": ["import torch; torch.ops.load_library('<repository>/realnet/_C*.so')  "
-                 "# fused variant only",
-                 f"out = torch.export.load('{os.path.basename(path)}').module()(images)  "
-                 "# images: uint8 (B, H, W, 3)"]})
+            "vs_predict": compare_with_predict(
+                reloaded, model, features, check_paths, pool, image_threshold
+            ),
+        }
+    report.update(
+        {
+            "input": "uint8 RGB images, channels last (batch, height, width, 3); batch 1 to "
+            f"{MAX_BATCH}, height and width 2 to {MAX_SIDE}; decode (EXIF orientation, "
+            "gray or 16-bit to RGB) as realnet/data.py does before calling",
+            "outputs": {
+                "score": "(batch,) float32, the image score",
+                "anomaly_map": "(batch, height, width) float32, the map at the input's "
+                "own size (PIL bilinear from the model's size)",
+                **(
+                    {"ng": "(batch,) bool, score >= image_threshold (True: NG)"}
+                    if image_threshold is not None
+                    else {}
+                ),
+            },
+            "preprocessing": f"PIL-exact bilinear resize to {model.config['input_size']} x "
+            f"{model.config['input_size']} (uint8, antialiased when shrinking, "
+            f"the pass order of Pillow {PIL.__version__}), ImageNet mean/std "
+            "normalisation",
+            "pillow": PIL.__version__,
+            "resize_max_abs_difference_vs_pil": resize_difference(
+                check_paths, model.config["input_size"]
+            ),
+            "image_score": (
+                "max of the map"
+                if pool == 1
+                else f"max of the {pool}x{pool} average-pooled map (stride 1), at the "
+                "model's input size"
+            ),
+            "image_threshold": image_threshold,
+            "pixel_threshold": pixel_threshold,
+            "pixel_threshold_use": "a defect mask is anomaly_map >= pixel_threshold (not applied "
+            "inside the program)",
+            "anomaly_map": model.config.get("anomaly_map", "discriminator"),
+            "input_size": model.config["input_size"],
+            "torch": torch.__version__,
+            "checkpoint": (
+                {"path": os.path.abspath(checkpoint), "digest": file_digest(checkpoint)}
+                if checkpoint
+                else None
+            ),
+            "load": [
+                "import torch; torch.ops.load_library('<repository>/realnet/_C*.so')  "
+                "# fused variant only",
+                f"out = torch.export.load('{os.path.basename(path)}').module()(images)  "
+                "# images: uint8 (B, H, W, 3)",
+            ],
+        }
+    )
     report["description"] = description_path(path)
     atomic_write_text(description_path(path), json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
@@ -469,8 +551,13 @@ def describe(report):
     parts = []
     for variant, program in report["programs"].items():
         check = program["vs_predict"]
-        verdicts = ("" if check["verdicts_equal"] is None else
-                    f", verdicts {'equal' if check['verdicts_equal'] else 'DIFFERENT'}")
-        parts.append(f"{variant} {program['file']} (vs --predict on {check['images']} images: "
-                     f"score rel. diff {check['max_difference']['score_relative']:.2g}{verdicts})")
+        verdicts = (
+            ""
+            if check["verdicts_equal"] is None
+            else f", verdicts {'equal' if check['verdicts_equal'] else 'DIFFERENT'}"
+        )
+        parts.append(
+            f"{variant} {program['file']} (vs --predict on {check['images']} images: "
+            f"score rel. diff {check['max_difference']['score_relative']:.2g}{verdicts})"
+        )
     return f"exported {'; '.join(parts)}; described in {report['description']}"

@@ -5,6 +5,7 @@ and the throughput measurement alike. Training also needs the features of each s
 clean original (the reconstruction target): `pair_features` gives both, and
 `FeatureCache` keeps the clean training images' features so they are computed once.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,15 +23,17 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, backbone, model):
         super().__init__()
-        config = getattr(model, "config", model)   # a RealNet, or its config
+        config = getattr(model, "config", model)  # a RealNet, or its config
         self.backbone = backbone
         self.layers, self.levels = list(config["layers"]), [list(g) for g in config["levels"]]
         device = next(iter(backbone.parameters()), torch.empty(0)).device
         for layer, indices in zip(config["layers"], config["afs_indices"]):
             # part of the config, not of any state_dict
-            self.register_buffer(f"afs_indices_{layer}",
-                                 torch.tensor(indices, dtype=torch.long, device=device),
-                                 persistent=False)
+            self.register_buffer(
+                f"afs_indices_{layer}",
+                torch.tensor(indices, dtype=torch.long, device=device),
+                persistent=False,
+            )
 
     @torch.no_grad()
     def forward(self, images):
@@ -46,9 +49,12 @@ class FeatureExtractor(nn.Module):
         levels = []
         for group in self.levels:
             size = by_layer[group[0]].shape[-2:]
-            parts = [by_layer[layer] if by_layer[layer].shape[-2:] == size else
-                     F.interpolate(by_layer[layer], size=size, mode="bilinear", align_corners=True)
-                     for layer in group]
+            parts = [
+                by_layer[layer]
+                if by_layer[layer].shape[-2:] == size
+                else F.interpolate(by_layer[layer], size=size, mode="bilinear", align_corners=True)
+                for layer in group
+            ]
             levels.append(torch.cat(parts, dim=1))
         return levels
 
@@ -70,10 +76,11 @@ class FeatureCache:
             images = torch.stack([data.to_tensor(stream.clean_image(i)) for i in chunk_ids])
             feats = features(images.to(device))
             if self.levels is None:
-                self.levels = [torch.empty((n, *f.shape[1:]), dtype=f.dtype, device=device)
-                               for f in feats]
+                self.levels = [
+                    torch.empty((n, *f.shape[1:]), dtype=f.dtype, device=device) for f in feats
+                ]
             for cache, f in zip(self.levels, feats):
-                cache[start:start + len(f)] = f
+                cache[start : start + len(f)] = f
 
     def __call__(self, index):
         return [cache[index] for cache in self.levels]
@@ -84,12 +91,14 @@ class FeatureCache:
         size = config["input_size"]
         strides = dict(zip(config["layers"], config["layer_strides"]))
         dims = dict(zip(config["layers"], config["afs_dims"]))
-        per_image = sum(sum(dims[layer] for layer in group) * (size // strides[group[0]]) ** 2
-                        for group in config["levels"])
+        per_image = sum(
+            sum(dims[layer] for layer in group) * (size // strides[group[0]]) ** 2
+            for group in config["levels"]
+        )
         return 4 * per_image * n_images
 
 
-def make_cache(mode, config, stream, features, device, limit=4 * 2 ** 30):
+def make_cache(mode, config, stream, features, device, limit=4 * 2**30):
     """--cache-features on | off | auto (on when the cache takes under `limit` bytes)."""
     small = FeatureCache.bytes_needed(config, len(stream.samples)) < limit
     use = mode == "on" or (mode == "auto" and small)

@@ -11,6 +11,7 @@ Checkpoints hold tensors and plain types only (dict, list, tuple, str, int, floa
 None) and are read with `torch.load(weights_only=True)`: opening a downloaded model.pt can
 then not run code, as unpickling arbitrary objects could.
 """
+
 import csv
 import hashlib
 import io
@@ -38,7 +39,9 @@ _UMASK = _umask()
 def _atomic_write(path, write_fn, mode="wb"):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+    )
     try:
         # mkstemp makes the file private (0600); give it the permissions open() would
         os.fchmod(fd, 0o666 & ~_UMASK)
@@ -92,12 +95,12 @@ def remove_orphaned_temporaries(folder, subfolders=()):
                     removed.append(os.path.join(parent, name))
                     os.unlink(removed[-1])
             if not nested:
-                children.clear()   # the folder itself, not the folders in it
+                children.clear()  # the folder itself, not the folders in it
     return removed
 
 
 LOCK_FILE = ".lock"
-_held_locks = {}   # real path of a folder -> its open lock file, kept for the process lifetime
+_held_locks = {}  # real path of a folder -> its open lock file, kept for the process lifetime
 
 
 def lock_output_folder(path, what="--out"):
@@ -110,16 +113,19 @@ def lock_output_folder(path, what="--out"):
     key = os.path.realpath(path)
     if key in _held_locks or int(os.environ.get("RANK", "0")) != 0:
         return
-    import fcntl   # here: POSIX only, and only the stages (not the package's readers) lock
+    import fcntl  # here: POSIX only, and only the stages (not the package's readers) lock
+
     handle = open(os.path.join(path, LOCK_FILE), "a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise UserError(f"{what} {path!r} is in use by another running process (it holds "
-                        f"{os.path.join(path, LOCK_FILE)}); wait for it to end or choose "
-                        f"another {what}")
-    except OSError:   # a file system without locks (some network mounts): run unlocked
+        raise UserError(
+            f"{what} {path!r} is in use by another running process (it holds "
+            f"{os.path.join(path, LOCK_FILE)}); wait for it to end or choose "
+            f"another {what}"
+        )
+    except OSError:  # a file system without locks (some network mounts): run unlocked
         pass
     _held_locks[key] = handle
 
@@ -142,9 +148,11 @@ def prepare_output_folder(path, what="--out", clean=True, log=print, files=(), s
         raise UserError(f"{what} {path!r} is a file, expected a folder (or a new name)")
     for name in files:
         if os.path.isdir(os.path.join(path, name)):
-            raise UserError(f"{what} {path!r}: {os.path.join(path, name)!r} is a folder, but "
-                            f"the stage writes its file {name} there; move it away or choose "
-                            f"another {what}")
+            raise UserError(
+                f"{what} {path!r}: {os.path.join(path, name)!r} is a folder, but "
+                f"the stage writes its file {name} there; move it away or choose "
+                f"another {what}"
+            )
     try:
         os.makedirs(path, exist_ok=True)
         # not named like a temporary: another process cleaning the folder must leave it alone
@@ -152,8 +160,9 @@ def prepare_output_folder(path, what="--out", clean=True, log=print, files=(), s
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"{what} {path!r}: cannot write there ({e.strerror or e}); "
-                        "expected a writable folder")
+        raise UserError(
+            f"{what} {path!r}: cannot write there ({e.strerror or e}); expected a writable folder"
+        )
     lock_output_folder(path, what)
     if clean:
         removed = remove_orphaned_temporaries(path, subfolders)
@@ -179,8 +188,10 @@ def require_plain(obj, where="checkpoint"):
                 raise TypeError(f"{where}: key {key!r} is not a str or int")
             require_plain(value, f"{where}[{key!r}]")
     else:
-        raise TypeError(f"{where} is a {type(obj).__name__}: a checkpoint holds tensors and "
-                        "plain types only (it is read with weights_only=True)")
+        raise TypeError(
+            f"{where} is a {type(obj).__name__}: a checkpoint holds tensors and "
+            "plain types only (it is read with weights_only=True)"
+        )
 
 
 def atomic_torch_save(obj, path):
@@ -192,7 +203,9 @@ def atomic_torch_save(obj, path):
 
 def atomic_save_image(image, path):
     """Save a PIL image atomically; the format follows the extension."""
-    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(os.path.splitext(path)[1].lower(), "PNG")
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(
+        os.path.splitext(path)[1].lower(), "PNG"
+    )
     buf = io.BytesIO()
     image.save(buf, format=fmt)
     atomic_write_bytes(path, buf.getvalue())
@@ -207,8 +220,10 @@ def is_exported_program(path):
     an archive_format entry, where a checkpoint holds data.pkl."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/archive_format") or name == "archive_format"
-                       for name in archive.namelist())
+            return any(
+                name.endswith("/archive_format") or name == "archive_format"
+                for name in archive.namelist()
+            )
     except (OSError, zipfile.BadZipFile):
         return False
 
@@ -217,15 +232,20 @@ def _unreadable(path, what, e):
     """The one line for a file torch.load cannot read. Not torch's own words: they advise
     weights_only=False, which would switch off the protection against code in the file."""
     if is_exported_program(path):
-        return UserError(f"{what}: {path!r} is an exported program (torch.export, .pt2), not a "
-                         "checkpoint: give the model.pt that train_realnet.py wrote")
+        return UserError(
+            f"{what}: {path!r} is an exported program (torch.export, .pt2), not a "
+            "checkpoint: give the model.pt that train_realnet.py wrote"
+        )
     if zipfile.is_zipfile(path):
         why = "a zip archive without torch's data.pkl: not written by torch.save"
     else:
-        why = "neither torch.save's zip format nor its legacy one: damaged, cut short, or " \
-              "another kind of file"
-    return UserError(f"{what}: {path!r} is not a readable torch checkpoint ({why}; "
-                     f"{type(e).__name__})")
+        why = (
+            "neither torch.save's zip format nor its legacy one: damaged, cut short, or "
+            "another kind of file"
+        )
+    return UserError(
+        f"{what}: {path!r} is not a readable torch checkpoint ({why}; {type(e).__name__})"
+    )
 
 
 def safe_torch_load(path, what, map_location="cpu"):
@@ -234,13 +254,15 @@ def safe_torch_load(path, what, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))   # weights_only met an object that is not plain
+        found = re.search(r"GLOBAL (\S+)", str(e))  # weights_only met an object that is not plain
         if not found:
             raise _unreadable(path, what, e)
         holds = f" ({found.group(1)})"
-        raise UserError(f"{what}: {path!r} holds Python objects{holds}, not only tensors and "
-                        "plain types; refused, as loading it could run code (a file written by "
-                        "an older version of this project: run that stage again)")
+        raise UserError(
+            f"{what}: {path!r} holds Python objects{holds}, not only tensors and "
+            "plain types; refused, as loading it could run code (a file written by "
+            "an older version of this project: run that stage again)"
+        )
     except Exception as e:  # a truncated or foreign file
         raise _unreadable(path, what, e)
 
@@ -257,19 +279,22 @@ def load_checkpoint(path, what, kind=None, map_location="cpu"):
     if kind is not None:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else None
         if found != kind:
-            raise UserError(f"{what}: {path!r} is {_a(found or 'foreign')} checkpoint, "
-                            f"expected {_a(kind)} checkpoint")
+            raise UserError(
+                f"{what}: {path!r} is {_a(found or 'foreign')} checkpoint, "
+                f"expected {_a(kind)} checkpoint"
+            )
     return ckpt
 
 
 def readable_image(path):
     """Whether `path` is a complete image file (an empty or cut PNG is not)."""
-    from PIL import Image   # here: only synthesize.py asks
+    from PIL import Image  # here: only synthesize.py asks
+
     try:
         with Image.open(path) as image:
-            image.verify()   # reads the whole file, checks the PNG chunks' checksums
+            image.verify()  # reads the whole file, checks the PNG chunks' checksums
         return True
-    except Exception:   # PIL raises many types for broken files
+    except Exception:  # PIL raises many types for broken files
         return False
 
 

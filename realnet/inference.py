@@ -4,6 +4,7 @@
 train_realnet.py; `anomaly_maps` is the forward pass they all score with; `dataset_maps`
 scores a whole data set (evaluate.py's test splits).
 """
+
 import torch
 
 from .backbone import load_recorded_backbone
@@ -26,23 +27,31 @@ def load_model(path, backbone_weights, device):
     Returns (model in eval mode, features: image -> AFS features, checkpoint)."""
     ckpt = load_checkpoint(path, "--checkpoint", kind="realnet")
     config = ckpt["config"]
-    backbone = load_recorded_backbone(config.get("backbone"), backbone_weights,
-                                           config["layers"], f"--checkpoint {path!r}")
-    broken = [name for name, value in ckpt["state_dict"].items()
-              if value.is_floating_point() and not torch.isfinite(value).all()]
-    if broken:   # a diverged training: its maps would be NaN, and no metric defined
-        raise UserError(f"--checkpoint {path!r}: {len(broken)} weight tensor(s) are not "
-                        f"finite (e.g. {broken[0]}): the training diverged; train again "
-                        "with a lower --lr")
+    backbone = load_recorded_backbone(
+        config.get("backbone"), backbone_weights, config["layers"], f"--checkpoint {path!r}"
+    )
+    broken = [
+        name
+        for name, value in ckpt["state_dict"].items()
+        if value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if broken:  # a diverged training: its maps would be NaN, and no metric defined
+        raise UserError(
+            f"--checkpoint {path!r}: {len(broken)} weight tensor(s) are not "
+            f"finite (e.g. {broken[0]}): the training diverged; train again "
+            "with a lower --lr"
+        )
     state = dict(ckpt["state_dict"])
     legacy = [state.pop(name) for name in LEGACY_BUFFERS if name in state]
-    ckpt.setdefault("calibration", None)   # older checkpoints: not calibrated
+    ckpt.setdefault("calibration", None)  # older checkpoints: not calibrated
     model = RealNet(config)
-    try:   # a legacy fused model lacks the calibration buffers: they keep their defaults
+    try:  # a legacy fused model lacks the calibration buffers: they keep their defaults
         model.load_state_dict(state, strict=not legacy)
     except RuntimeError as e:
-        raise UserError(f"--checkpoint {path!r}: its weights do not fit its configuration "
-                        f"({str(e).splitlines()[0]})")
+        raise UserError(
+            f"--checkpoint {path!r}: its weights do not fit its configuration "
+            f"({str(e).splitlines()[0]})"
+        )
     model = model.to(device).eval()
     return model, FeatureExtractor(backbone.to(device), model), ckpt
 

@@ -7,6 +7,7 @@ and says so in one line. An error raised in a worker (a `UserError` naming an un
 file) reaches the main process wrapped by torch in a message with two tracebacks;
 `cli.run` prints the original line (`cli.worker_error_line`).
 """
+
 import os
 
 import torch
@@ -16,7 +17,7 @@ def cpu_count():
     """The CPU cores this process may use (its affinity, not the machine's total)."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:   # not Linux
+    except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
 
@@ -40,7 +41,7 @@ def start_loader(dataset, workers, log=print, **options):
     `capped_workers`. `options`: batch_size, sampler, batch_sampler, pin_memory, ... as
     DataLoader takes them; persistent_workers only when there are any workers."""
     persistent = options.pop("persistent_workers", False)
-    batches = len(torch.utils.data.DataLoader(dataset, **options))   # starts no process
+    batches = len(torch.utils.data.DataLoader(dataset, **options))  # starts no process
     used = capped_workers(workers, batches, log)
     if persistent and used > 0:
         options["persistent_workers"] = True
@@ -51,7 +52,12 @@ def training_loader(stream, start_step, total_steps, batch_size, workers, ddp):
     """train_realnet.py's batches of the anomaly stream: this process's share (batch_size /
     processes) of each global batch, from start_step."""
     from .stream import StreamSampler
+
     sampler = StreamSampler(start_step, total_steps, batch_size, ddp.rank, ddp.world_size)
-    return torch.utils.data.DataLoader(stream, batch_size=batch_size // ddp.world_size,
-                                       num_workers=workers, sampler=sampler,
-                                       pin_memory=ddp.device.type == "cuda")
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=batch_size // ddp.world_size,
+        num_workers=workers,
+        sampler=sampler,
+        pin_memory=ddp.device.type == "cuda",
+    )

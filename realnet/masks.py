@@ -8,6 +8,7 @@ global Otsu or Triangle threshold plus morphology, per category, with the rules 
 authors' code (docs/method.md, "Synthetic anomalies"). The thresholds are OpenCV's,
 re-implemented exactly in numpy so that no OpenCV is needed.
 """
+
 import math
 
 import numpy as np
@@ -19,13 +20,12 @@ from .cli import UserError
 # Perlin masks: where the anomaly goes
 # ----------------------------------------------------------------------------------------
 
-PERLIN_SCALE_EXPONENTS = (0, 6)   # 2^k per axis, k in {0..5}: blobs from 1/1 to 1/32 of the image
-PERLIN_THRESHOLD = 0.5            # the authors' constructor default
-
+PERLIN_SCALE_EXPONENTS = (0, 6)  # 2^k per axis, k in {0..5}: blobs from 1/1 to 1/32 of the image
+PERLIN_THRESHOLD = 0.5  # the authors' constructor default
 
 
 def _fade(t):
-    return 6 * t ** 5 - 15 * t ** 4 + 10 * t ** 3   # quintic: zero 1st and 2nd derivative at 0, 1
+    return 6 * t**5 - 15 * t**4 + 10 * t**3  # quintic: zero 1st and 2nd derivative at 0, 1
 
 
 def rand_perlin_2d(shape, res, rng):
@@ -37,7 +37,7 @@ def rand_perlin_2d(shape, res, rng):
     h, w = shape
     angles = 2 * math.pi * rng.random((res[0] + 1, res[1] + 1))
     gradients = np.stack((np.cos(angles), np.sin(angles)), axis=-1)
-    y = np.arange(h) * (res[0] / h)   # lattice coordinates of the pixel rows / columns
+    y = np.arange(h) * (res[0] / h)  # lattice coordinates of the pixel rows / columns
     x = np.arange(w) * (res[1] / w)
     iy, ix = np.floor(y).astype(np.int64), np.floor(x).astype(np.int64)
     fy, fx = (y - iy)[:, None], (x - ix)[None, :]
@@ -66,10 +66,13 @@ def perlin_mask(size, rng, scale_exponents=PERLIN_SCALE_EXPONENTS, threshold=PER
 # Foreground masks: keep anomalies on the object (docs/method.md)
 # ----------------------------------------------------------------------------------------
 
+
 def rgb_to_gray(image):
     """OpenCV's RGB2GRAY in its fixed-point form: (4899 R + 9617 G + 1868 B + 2^13) >> 14."""
     x = image.astype(np.int32)
-    return ((x[..., 0] * 4899 + x[..., 1] * 9617 + x[..., 2] * 1868 + (1 << 13)) >> 14).astype(np.uint8)
+    return ((x[..., 0] * 4899 + x[..., 1] * 9617 + x[..., 2] * 1868 + (1 << 13)) >> 14).astype(
+        np.uint8
+    )
 
 
 def otsu_threshold(channel):
@@ -104,7 +107,7 @@ def triangle_threshold(channel):
     right = right + 1 if right < 255 else right
     peak = int(np.argmax(hist))
     flipped = False
-    if peak - left < right - peak:   # the long tail must be on the left: mirror the histogram
+    if peak - left < right - peak:  # the long tail must be on the left: mirror the histogram
         flipped = True
         hist = hist[::-1]
         left, peak = 255 - right, 255 - peak
@@ -132,14 +135,30 @@ FOREGROUND_RULES = {
     "mvtec": {
         **{c: _ALL for c in ("carpet", "leather", "tile", "wood", "cable", "transistor")},
         "pill": ("gray", "otsu", "bright", 6, 6),
-        **{c: ("gray", "triangle", "bright", 6, 6) for c in ("hazelnut", "metal_nut", "toothbrush")},
-        **{c: ("gray", "otsu", "dark", 6, 6) for c in ("bottle", "capsule", "grid", "screw", "zipper")},
+        **{
+            c: ("gray", "triangle", "bright", 6, 6)
+            for c in ("hazelnut", "metal_nut", "toothbrush")
+        },
+        **{
+            c: ("gray", "otsu", "dark", 6, 6)
+            for c in ("bottle", "capsule", "grid", "screw", "zipper")
+        },
     },
     "visa": {
         "capsules": _ALL,
         **{c: (2, "triangle", "bright", 8, 3) for c in ("pcb1", "pcb2", "pcb3", "pcb4")},
-        **{c: ("gray", "otsu", "bright", 3, 3)
-           for c in ("candle", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pipe_fryum")},
+        **{
+            c: ("gray", "otsu", "bright", 3, 3)
+            for c in (
+                "candle",
+                "cashew",
+                "chewinggum",
+                "fryum",
+                "macaroni1",
+                "macaroni2",
+                "pipe_fryum",
+            )
+        },
     },
     "mpdd": {
         **{c: (1, "otsu", "dark", 6, 0) for c in ("bracket_black", "bracket_brown", "connector")},
@@ -152,8 +171,10 @@ FOREGROUND_RULES = {
     },
     # the embedded demo data set (demo_data.py): bright objects on a dark table, textures
     "demo": {
-        "granite": _ALL, "weave": _ALL,
-        "tablet": ("gray", "otsu", "bright", 6, 6), "washer": ("gray", "otsu", "bright", 6, 6),
+        "granite": _ALL,
+        "weave": _ALL,
+        "tablet": ("gray", "otsu", "bright", 6, 6),
+        "washer": ("gray", "otsu", "bright", 6, 6),
     },
 }
 FOREGROUND_MODES = ("category", "auto", "none")
@@ -208,7 +229,9 @@ def foreground_mask(image_uint8, category, dataset_format, mode="category"):
     for a known category (docs/method.md) and `auto_foreground` for any other; "auto" always
     uses `auto_foreground`; "none" allows the whole image."""
     if mode not in FOREGROUND_MODES:
-        raise UserError(f"unknown foreground mode {mode!r} (expected {', '.join(FOREGROUND_MODES)})")
+        raise UserError(
+            f"unknown foreground mode {mode!r} (expected {', '.join(FOREGROUND_MODES)})"
+        )
     shape = image_uint8.shape[:2]
     if mode == "none":
         return np.ones(shape, np.float32)
@@ -218,4 +241,3 @@ def foreground_mask(image_uint8, category, dataset_format, mode="category"):
     if rule is _ALL:
         return np.ones(shape, np.float32)
     return threshold_foreground(image_uint8, *rule)
-

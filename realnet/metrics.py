@@ -21,6 +21,7 @@ pixel, how many defect-free pixels score >= r and > r. Sorting the scores *value
 with no argsort of the big array. The results are identical to sklearn's and to MVTec's
 (tests/test_metrics.py compares them; benchmarks/bench_aupro.py times them).
 """
+
 import numpy as np
 import scipy.ndimage as ndi
 import torch
@@ -33,6 +34,7 @@ EIGHT_CONNECTED = np.ones((3, 3), dtype=int)  # MVTec labels defect regions with
 # ----------------------------------------------------------------------------------------
 # Image level
 # ----------------------------------------------------------------------------------------
+
 
 def image_scores(maps, pool=16):
     """Image score = max of the anomaly map after a pool x pool average pooling (stride 1,
@@ -55,6 +57,7 @@ def image_auroc(labels, scores):
 # ----------------------------------------------------------------------------------------
 # Pixel level
 # ----------------------------------------------------------------------------------------
+
 
 def _as_arrays(maps, masks):
     maps = np.asarray(maps)
@@ -164,7 +167,7 @@ def pro_curve(maps, masks, fpr_limit=0.3):
     scores, weights = region_scores[in_region], region_weight[in_region]
     order = np.argsort(-scores)  # only the anomalous pixels: few; order within ties is irrelevant
     scores, weights = scores[order], weights[order]
-    last_of_run = np.append(scores[1:] != scores[:-1], True)[:scores.size]
+    last_of_run = np.append(scores[1:] != scores[:-1], True)[: scores.size]
     pro_after = np.cumsum(weights)[last_of_run] / n_regions
     pro_before = np.concatenate([[0.0], pro_after])[:-1]
     distinct = scores[last_of_run]
@@ -193,7 +196,9 @@ def trapezoid(x, y, x_max):
         ins = int(np.searchsorted(x, x_max, side="right"))  # bisect_right: x is non-decreasing
         if not 0 < ins < len(x):
             raise ValueError(f"the curve does not reach fpr {x_max}")
-        y_interp = y[ins - 1] + (y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1])
+        y_interp = y[ins - 1] + (y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (
+            x[ins] - x[ins - 1]
+        )
         correction = 0.5 * (y_interp + y[ins - 1]) * (x_max - x[ins - 1])
     inside = x <= x_max
     x, y = x[inside], y[inside]
@@ -240,5 +245,7 @@ def mean_over_categories(results):
     summary = {}
     for name in ("image_auroc", "pixel_auroc", "au_pro"):
         values = [r[name] for r in results.values()]
-        summary[name] = float(np.mean(values)) if values and all(v is not None for v in values) else None
+        summary[name] = (
+            float(np.mean(values)) if values and all(v is not None for v in values) else None
+        )
     return summary

@@ -22,6 +22,7 @@ is zero-initialised so that every reconstruction starts at exactly 0.
 `config` (a plain dict, stored in every checkpoint) says everything needed to rebuild the
 model; `build_config` makes it from an AFS file and the training arguments.
 """
+
 import torch
 import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
@@ -43,7 +44,7 @@ ARCHITECTURES = {
 ANOMALY_MAPS = {
     "discriminator": "the discriminator's class-1 probability, in [0, 1] (the paper)",
     "fused": "beyond the paper: the mean of the discriminator's log-odds and of each level's "
-             "reconstruction energy, each scaled on good images by calibration",
+    "reconstruction energy, each scaled on good images by calibration",
 }
 
 
@@ -55,14 +56,25 @@ def level_layers(arch, layers):
         return [[layer] for layer in layers]
     if arch == "C":
         if len(layers) % 2:
-            raise UserError(f"--arch C pairs neighbouring layers; the AFS file has an odd number "
-                            f"of layers {layers}")
+            raise UserError(
+                f"--arch C pairs neighbouring layers; the AFS file has an odd number "
+                f"of layers {layers}"
+            )
         return [[layers[i], layers[i + 1]] for i in range(0, len(layers), 2)]
     raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
 
 
-def build_config(afs, arch="A", width_ratio=0.5, retention=1 / 3, k_max=None, k_mean=None,
-                 input_size=None, strides=(4, 8, 16, 32), anomaly_map="discriminator"):
+def build_config(
+    afs,
+    arch="A",
+    width_ratio=0.5,
+    retention=1 / 3,
+    k_max=None,
+    k_mean=None,
+    input_size=None,
+    strides=(4, 8, 16, 32),
+    anomaly_map="discriminator",
+):
     """The model configuration from an AFS file (a dict as written by select_features.py).
 
     Channels after AFS: M = sum of the AFS dims. RRS keeps k_max = k_mean = M * retention / 2
@@ -70,7 +82,9 @@ def build_config(afs, arch="A", width_ratio=0.5, retention=1 / 3, k_max=None, k_
     ANOMALY_MAPS, what the model reports (RealNet.forward).
     """
     if anomaly_map not in ANOMALY_MAPS:
-        raise ValueError(f"unknown anomaly map {anomaly_map!r}; expected one of {sorted(ANOMALY_MAPS)}")
+        raise ValueError(
+            f"unknown anomaly map {anomaly_map!r}; expected one of {sorted(ANOMALY_MAPS)}"
+        )
     layers = [int(layer) for layer in afs["layers"]]
     dims = [int(d) for d in afs["dims"]]
     total = sum(dims)
@@ -97,12 +111,22 @@ def build_config(afs, arch="A", width_ratio=0.5, retention=1 / 3, k_max=None, k_
         "backbone": afs.get("backbone"),
         "anomaly_map": anomaly_map,
     }
-    if config["k_max"] + config["k_mean"] < 1 or min(config["k_max"], config["k_mean"]) < 0 \
-            or max(config["k_max"], config["k_mean"]) > total:
-        raise UserError(f"--k-max {config['k_max']} --k-mean {config['k_mean']}: each must be in "
-                        f"[0, {total}] (the channels AFS keeps), and at least one positive")
-    require_reconstructable(config["input_size"], config["layer_strides"], config["levels"],
-                            len(config["channel_mult"]) - 1, config["layers"])
+    if (
+        config["k_max"] + config["k_mean"] < 1
+        or min(config["k_max"], config["k_mean"]) < 0
+        or max(config["k_max"], config["k_mean"]) > total
+    ):
+        raise UserError(
+            f"--k-max {config['k_max']} --k-mean {config['k_mean']}: each must be in "
+            f"[0, {total}] (the channels AFS keeps), and at least one positive"
+        )
+    require_reconstructable(
+        config["input_size"],
+        config["layer_strides"],
+        config["levels"],
+        len(config["channel_mult"]) - 1,
+        config["layers"],
+    )
     return config
 
 
@@ -115,11 +139,13 @@ def require_reconstructable(input_size, strides, levels=None, downsamplings=2, l
     stride_of = dict(zip(layers, strides))
     for group in levels or [[layer] for layer in layers]:
         stride = min(stride_of[layer] for layer in group)
-        multiple = stride * 2 ** downsamplings
+        multiple = stride * 2**downsamplings
         if input_size % multiple:
-            raise UserError(f"--input-size {input_size}: layer{group[0]}'s feature map "
-                            f"({input_size}/{stride}) must halve {downsamplings} times in its "
-                            f"reconstruction UNet; expected a multiple of {multiple}")
+            raise UserError(
+                f"--input-size {input_size}: layer{group[0]}'s feature map "
+                f"({input_size}/{stride}) must halve {downsamplings} times in its "
+                f"reconstruction UNet; expected a multiple of {multiple}"
+            )
 
 
 def level_channels(config):
@@ -130,6 +156,7 @@ def level_channels(config):
 # ----------------------------------------------------------------------------------------
 # Building blocks of the reconstruction UNet (as the authors': docs/method.md, section 6)
 # ----------------------------------------------------------------------------------------
+
 
 def group_count(channels, most=32):
     """GroupNorm(32) as the authors use; for small (demo) widths the largest divisor <= 32."""
@@ -167,7 +194,9 @@ class ResBlock(nn.Module):
             self.h_resample = nn.ConvTranspose2d(channels, channels, 4, 2, 1)
             self.x_resample = nn.ConvTranspose2d(channels, channels, 4, 2, 1)
         self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
-        self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.skip = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
 
     def forward(self, x):
         h = F.silu(self.norm(x))
@@ -208,8 +237,15 @@ class ReconstructionUNet(nn.Module):
     ResBlocks per level; attention on levels 1 and 2 and in the middle; the decoder takes
     one skip connection per encoder block (num_res_blocks + 1 per level)."""
 
-    def __init__(self, channels, width_ratio=0.5, channel_mult=(1, 2, 4), num_res_blocks=2,
-                 attention_levels=(1, 2), head_channels=64):
+    def __init__(
+        self,
+        channels,
+        width_ratio=0.5,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=2,
+        attention_levels=(1, 2),
+        head_channels=64,
+    ):
         super().__init__()
         base = max(1, int(width_ratio * channels))
         self.downsamplings = len(channel_mult) - 1
@@ -237,12 +273,16 @@ class ReconstructionUNet(nn.Module):
                 if level and i == num_res_blocks:
                     blocks.append(ResBlock(ch, up=True))
                 self.decoder.append(nn.Sequential(*blocks))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, channels, 3, padding=1))
+        )
 
     def forward(self, x):
-        if x.shape[-1] % 2 ** self.downsamplings or x.shape[-2] % 2 ** self.downsamplings:
-            raise ValueError(f"a reconstruction level of size {tuple(x.shape[-2:])} cannot be halved "
-                             f"{self.downsamplings} times; use a larger input size")
+        if x.shape[-1] % 2**self.downsamplings or x.shape[-2] % 2**self.downsamplings:
+            raise ValueError(
+                f"a reconstruction level of size {tuple(x.shape[-2:])} cannot be halved "
+                f"{self.downsamplings} times; use a larger input size"
+            )
         skips, h = [], x
         for block in self.encoder:
             h = block(h)
@@ -257,6 +297,7 @@ class ReconstructionUNet(nn.Module):
 # RRS and the discriminator (paper §3.3, appendix B)
 # ----------------------------------------------------------------------------------------
 
+
 class ResidualSelection(nn.Module):
     """RRS: keep, per image, the k_max residual channels with the largest spatial max and
     the k_mean with the largest spatial mean of the BatchNorm-normalised residual (the
@@ -269,9 +310,18 @@ class ResidualSelection(nn.Module):
         self.register_buffer("running_var", torch.ones(channels))
 
     def forward(self, features, reconstructions, process_group=None):
-        return ops.rrs_select(features, reconstructions, self.k_max, self.k_mean,
-                              self.running_mean, self.running_var, self.training,
-                              self.momentum, self.eps, process_group=process_group)
+        return ops.rrs_select(
+            features,
+            reconstructions,
+            self.k_max,
+            self.k_mean,
+            self.running_mean,
+            self.running_var,
+            self.training,
+            self.momentum,
+            self.eps,
+            process_group=process_group,
+        )
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -288,10 +338,17 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         shape = (1, -1, 1, 1)
         local_count = x.new_tensor([x.numel() // x.shape[1]], dtype=torch.float32)
-        sums = dist_fn.all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), local_count]), group=self.process_group)
+        sums = dist_fn.all_reduce(
+            torch.cat([x.sum(dim=(0, 2, 3)), local_count]), group=self.process_group
+        )
         count = sums[-1]
         mean = sums[:-1] / count
-        var = dist_fn.all_reduce(((x - mean.view(shape)) ** 2).sum(dim=(0, 2, 3)), group=self.process_group) / count
+        var = (
+            dist_fn.all_reduce(
+                ((x - mean.view(shape)) ** 2).sum(dim=(0, 2, 3)), group=self.process_group
+            )
+            / count
+        )
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.detach(), self.momentum)
@@ -303,8 +360,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 class Residual(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                                   nn.ReLU(), nn.Conv2d(channels, channels, 1, bias=False))
+        self.block = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 1, bias=False),
+        )
 
     def forward(self, x):
         return x + self.block(x)
@@ -315,11 +376,18 @@ class Discriminator(nn.Module):
 
     def __init__(self, channels, residual_layers=2):
         super().__init__()
-        self.residuals = nn.Sequential(*[Residual(channels) for _ in range(residual_layers)], nn.ReLU())
-        self.decoder1 = nn.Sequential(nn.Conv2d(channels, 128, 3, padding=1), GlobalBatchNorm2d(128), nn.ReLU())
-        self.decoder2 = nn.Sequential(nn.Conv2d(128, 32, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(32, 8, 3, padding=1), nn.ReLU())
-        self.decoder3 = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+        self.residuals = nn.Sequential(
+            *[Residual(channels) for _ in range(residual_layers)], nn.ReLU()
+        )
+        self.decoder1 = nn.Sequential(
+            nn.Conv2d(channels, 128, 3, padding=1), GlobalBatchNorm2d(128), nn.ReLU()
+        )
+        self.decoder2 = nn.Sequential(
+            nn.Conv2d(128, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1), nn.ReLU()
+        )
+        self.decoder3 = nn.Sequential(
+            nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)
+        )
 
     def forward(self, selected, image_size):
         h = self.decoder2(self.decoder1(self.residuals(selected)))
@@ -332,6 +400,7 @@ class Discriminator(nn.Module):
 # The whole model
 # ----------------------------------------------------------------------------------------
 
+
 class RealNet(nn.Module):
     """Everything trained on top of the frozen backbone (which is kept outside: its
     weights are reloaded, never stored in RealNet checkpoints)."""
@@ -341,15 +410,29 @@ class RealNet(nn.Module):
         self.config = config
         channels = level_channels(config)
         self.reconstruction = nn.ModuleList(
-            ReconstructionUNet(c, config["width_ratio"], tuple(config["channel_mult"]), config["num_res_blocks"],
-                               tuple(config["attention_levels"]), config["head_channels"])
-            for c in channels)
-        self.rrs = ResidualSelection(sum(channels), config["k_max"], config["k_mean"],
-                                     config["rrs_momentum"], config["rrs_eps"])
-        self.discriminator = Discriminator(config["k_max"] + config["k_mean"], config["residual_layers"])
+            ReconstructionUNet(
+                c,
+                config["width_ratio"],
+                tuple(config["channel_mult"]),
+                config["num_res_blocks"],
+                tuple(config["attention_levels"]),
+                config["head_channels"],
+            )
+            for c in channels
+        )
+        self.rrs = ResidualSelection(
+            sum(channels),
+            config["k_max"],
+            config["k_mean"],
+            config["rrs_momentum"],
+            config["rrs_eps"],
+        )
+        self.discriminator = Discriminator(
+            config["k_max"] + config["k_mean"], config["residual_layers"]
+        )
         self.process_group = None
         self.fused = config.get("anomaly_map", "discriminator") == "fused"
-        if self.fused:   # per part of the map: its centre and scale on normal images, and
+        if self.fused:  # per part of the map: its centre and scale on normal images, and
             # whether it counts (realnet/calibration.py fits them after training)
             self.register_buffer("map_centre", torch.zeros(1 + len(channels)))
             self.register_buffer("map_scale", torch.ones(1 + len(channels)))
@@ -373,18 +456,24 @@ class RealNet(nn.Module):
         selected, indices = self.rrs(features, reconstructions, self.process_group)
         logits = self.discriminator(selected, image_size)
         discriminator_map = torch.softmax(logits.float(), dim=1)[:, 1]
-        out = {"reconstructions": reconstructions, "selected": selected, "rrs_indices": indices,
-               "logits": logits, "discriminator_map": discriminator_map,
-               "anomaly_map": discriminator_map}
-        if self.fused and not self.training:   # training never uses the fused map
+        out = {
+            "reconstructions": reconstructions,
+            "selected": selected,
+            "rrs_indices": indices,
+            "logits": logits,
+            "discriminator_map": discriminator_map,
+            "anomaly_map": discriminator_map,
+        }
+        if self.fused and not self.training:  # training never uses the fused map
             out["map_parts"] = map_parts(logits, features, reconstructions)
             out["anomaly_map"] = self.fuse(out["map_parts"])
         return out
 
     def part_names(self):
         """What each part of the fused map is (map_parts' order)."""
-        return ["discriminator log-odds"] + [f"level {i + 1} energy"
-                                             for i in range(len(self.reconstruction))]
+        return ["discriminator log-odds"] + [
+            f"level {i + 1} energy" for i in range(len(self.reconstruction))
+        ]
 
     def fuse(self, parts):
         """The fused anomaly map (B, S, S): the weighted mean over the parts of
@@ -406,9 +495,15 @@ def map_parts(logits, features, reconstructions):
     does not look like them (a bulge, a thin scratch) while the energy still shows it."""
     size = logits.shape[-2:]
     log_odds = (logits[:, 1] - logits[:, 0]).float()
-    energies = [F.interpolate(((f.float() - r.float()) ** 2).sum(1, keepdim=True), size=size,
-                              mode="bilinear", align_corners=False)
-                for f, r in zip(features, reconstructions)]
+    energies = [
+        F.interpolate(
+            ((f.float() - r.float()) ** 2).sum(1, keepdim=True),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+        )
+        for f, r in zip(features, reconstructions)
+    ]
     return torch.cat([log_odds[:, None]] + energies, dim=1)
 
 
@@ -416,8 +511,13 @@ def realnet_loss(output, clean_features, mask):
     """Paper eq. 6: CE(logits, mask) + sum over levels of MSE(G_k(phi_k(A)), phi_k(I)) (eq. 5).
     The segmentation loss reaches the reconstruction nets through the selected residuals."""
     segmentation = F.cross_entropy(output["logits"].float(), mask[:, 0].long())
-    reconstruction = sum(F.mse_loss(r.float(), c.float()) for r, c in zip(output["reconstructions"], clean_features))
-    return segmentation + reconstruction, {"segmentation": segmentation.detach(), "reconstruction": reconstruction.detach()}
+    reconstruction = sum(
+        F.mse_loss(r.float(), c.float()) for r, c in zip(output["reconstructions"], clean_features)
+    )
+    return segmentation + reconstruction, {
+        "segmentation": segmentation.detach(),
+        "reconstruction": reconstruction.detach(),
+    }
 
 
 def count_parameters(module):
@@ -427,8 +527,9 @@ def count_parameters(module):
 def describe(config):
     """One line: what this model is."""
     widths = [max(1, int(config["width_ratio"] * c)) for c in level_channels(config)]
-    return (f"RealNet arch {config['arch']}: levels {config['levels']} with {level_channels(config)} channels "
-            f"(UNet widths {widths}), RRS keeps {config['k_max']}+{config['k_mean']} of "
-            f"{sum(level_channels(config))}, input {config['input_size']}"
-            + (", map fused" if config.get("anomaly_map") == "fused" else ""))
-
+    return (
+        f"RealNet arch {config['arch']}: levels {config['levels']} with {level_channels(config)} channels "
+        f"(UNet widths {widths}), RRS keeps {config['k_max']}+{config['k_mean']} of "
+        f"{sum(level_channels(config))}, input {config['input_size']}"
+        + (", map fused" if config.get("anomaly_map") == "fused" else "")
+    )

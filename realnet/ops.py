@@ -23,6 +23,7 @@ builds either:
 Under DDP (`process_group=...`) the (B, M) statistics are all-gathered between steps 1
 and 2, so every rank ranks with the statistics of the global batch, as one process would.
 """
+
 import contextlib
 import os
 import warnings
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 try:
     from . import _C  # noqa: F401  (loading the library registers torch.ops.realnet.*)
+
     HAS_EXTENSION = True
 except ImportError as _error:  # not built: the reference still computes the same thing
     HAS_EXTENSION = False
@@ -49,9 +51,13 @@ AFS_EPS = 1e-4  # added to the min-max range in AFS, as the authors do
 # header says what it changes and whether it has run on a GPU). The default is the newest
 # that has passed the parity tests on a GPU; REALNET_CUDA_KERNELS=N at import selects another.
 CUDA_KERNEL_VERSIONS = (1, 2)
-if os.environ.get("REALNET_CUDA_KERNELS", "") not in ("",) + tuple(str(v) for v in CUDA_KERNEL_VERSIONS):
-    raise ValueError(f"REALNET_CUDA_KERNELS={os.environ['REALNET_CUDA_KERNELS']!r}: expected one of "
-                     f"{', '.join(map(str, CUDA_KERNEL_VERSIONS))} (the versions in csrc/cuda/)")
+if os.environ.get("REALNET_CUDA_KERNELS", "") not in ("",) + tuple(
+    str(v) for v in CUDA_KERNEL_VERSIONS
+):
+    raise ValueError(
+        f"REALNET_CUDA_KERNELS={os.environ['REALNET_CUDA_KERNELS']!r}: expected one of "
+        f"{', '.join(map(str, CUDA_KERNEL_VERSIONS))} (the versions in csrc/cuda/)"
+    )
 
 
 def cuda_kernels(version=None):
@@ -76,6 +82,7 @@ def cuda_kernel_version(version):
 # References: the ground truth, in plain PyTorch
 # ----------------------------------------------------------------------------------------
 
+
 def upsampled_residual(feats, recons):
     """E = concat_k upsample((feats_k - recons_k)^2) at the size of the first (finest) level."""
     size = feats[0].shape[-2:]
@@ -99,18 +106,33 @@ def _gather_global_batch(x, process_group):
     return torch.cat(parts, dim=0), dist.get_rank(process_group) * x.shape[0]
 
 
-def rrs_select_reference(feats, recons, k_max, k_mean, running_mean, running_var, training,
-                         momentum=0.9, eps=1e-5, *, process_group=None):
+def rrs_select_reference(
+    feats,
+    recons,
+    k_max,
+    k_mean,
+    running_mean,
+    running_var,
+    training,
+    momentum=0.9,
+    eps=1e-5,
+    *,
+    process_group=None,
+):
     residual = upsampled_residual(feats, recons)
     ranking = residual.detach()
     start = 0
     if process_group is not None and training:
         ranking, start = _gather_global_batch(ranking, process_group)
     # BatchNorm without affine, only to make channels from different levels comparable
-    normalized = F.batch_norm(ranking, running_mean, running_var, None, None, training, momentum, eps)
-    indices = torch.cat([_rank(normalized.amax(dim=(2, 3)), k_max),
-                         _rank(normalized.mean(dim=(2, 3)), k_mean)], dim=1)
-    indices = indices[start:start + residual.shape[0]]
+    normalized = F.batch_norm(
+        ranking, running_mean, running_var, None, None, training, momentum, eps
+    )
+    indices = torch.cat(
+        [_rank(normalized.amax(dim=(2, 3)), k_max), _rank(normalized.mean(dim=(2, 3)), k_mean)],
+        dim=1,
+    )
+    indices = indices[start : start + residual.shape[0]]
     # gather from the raw (not normalised) residual, in rank order
     selected = residual.gather(1, indices[:, :, None, None].expand(-1, -1, *residual.shape[-2:]))
     return selected.to(feats[0].dtype), indices
@@ -132,8 +154,20 @@ def afs_channel_loss_reference(anomalous, normal, mask):
 # Fused operators (torch.ops.realnet.*, see csrc/)
 # ----------------------------------------------------------------------------------------
 
-def rrs_select(feats, recons, k_max, k_mean, running_mean, running_var, training,
-               momentum=0.9, eps=1e-5, *, process_group=None):
+
+def rrs_select(
+    feats,
+    recons,
+    k_max,
+    k_mean,
+    running_mean,
+    running_var,
+    training,
+    momentum=0.9,
+    eps=1e-5,
+    *,
+    process_group=None,
+):
     """Reconstruction Residual Selection (paper §3.3).
 
     feats, recons: lists of (B, m_k, h_k, w_k), finest level first.
@@ -146,12 +180,23 @@ def rrs_select(feats, recons, k_max, k_mean, running_mean, running_var, training
     channel's normalised spatial mean is exactly 0, so the mean picks are such a tie.)
     """
     if not HAS_EXTENSION:
-        return rrs_select_reference(feats, recons, k_max, k_mean, running_mean, running_var,
-                                    training, momentum, eps, process_group=process_group)
+        return rrs_select_reference(
+            feats,
+            recons,
+            k_max,
+            k_mean,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            eps,
+            process_group=process_group,
+        )
     feats, recons = list(feats), list(recons)
     dtypes = {t.dtype for t in feats + recons}
-    if dtypes & {torch.bfloat16, torch.float16} and (len(dtypes) > 1
-                                                   or feats[0].device.type == "cpu"):
+    if dtypes & {torch.bfloat16, torch.float16} and (
+        len(dtypes) > 1 or feats[0].device.type == "cpu"
+    ):
         # Under autocast the features (backbone) and the reconstructions (UNets) can differ in
         # dtype, and the CPU kernels take float32/float64 only (the CUDA ones also bf16/fp16):
         # RRS then runs in float32, which the small residual differences deserve anyway.
@@ -162,9 +207,10 @@ def rrs_select(feats, recons, k_max, k_mean, running_mean, running_var, training
         stats_t, start = _gather_global_batch(stats.transpose(0, 1), process_group)
         stats = stats_t.transpose(0, 1)
     spatial = feats[0].shape[-1] * feats[0].shape[-2]
-    indices = torch.ops.realnet.rrs_rank(stats, spatial, k_max, k_mean, running_mean, running_var,
-                                         training, momentum, eps)
-    indices = indices[start:start + batch]
+    indices = torch.ops.realnet.rrs_rank(
+        stats, spatial, k_max, k_mean, running_mean, running_var, training, momentum, eps
+    )
+    indices = indices[start : start + batch]
     return torch.ops.realnet.rrs_gather(feats, recons, indices), indices
 
 
@@ -194,8 +240,10 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("realnet::rrs_gather_backward")
     def _(grad, feats, recons, indices, need_feats, need_recons):
-        return ([torch.empty_like(f) for f in feats] if need_feats else [],
-                [torch.empty_like(r) for r in recons] if need_recons else [])
+        return (
+            [torch.empty_like(f) for f in feats] if need_feats else [],
+            [torch.empty_like(r) for r in recons] if need_recons else [],
+        )
 
     @torch.library.register_fake("realnet::afs_channel_loss")
     def _(anomalous, normal, mask):
@@ -209,13 +257,15 @@ if HAS_EXTENSION:
 
     def _gather_backward(ctx, grad):
         indices, *tensors = ctx.saved_tensors
-        feats, recons = tensors[:ctx.levels], tensors[ctx.levels:]
+        feats, recons = tensors[: ctx.levels], tensors[ctx.levels :]
         # for a Tensor[] input, needs_input_grad holds one flag per tensor
         need_feats, need_recons = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
         grad_feats, grad_recons = torch.ops.realnet.rrs_gather_backward(
-            grad.contiguous(), list(feats), list(recons), indices, need_feats, need_recons)
+            grad.contiguous(), list(feats), list(recons), indices, need_feats, need_recons
+        )
         none = [None] * ctx.levels
         return (grad_feats if need_feats else none), (grad_recons if need_recons else none), None
 
-    torch.library.register_autograd("realnet::rrs_gather", _gather_backward,
-                                    setup_context=_gather_setup_context)
+    torch.library.register_autograd(
+        "realnet::rrs_gather", _gather_backward, setup_context=_gather_setup_context
+    )

@@ -12,6 +12,7 @@ ops.py). Weights and optimiser state stay float32.
   less range: training scales the loss (`torch.amp.GradScaler`) so small gradients do not
   underflow.
 """
+
 import contextlib
 
 import torch
@@ -23,16 +24,21 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 def add_precision_arg(parser, what, flag="--precision"):
     """--precision (or `flag`), documented with `what` the stage runs in it."""
-    parser.add_argument(flag, default="fp32", choices=list(PRECISIONS),
-                        help=f"arithmetic of {what}: fp32 (paper) | bf16 (autocast) | "
-                             "fp16 (autocast, CUDA only)")
+    parser.add_argument(
+        flag,
+        default="fp32",
+        choices=list(PRECISIONS),
+        help=f"arithmetic of {what}: fp32 (paper) | bf16 (autocast) | fp16 (autocast, CUDA only)",
+    )
 
 
 def check_precision(precision, device, flag="--precision"):
     """fp16 needs CUDA: refuse it on the CPU before any work."""
     if precision == "fp16" and device.type != "cuda":
-        raise UserError(f"{flag} fp16 needs a CUDA device (--device is {device}); "
-                        "on the CPU use --precision bf16 or fp32")
+        raise UserError(
+            f"{flag} fp16 needs a CUDA device (--device is {device}); "
+            "on the CPU use --precision bf16 or fp32"
+        )
 
 
 def autocast(precision, device):

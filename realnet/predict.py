@@ -46,6 +46,7 @@ Decision: NG when the image score (evaluate.py's, --image-score) is >= the image
 The mask is the pixel threshold applied to the map as it is, whatever the decision: an OK
 image can show a small region, which says where it came closest.
 """
+
 import csv
 import datetime
 import fcntl
@@ -67,12 +68,13 @@ from .progress import Progress
 
 CSV_COLUMNS = ["file", "score", "decision", "threshold", "mask", "map", "picture"]
 SKIPPED_COLUMNS = ["file", "reason"]
-NAME_MAX = 255   # bytes in one file name (Linux, macOS, Windows)
+NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
 
 
 # ----------------------------------------------------------------------------------------
 # Names
 # ----------------------------------------------------------------------------------------
+
 
 def output_name(file_name, longest_suffix=".png", limit=NAME_MAX):
     """The image's whole file name, or where that plus `longest_suffix` would not fit in a
@@ -82,22 +84,25 @@ def output_name(file_name, longest_suffix=".png", limit=NAME_MAX):
     if len(encoded) <= room:
         return file_name
     digest = hashlib.sha256(encoded).hexdigest()[:12]
-    start = encoded[:room - 13].decode("utf-8", "ignore")   # never half a character
+    start = encoded[: room - 13].decode("utf-8", "ignore")  # never half a character
     return f"{start}~{digest}"
 
 
 def output_names(paths):
     """One output name per image, distinct for distinct file names of one folder."""
     names = [output_name(os.path.basename(p)) for p in paths]
-    if len(set(names)) != len(names):   # only a name made to look like a shortened one
-        raise UserError("--predict: two images map to the same output name "
-                        f"({len(names) - len(set(names))} clash); rename them")
+    if len(set(names)) != len(names):  # only a name made to look like a shortened one
+        raise UserError(
+            "--predict: two images map to the same output name "
+            f"({len(names) - len(set(names))} clash); rename them"
+        )
     return names
 
 
 # ----------------------------------------------------------------------------------------
 # Reading a lot: a bad file is a row of the result, not an exception
 # ----------------------------------------------------------------------------------------
+
 
 class LotImages(torch.utils.data.Dataset):
     """The images of a lot at the model's input size. An image that cannot be read comes
@@ -118,30 +123,48 @@ class LotImages(torch.utils.data.Dataset):
             picture = data.load_image(path, self.size)
         except UserError as e:
             return self.marker(i, str(e))
-        except Exception as e:   # a reader that fails in a way data.py does not name
-            return self.marker(i, f"image {path!r} is not a readable image "
-                                  f"({type(e).__name__}: {e})".splitlines()[0])
-        return {"image": data.to_tensor(picture), "picture": torch.from_numpy(picture),
-                "width": width, "height": height, "index": i, "error": ""}
+        except Exception as e:  # a reader that fails in a way data.py does not name
+            return self.marker(
+                i,
+                f"image {path!r} is not a readable image ({type(e).__name__}: {e})".splitlines()[
+                    0
+                ],
+            )
+        return {
+            "image": data.to_tensor(picture),
+            "picture": torch.from_numpy(picture),
+            "width": width,
+            "height": height,
+            "index": i,
+            "error": "",
+        }
 
     def marker(self, i, reason):
         s = self.size
-        return {"image": torch.zeros(3, s, s), "picture": torch.zeros(s, s, 3, dtype=torch.uint8),
-                "width": 0, "height": 0, "index": i, "error": reason}
+        return {
+            "image": torch.zeros(3, s, s),
+            "picture": torch.zeros(s, s, 3, dtype=torch.uint8),
+            "width": 0,
+            "height": 0,
+            "index": i,
+            "error": reason,
+        }
 
 
 def list_lot(folder):
     """The image paths of --predict DIR, sorted; one line if there are none."""
     paths = data.list_images(require_dir(folder, "--predict"))
     if not paths:
-        raise UserError(f"--predict: folder {folder!r} has no images "
-                        f"({', '.join(data.IMAGE_EXTENSIONS)})")
+        raise UserError(
+            f"--predict: folder {folder!r} has no images ({', '.join(data.IMAGE_EXTENSIONS)})"
+        )
     return paths
 
 
 # ----------------------------------------------------------------------------------------
 # The lot's folder: staged, locked, committed whole
 # ----------------------------------------------------------------------------------------
+
 
 def _try_lock(path):
     """An open descriptor holding an exclusive flock on `path` (created if needed), or
@@ -191,8 +214,9 @@ class Lot:
         self.fd = _try_lock(self.lock_path)
         if self.fd is None:
             return False
-        if os.path.exists(self.final) and not (os.path.isdir(self.final)
-                                               and not os.listdir(self.final)):
+        if os.path.exists(self.final) and not (
+            os.path.isdir(self.final) and not os.listdir(self.final)
+        ):
             self.release()
             return False
         if os.path.exists(self.staging):
@@ -206,21 +230,25 @@ class Lot:
         if os.path.isfile(self.final):
             return "is a file, expected a new folder for the lot"
         if os.path.isfile(os.path.join(self.final, "lot.json")):
-            return ("holds a finished lot; a lot is never written over another: choose a new "
-                    "--out (or leave it out: each lot gets its own folder) or remove it")
+            return (
+                "holds a finished lot; a lot is never written over another: choose a new "
+                "--out (or leave it out: each lot gets its own folder) or remove it"
+            )
         if os.path.exists(self.final):
             return "is not empty; a lot is written to a new or empty folder only"
-        return (f"another predict run ({_holder(self.lock_path)}) is writing this lot; wait "
-                "for it or choose another --out")
+        return (
+            f"another predict run ({_holder(self.lock_path)}) is writing this lot; wait "
+            "for it or choose another --out"
+        )
 
     def path(self, *parts):
         return os.path.join(self.staging, *parts)
 
     def commit(self):
         """Make the lot visible, whole: flush it to disk, then one rename."""
-        os.sync()   # the files' data reach the disk before the name that says "finished"
+        os.sync()  # the files' data reach the disk before the name that says "finished"
         if os.path.isdir(self.final):
-            os.rmdir(self.final)   # an empty folder given as --out
+            os.rmdir(self.final)  # an empty folder given as --out
         os.rename(self.staging, self.final)
         self.release()
 
@@ -231,7 +259,7 @@ class Lot:
 
     def release(self):
         if self.fd is not None:
-            os.unlink(self.lock_path)   # while holding it: see _try_lock's inode check
+            os.unlink(self.lock_path)  # while holding it: see _try_lock's inode check
             os.close(self.fd)
             self.fd = None
 
@@ -242,9 +270,9 @@ def remove_stale_lots(parent, log=print):
         return
     for name in sorted(os.listdir(parent)):
         if name.endswith(".partial") and os.path.isdir(os.path.join(parent, name)):
-            stale = Lot(os.path.join(parent, name[:-len(".partial")]))
+            stale = Lot(os.path.join(parent, name[: -len(".partial")]))
             stale.fd = _try_lock(stale.lock_path)
-            if stale.fd is not None:   # nobody writes it: a killed run's
+            if stale.fd is not None:  # nobody writes it: a killed run's
                 shutil.rmtree(stale.staging, ignore_errors=True)
                 log(f"removed {stale.staging}: the unfinished lot of an interrupted run")
                 stale.release()
@@ -276,6 +304,7 @@ def claim_lot(out, checkpoint, images_folder, log=print):
 # ----------------------------------------------------------------------------------------
 # One image's outputs
 # ----------------------------------------------------------------------------------------
+
 
 def decide(score, image_threshold):
     """'NG' when score >= the image threshold, 'OK' below it, '' without a threshold."""
@@ -330,8 +359,7 @@ def picture(image, anomaly_map, score, verdict, path, threshold, probability):
     return viz.labelled(row, f"{caption} | {note}")
 
 
-def write_image_outputs(lot, path, name, image, size, anomaly_map, score, threshold,
-                        probability):
+def write_image_outputs(lot, path, name, image, size, anomaly_map, score, threshold, probability):
     """The map, the mask (with a pixel threshold) and the picture of one image in the
     staging folder; returns its CSV row."""
     image_threshold = threshold and threshold.get("image")
@@ -342,20 +370,30 @@ def write_image_outputs(lot, path, name, image, size, anomaly_map, score, thresh
     mask_path = ""
     if pixel_threshold is not None:
         mask_path = os.path.join("masks", name + ".png")
-        write_file(lot.path(mask_path), png_bytes(binary_mask(anomaly_map, pixel_threshold, size),
-                                                  "L"))
+        write_file(
+            lot.path(mask_path), png_bytes(binary_mask(anomaly_map, pixel_threshold, size), "L")
+        )
     picture_path = os.path.join("pictures", name + ".jpg")
-    write_file(lot.path(picture_path), jpeg_bytes(picture(image, anomaly_map, score, verdict,
-                                                          path, threshold, probability)))
+    write_file(
+        lot.path(picture_path),
+        jpeg_bytes(picture(image, anomaly_map, score, verdict, path, threshold, probability)),
+    )
     # 9 significant digits: a float32 read back exactly, so the CSV shows what was compared
-    return [path, f"{float(score):.9g}", verdict,
-            "" if image_threshold is None else f"{image_threshold:.9g}", mask_path, map_path,
-            picture_path]
+    return [
+        path,
+        f"{float(score):.9g}",
+        verdict,
+        "" if image_threshold is None else f"{image_threshold:.9g}",
+        mask_path,
+        map_path,
+        picture_path,
+    ]
 
 
 # ----------------------------------------------------------------------------------------
 # The lot
 # ----------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def score_batch(model, features, images, image_score, pool):
@@ -364,10 +402,25 @@ def score_batch(model, features, images, image_score, pool):
     return maps, metrics.image_scores(maps.numpy(), pool="max" if image_score == "max" else pool)
 
 
-def predict_lot(model, features, images_folder, device, threshold, *, out=None, checkpoint,
-                image_score="avgpool", pool=16, batch_size=16, workers=2,
-                stop_on_unreadable=False, calibration_record=None, settings=None,
-                throughput=None, log=print):
+def predict_lot(
+    model,
+    features,
+    images_folder,
+    device,
+    threshold,
+    *,
+    out=None,
+    checkpoint,
+    image_score="avgpool",
+    pool=16,
+    batch_size=16,
+    workers=2,
+    stop_on_unreadable=False,
+    calibration_record=None,
+    settings=None,
+    throughput=None,
+    log=print,
+):
     """Score every image of `images_folder` into a lot folder of its own (see the module's
     doc); returns the lot's path. `threshold` is realnet.threshold.resolve's (or None);
     `calibration_record` what calibration.json holds; `settings` the flags, for lot.json;
@@ -375,44 +428,89 @@ def predict_lot(model, features, images_folder, device, threshold, *, out=None, 
     paths = list_lot(images_folder)
     names = output_names(paths)
     if threshold is None:
-        log("note: no threshold: the checkpoint is not calibrated (train with --val-fraction "
+        log(
+            "note: no threshold: the checkpoint is not calibrated (train with --val-fraction "
             "> 0, or python3 -m realnet.calibration) and no --calibration, --image-threshold "
-            "or --pixel-threshold was given: scores and maps only, no OK/NG, no masks")
+            "or --pixel-threshold was given: scores and maps only, no OK/NG, no masks"
+        )
     lot = claim_lot(out, checkpoint, images_folder, log)
     try:
-        summary = write_lot(lot, model, features, paths, names, device, threshold, image_score,
-                            pool, batch_size, workers, stop_on_unreadable, calibration_record,
-                            throughput, log)
-        summary.update({"images_folder": os.path.abspath(images_folder),
-                        "checkpoint": os.path.abspath(checkpoint), "settings": settings or {}})
-        write_file(lot.path("lot.json"),
-                   (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        summary = write_lot(
+            lot,
+            model,
+            features,
+            paths,
+            names,
+            device,
+            threshold,
+            image_score,
+            pool,
+            batch_size,
+            workers,
+            stop_on_unreadable,
+            calibration_record,
+            throughput,
+            log,
+        )
+        summary.update(
+            {
+                "images_folder": os.path.abspath(images_folder),
+                "checkpoint": os.path.abspath(checkpoint),
+                "settings": settings or {},
+            }
+        )
+        write_file(
+            lot.path("lot.json"), (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode()
+        )
         lot.commit()
     except BaseException:
         lot.abandon()
         raise
     counts = summary["counts"]
     decided = f"{counts['NG']} NG, {counts['OK']} OK; " if calibration_record else ""
-    skipped = (f"; skipped {counts['skipped']} unreadable (listed in skipped.csv)"
-               if counts["skipped"] else "")
-    log(f"scored {counts['scored']} images ({decided}{summary['images_per_s']} images/s"
-        f"{skipped}): lot {lot.final}")
+    skipped = (
+        f"; skipped {counts['skipped']} unreadable (listed in skipped.csv)"
+        if counts["skipped"]
+        else ""
+    )
+    log(
+        f"scored {counts['scored']} images ({decided}{summary['images_per_s']} images/s"
+        f"{skipped}): lot {lot.final}"
+    )
     return lot.final
 
 
-def write_lot(lot, model, features, paths, names, device, threshold, image_score, pool,
-              batch_size, workers, stop_on_unreadable, calibration_record, throughput, log):
+def write_lot(
+    lot,
+    model,
+    features,
+    paths,
+    names,
+    device,
+    threshold,
+    image_score,
+    pool,
+    batch_size,
+    workers,
+    stop_on_unreadable,
+    calibration_record,
+    throughput,
+    log,
+):
     size = model.config["input_size"]
-    for folder in ("maps", "pictures") + (("masks",) if threshold and threshold.get("pixel")
-                                          is not None else ()):
+    for folder in ("maps", "pictures") + (
+        ("masks",) if threshold and threshold.get("pixel") is not None else ()
+    ):
         os.makedirs(lot.path(folder))
     loader = start_loader(LotImages(paths, size), workers, log=log, batch_size=batch_size)
     progress = Progress(len(loader), "predict", unit="img", every=max(1, len(loader) // 20))
     counts = {"scored": 0, "OK": 0, "NG": 0, "skipped": 0}
     first_batch = None
     started = time.time()
-    with open(lot.path("predictions.csv"), "w", newline="") as table, \
-            open(lot.path("skipped.csv"), "w", newline="") as skipped_table:
+    with (
+        open(lot.path("predictions.csv"), "w", newline="") as table,
+        open(lot.path("skipped.csv"), "w", newline="") as skipped_table,
+    ):
         rows, skipped_rows = csv.writer(table), csv.writer(skipped_table)
         rows.writerow(CSV_COLUMNS)
         skipped_rows.writerow(SKIPPED_COLUMNS)
@@ -421,48 +519,73 @@ def write_lot(lot, model, features, paths, names, device, threshold, image_score
             for k, error in enumerate(batch["error"]):
                 if error:
                     if stop_on_unreadable:
-                        raise UserError(f"--predict: {error} (--stop-on-unreadable: lot "
-                                        "stopped, nothing written)")
+                        raise UserError(
+                            f"--predict: {error} (--stop-on-unreadable: lot "
+                            "stopped, nothing written)"
+                        )
                     skipped_rows.writerow([paths[int(batch["index"][k])], error])
                     counts["skipped"] += 1
             if good:
                 images = batch["image"][good].to(device)
                 if throughput is not None and first_batch is None:
-                    first_batch = images   # measured after the lot, not inside its time
+                    first_batch = images  # measured after the lot, not inside its time
                 maps, scores = score_batch(model, features, images, image_score, pool)
                 for j, k in enumerate(good):
                     i = int(batch["index"][k])
                     size_i = (int(batch["width"][k]), int(batch["height"][k]))
-                    row = write_image_outputs(lot, paths[i], names[i], batch["picture"][k].numpy(),
-                                              size_i, maps[j].numpy(), scores[j], threshold,
-                                              not model.fused)
+                    row = write_image_outputs(
+                        lot,
+                        paths[i],
+                        names[i],
+                        batch["picture"][k].numpy(),
+                        size_i,
+                        maps[j].numpy(),
+                        scores[j],
+                        threshold,
+                        not model.fused,
+                    )
                     rows.writerow(row)
                     counts["scored"] += 1
                     if row[2]:
                         counts[row[2]] += 1
             table.flush()
             skipped_table.flush()
-            progress.update(step, items=len(good),
-                            images=f"{counts['scored'] + counts['skipped']}/{len(paths)}")
+            progress.update(
+                step,
+                items=len(good),
+                images=f"{counts['scored'] + counts['skipped']}/{len(paths)}",
+            )
     seconds = time.time() - started
     speed = throughput(first_batch) if first_batch is not None else None
     if counts["skipped"]:
-        log(f"skipped {counts['skipped']} of {len(paths)} images that could not be read: "
-            f"{lot.final}/skipped.csv lists them with the reason")
+        log(
+            f"skipped {counts['skipped']} of {len(paths)} images that could not be read: "
+            f"{lot.final}/skipped.csv lists them with the reason"
+        )
     if calibration_record is not None:
-        write_file(lot.path("calibration.json"),
-                   (json.dumps(calibration_record, indent=2, sort_keys=True) + "\n").encode())
+        write_file(
+            lot.path("calibration.json"),
+            (json.dumps(calibration_record, indent=2, sort_keys=True) + "\n").encode(),
+        )
     if speed is not None:
-        write_file(lot.path("throughput.json"),
-                   (json.dumps(speed, indent=2, sort_keys=True) + "\n").encode())
+        write_file(
+            lot.path("throughput.json"),
+            (json.dumps(speed, indent=2, sort_keys=True) + "\n").encode(),
+        )
     image_threshold = threshold and threshold.get("image")
-    return {"kind": "realnet_lot", "version": 1, "counts": counts, "images": len(paths),
-            "seconds": round(seconds, 3),
-            "images_per_s": round(counts["scored"] / max(seconds, 1e-9), 2),
-            "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"),
-            "image_threshold": image_threshold,
-            "pixel_threshold": threshold and threshold.get("pixel"),
-            "threshold_source": threshold and threshold.get("used_from"),
-            "image_score": image_score, "pool": pool if image_score == "avgpool" else None,
-            "maps": "float32 at the model's input size", "masks": "at each image's own size"}
+    return {
+        "kind": "realnet_lot",
+        "version": 1,
+        "counts": counts,
+        "images": len(paths),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(counts["scored"] / max(seconds, 1e-9), 2),
+        "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "image_threshold": image_threshold,
+        "pixel_threshold": threshold and threshold.get("pixel"),
+        "threshold_source": threshold and threshold.get("used_from"),
+        "image_score": image_score,
+        "pool": pool if image_score == "avgpool" else None,
+        "maps": "float32 at the model's input size",
+        "masks": "at each image's own size",
+    }

@@ -4,6 +4,7 @@ No tqdm: the lines are plain prints so they read the same in a terminal, a log f
 CI, e.g.
     train  step  120/1000 | loss 0.4312 | 14.2 img/s | elapsed 0:01:10 | left 0:10:21
 """
+
 import sys
 import time
 
@@ -14,7 +15,9 @@ def format_seconds(seconds):
 
 
 class Progress:
-    def __init__(self, total, label="", unit="img", every=10, start_step=0, enabled=True, stream=None):
+    def __init__(
+        self, total, label="", unit="img", every=10, start_step=0, enabled=True, stream=None
+    ):
         """`total` steps in all; `every` steps between lines (the last step always prints).
 
         `start_step` is where a resumed run starts, so the rate and the time left are
@@ -36,7 +39,9 @@ class Progress:
         done = step - self.start_step
         left = elapsed / done * (self.total - step) if done > 0 else 0.0
         parts = [f"{self.label} step {step:>{len(str(self.total))}}/{self.total}".strip()]
-        parts += [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+        parts += [
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+        ]
         if self.items:
             parts.append(f"{self.items / max(elapsed, 1e-9):.1f} {self.unit}/s")
         parts.append(f"elapsed {format_seconds(elapsed)}")

@@ -10,6 +10,7 @@ A state also carries the RNG states (`rng_state` / `restore_rng`). A file made f
 set with a frozen backbone records both; the next stage reopens them
 (`open_recorded_dataset`, `load_recorded_backbone`) unless told otherwise.
 """
+
 import json
 import os
 import random
@@ -46,9 +47,10 @@ def start_outputs(out, args, step):
 # Same settings
 # ----------------------------------------------------------------------------------------
 
+
 def _short(value, limit=60):
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def differences(before, now, prefix=""):
@@ -59,7 +61,7 @@ def differences(before, now, prefix=""):
         a, b = before.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             found += differences(a, b, f"{prefix}{key}.")
-        elif a != b:   # a flag ("--lr") is named as the user types it, without its group
+        elif a != b:  # a flag ("--lr") is named as the user types it, without its group
             name = key if str(key).startswith("--") else f"{prefix}{key}"
             found.append(f"{name}: {_short(a)} there, {_short(b)} now")
     return found
@@ -81,8 +83,10 @@ def load_state(out, resume, kind, log=print):
     if resume:
         log(f"--resume: no {path} yet, starting from step 0")
     elif os.path.exists(path):
-        raise UserError(f"{out!r} already holds a training run ({path}); pass --resume to "
-                        "continue it or choose another --out")
+        raise UserError(
+            f"{out!r} already holds a training run ({path}); pass --resume to "
+            "continue it or choose another --out"
+        )
     return None
 
 
@@ -90,17 +94,23 @@ def load_state(out, resume, kind, log=print):
 # Random number generators
 # ----------------------------------------------------------------------------------------
 
+
 def rng_state():
     """Every global generator a stage draws from: torch (and CUDA), numpy, python; as
     tensors and plain lists, so that a state loads with weights_only=True."""
     bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"bit_generator": bit_generator,
-                       "keys": torch.from_numpy(keys.astype(np.int64)),
-                       "pos": int(pos), "has_gauss": int(has_gauss),
-                       "cached_gaussian": float(cached_gaussian)},
-             "python": [version, list(internal), gauss_next]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": bit_generator,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -109,8 +119,15 @@ def rng_state():
 def restore_rng(state):
     torch.set_rng_state(state["torch"].cpu())
     saved = state["numpy"]
-    np.random.set_state((saved["bit_generator"], saved["keys"].numpy().astype(np.uint32),
-                         saved["pos"], saved["has_gauss"], saved["cached_gaussian"]))
+    np.random.set_state(
+        (
+            saved["bit_generator"],
+            saved["keys"].numpy().astype(np.uint32),
+            saved["pos"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )
+    )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
@@ -121,6 +138,7 @@ def restore_rng(state):
 # Training state on the model's device
 # ----------------------------------------------------------------------------------------
 
+
 def restore_training(model, optimizer, state, model_key="model", optimizer_key="optimizer"):
     """Load a saved model and optimiser state into `model` and its optimiser, both made on
     the model's device (move the model first, then make the optimiser). A state is read onto
@@ -130,7 +148,7 @@ def restore_training(model, optimizer, state, model_key="model", optimizer_key="
     model.load_state_dict(state[model_key])
     optimizer.load_state_dict(state[optimizer_key])
     misplaced = misplaced_tensors(model, optimizer)
-    if misplaced:   # a bug, not a user error: say which tensor
+    if misplaced:  # a bug, not a user error: say which tensor
         raise RuntimeError(f"restored optimiser state off its parameter's device: {misplaced[0]}")
 
 
@@ -138,20 +156,27 @@ def misplaced_tensors(model, optimizer):
     """'name: on X, parameter on Y' for every optimiser state tensor (Adam's moments) that
     is not on its parameter's device; the scalar step counters live on the CPU by design."""
     names = {id(p): n for n, p in model.named_parameters()}
-    found = [f"an optimised tensor on {p.device} is not a parameter of the model (the model was "
-             "moved to its device after the optimiser was made)"
-             for group in optimizer.param_groups for p in group["params"] if id(p) not in names]
+    found = [
+        f"an optimised tensor on {p.device} is not a parameter of the model (the model was "
+        "moved to its device after the optimiser was made)"
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if id(p) not in names
+    ]
     for param, entry in optimizer.state.items():
         for key, value in entry.items():
             if torch.is_tensor(value) and value.dim() > 0 and value.device != param.device:
-                found.append(f"{names.get(id(param), '?')} {key}: on {value.device}, "
-                             f"parameter on {param.device}")
+                found.append(
+                    f"{names.get(id(param), '?')} {key}: on {value.device}, "
+                    f"parameter on {param.device}"
+                )
     return found
 
 
 # ----------------------------------------------------------------------------------------
 # Loss logs
 # ----------------------------------------------------------------------------------------
+
 
 def read_log(path, last_step=None):
     """The entries of a JSON-lines log (up to last_step); a line cut by a kill is skipped."""
@@ -188,8 +213,17 @@ def log_losses(log, progress, step, batch_size, loss, parts, ddp, started):
     import torch
 
     from .distributed import all_reduce_mean
+
     values = torch.stack([loss.detach(), parts["segmentation"], parts["reconstruction"]])
     loss, seg, rec = all_reduce_mean(values, ddp).tolist()
     progress.update(step, items=batch_size, loss=loss, seg=seg, rec=rec)
-    log_line(log, {"step": step, "loss": loss, "segmentation": seg, "reconstruction": rec,
-                        "elapsed_s": round(time.time() - started, 2)})
+    log_line(
+        log,
+        {
+            "step": step,
+            "loss": loss,
+            "segmentation": seg,
+            "reconstruction": rec,
+            "elapsed_s": round(time.time() - started, 2),
+        },
+    )

@@ -6,6 +6,7 @@ the training images seeded per epoch (`EpochOrder`); whether it gets an anomaly 
 only on g (`is_normal_sample`); the anomaly's randomness is `default_rng([seed, g])`. So
 the training data do not depend on the number of ranks or workers, nor on resuming.
 """
+
 import math
 import os
 
@@ -70,8 +71,8 @@ class AnomalyStream(torch.utils.data.Dataset):
         self._images = {}
         self.image_index = EpochOrder(len(self.samples), seed)
 
-    def __len__(self):   # endless; the sampler says which g's to take
-        return 2 ** 62
+    def __len__(self):  # endless; the sampler says which g's to take
+        return 2**62
 
     def clean_image(self, index):
         """The resized uint8 training image (decoded once per worker when cache_images)."""
@@ -87,17 +88,30 @@ class AnomalyStream(torch.utils.data.Dataset):
         index = self.image_index(g)
         clean = self.clean_image(index)
         if is_normal_sample(g, self.normal_ratio):
-            return dict(clean=clean, anomalous=clean, mask=np.zeros(clean.shape[:2], np.float32),
-                        is_anomalous=False, index=index, kind="normal", delta=0.0, source=None)
+            return dict(
+                clean=clean,
+                anomalous=clean,
+                mask=np.zeros(clean.shape[:2], np.float32),
+                is_anomalous=False,
+                index=index,
+                kind="normal",
+                delta=0.0,
+                source=None,
+            )
         synthesizer = self.synthesizers[self.samples[index].category]
         out = synthesizer.synthesize(clean, np.random.default_rng([self.seed, g]))
         return dict(clean=clean, is_anomalous=True, index=index, **out)
 
     def __getitem__(self, g):
         r = self.raw(int(g))
-        return dict(image=data.to_tensor(r["anomalous"]), clean=data.to_tensor(r["clean"]),
-                    mask=torch.from_numpy(np.ascontiguousarray(r["mask"], np.float32))[None],
-                    anomalous=r["is_anomalous"], index=r["index"], g=int(g))
+        return dict(
+            image=data.to_tensor(r["anomalous"]),
+            clean=data.to_tensor(r["clean"]),
+            mask=torch.from_numpy(np.ascontiguousarray(r["mask"], np.float32))[None],
+            anomalous=r["is_anomalous"],
+            index=r["index"],
+            g=int(g),
+        )
 
 
 class StreamSampler(torch.utils.data.Sampler):
@@ -106,8 +120,9 @@ class StreamSampler(torch.utils.data.Sampler):
 
     def __init__(self, start_step, total_steps, global_batch, rank=0, world_size=1):
         if global_batch % world_size:
-            raise UserError(f"global batch {global_batch} is not divisible by the {world_size} "
-                            "processes")
+            raise UserError(
+                f"global batch {global_batch} is not divisible by the {world_size} processes"
+            )
         self.start_step, self.total_steps = start_step, total_steps
         self.global_batch = global_batch
         self.per_rank = global_batch // world_size
@@ -141,13 +156,16 @@ class StepBatches(torch.utils.data.Sampler):
     def __iter__(self):
         order = EpochOrder(self.n, self.seed)
         for m in range(self.start, self.total):
-            yield [order(m * self.global_batch + position)
-                   for position in range(self.rank, self.global_batch, self.world)]
+            yield [
+                order(m * self.global_batch + position)
+                for position in range(self.rank, self.global_batch, self.world)
+            ]
 
 
 # ----------------------------------------------------------------------------------------
 # Looking at it
 # ----------------------------------------------------------------------------------------
+
 
 def dump_examples(stream, n, out_dir, start_g=0):
     """Write the first n synthetic anomalies of the stream (from start_g on) as PNGs:
@@ -169,9 +187,16 @@ def dump_examples(stream, n, out_dir, start_g=0):
             written.append(path)
         caption = f"g={g - 1} {r['kind']} d={r['delta']:.2f}"
         contour = viz.draw_contour(r["anomalous"], r["mask"] > 0)
-        rows.append(viz.hstack([viz.labelled(r["clean"], "clean"),
-                                viz.labelled(r["anomalous"], caption),
-                                viz.labelled(mask_rgb, "mask"), viz.labelled(contour, "contour")]))
+        rows.append(
+            viz.hstack(
+                [
+                    viz.labelled(r["clean"], "clean"),
+                    viz.labelled(r["anomalous"], caption),
+                    viz.labelled(mask_rgb, "mask"),
+                    viz.labelled(contour, "contour"),
+                ]
+            )
+        )
     if rows:
         sheet = os.path.join(out_dir, "contact_sheet.png")
         atomic_save_image(viz.to_pil(viz.grid(rows, 1)), sheet)

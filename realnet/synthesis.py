@@ -14,6 +14,7 @@ Two deliberate differences from the authors' code (docs/method.md): an empty mas
 redrawn (they keep it: about 5 % of their "anomalies" are unchanged normal images labelled
 as anomalies), and the blend is rounded to the nearest grey level (they truncate).
 """
+
 import os
 
 import numpy as np
@@ -23,8 +24,8 @@ from .cli import UserError, require_dir
 from .masks import FOREGROUND_MODES, foreground_mask, foreground_rule, perlin_mask
 from .textures import list_dtd_images, rand_augment
 
-MAX_MASK_TRIES = 16               # redraws before the fallback blob (rarely reached)
-SDAS_DELTA = (0.5, 1.0)           # transparency ranges of the authors' configs
+MAX_MASK_TRIES = 16  # redraws before the fallback blob (rarely reached)
+SDAS_DELTA = (0.5, 1.0)  # transparency ranges of the authors' configs
 DTD_DELTA = (0.2, 1.0)
 _warned_auto = set()
 
@@ -37,7 +38,7 @@ def blend(image, source, mask, delta):
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-_decoded = set()   # paths already decoded in full by this process (unified runs share DTD)
+_decoded = set()  # paths already decoded in full by this process (unified runs share DTD)
 
 
 def decode_all(paths, what, log=print):
@@ -46,8 +47,7 @@ def decode_all(paths, what, log=print):
     at whatever step first draws it, hours in at paper scale. UserError naming the file."""
     todo = [p for p in paths if p not in _decoded]
     if len(todo) > 500:
-        log(f"checking that {len(todo)} {what}s decode (a damaged one would stop training "
-            "later)")
+        log(f"checking that {len(todo)} {what}s decode (a damaged one would stop training later)")
     for path in todo:
         data.decode_fully(path, what)
         _decoded.add(path)
@@ -59,27 +59,37 @@ class AnomalySource:
 
     def __init__(self, size, sdas_dir=None, dtd_dir=None):
         if not sdas_dir and not dtd_dir:
-            raise UserError("no anomaly source: give an SDAS folder (--sdas, made by synthesize.py) "
-                            "and/or a DTD folder (--dtd, with images/<texture>/*.jpg)")
+            raise UserError(
+                "no anomaly source: give an SDAS folder (--sdas, made by synthesize.py) "
+                "and/or a DTD folder (--dtd, with images/<texture>/*.jpg)"
+            )
         self.size = size
         self.sdas, self.dtd = [], []
         if sdas_dir:
             require_dir(sdas_dir, "--sdas")
             self.sdas = data.list_images(sdas_dir)
             if not self.sdas:
-                raise UserError(f"--sdas: folder {sdas_dir!r} has no images (expected the PNGs written by synthesize.py)")
+                raise UserError(
+                    f"--sdas: folder {sdas_dir!r} has no images (expected the PNGs written by synthesize.py)"
+                )
         if dtd_dir:
             require_dir(dtd_dir, "--dtd")
             self.dtd = list_dtd_images(dtd_dir)
             if not self.dtd:
-                raise UserError(f"--dtd: folder {dtd_dir!r} has no images (expected images/<texture>/*.jpg)")
+                raise UserError(
+                    f"--dtd: folder {dtd_dir!r} has no images (expected images/<texture>/*.jpg)"
+                )
         self.sdas_dir, self.dtd_dir = sdas_dir, dtd_dir
         decode_all(self.sdas, "--sdas image")
         decode_all(self.dtd, "--dtd image")
 
     def describe(self):
-        return {"sdas_dir": self.sdas_dir and os.path.abspath(self.sdas_dir), "sdas_images": len(self.sdas),
-                "dtd_dir": self.dtd_dir and os.path.abspath(self.dtd_dir), "dtd_images": len(self.dtd)}
+        return {
+            "sdas_dir": self.sdas_dir and os.path.abspath(self.sdas_dir),
+            "sdas_images": len(self.sdas),
+            "dtd_dir": self.dtd_dir and os.path.abspath(self.dtd_dir),
+            "dtd_images": len(self.dtd),
+        }
 
     def draw(self, rng):
         use_sdas = bool(self.sdas) and (not self.dtd or rng.random() < 0.5)
@@ -87,32 +97,48 @@ class AnomalySource:
             path = self.sdas[int(rng.integers(len(self.sdas)))]
             return data.load_image(path, self.size), rng.uniform(*SDAS_DELTA), "sdas", path
         path = self.dtd[int(rng.integers(len(self.dtd)))]
-        texture = rand_augment(data.load_image(path, self.size), rng)   # squashed to size, no crop
+        texture = rand_augment(data.load_image(path, self.size), rng)  # squashed to size, no crop
         return texture, rng.uniform(*DTD_DELTA), "dtd", path
 
 
 class AnomalySynthesizer:
     """image -> (anomalous image, mask) for one category (paper eq. 3)."""
 
-    def __init__(self, category, dataset_format, size, sdas_dir=None, dtd_dir=None, foreground="category"):
+    def __init__(
+        self, category, dataset_format, size, sdas_dir=None, dtd_dir=None, foreground="category"
+    ):
         if foreground not in FOREGROUND_MODES:
-            raise UserError(f"unknown foreground mode {foreground!r} (expected {', '.join(FOREGROUND_MODES)})")
-        self.category, self.dataset_format, self.size, self.foreground = category, dataset_format, size, foreground
+            raise UserError(
+                f"unknown foreground mode {foreground!r} (expected {', '.join(FOREGROUND_MODES)})"
+            )
+        self.category, self.dataset_format, self.size, self.foreground = (
+            category,
+            dataset_format,
+            size,
+            foreground,
+        )
         self.source = AnomalySource(size, sdas_dir, dtd_dir)
         rule = foreground_rule(category, dataset_format)
         if foreground == "category" and rule == "auto" and category not in _warned_auto:
             _warned_auto.add(category)
-            print(f"note: no foreground rule for category {category!r}; using --foreground auto "
-                  "(Otsu, the side that owns the border is background)")
+            print(
+                f"note: no foreground rule for category {category!r}; using --foreground auto "
+                "(Otsu, the side that owns the border is background)"
+            )
 
     def describe(self):
-        return {"category": self.category, "dataset_format": self.dataset_format, "size": self.size,
-                "foreground": self.foreground, **self.source.describe()}
+        return {
+            "category": self.category,
+            "dataset_format": self.dataset_format,
+            "size": self.size,
+            "foreground": self.foreground,
+            **self.source.describe(),
+        }
 
     def draw_mask(self, foreground, rng):
         """Perlin x foreground, redrawn until it is not empty; after MAX_MASK_TRIES misses
         (a tiny foreground) an ellipse centred on a random foreground pixel."""
-        if foreground.sum() < 1:   # a threshold that found nothing must not block synthesis
+        if foreground.sum() < 1:  # a threshold that found nothing must not block synthesis
             foreground = np.ones_like(foreground)
         for _ in range(MAX_MASK_TRIES):
             mask = perlin_mask(self.size, rng) * foreground
@@ -121,7 +147,7 @@ class AnomalySynthesizer:
         ys, xs = np.nonzero(foreground)
         k = int(rng.integers(len(ys)))
         ry, rx = rng.uniform(self.size / 32, self.size / 8, size=2)
-        yy, xx = np.mgrid[:self.size, :self.size]
+        yy, xx = np.mgrid[: self.size, : self.size]
         ellipse = ((yy - ys[k]) / ry) ** 2 + ((xx - xs[k]) / rx) ** 2 <= 1.0
         return ellipse.astype(np.float32) * foreground
 
@@ -130,17 +156,27 @@ class AnomalySynthesizer:
         fg = foreground_mask(image, self.category, self.dataset_format, self.foreground)
         mask = self.draw_mask(fg, rng)
         source, delta, kind, path = self.source.draw(rng)
-        return dict(anomalous=blend(image, source, mask, delta), mask=mask, kind=kind, delta=delta,
-                    source=path, foreground=fg)
+        return dict(
+            anomalous=blend(image, source, mask, delta),
+            mask=mask,
+            kind=kind,
+            delta=delta,
+            source=path,
+            foreground=fg,
+        )
 
 
-
-def synthesizers_for(categories, dataset_format, size, sdas_dir=None, dtd_dir=None,
-                     foreground="category"):
+def synthesizers_for(
+    categories, dataset_format, size, sdas_dir=None, dtd_dir=None, foreground="category"
+):
     """One synthesizer per category, for `stream.AnomalyStream`: each applies its own
     category's foreground rule. With several categories (one unified model) `sdas_dir`
     holds one SDAS folder per category, sdas_dir/<category>."""
+
     def sdas_folder(category):
         return os.path.join(sdas_dir, category) if sdas_dir and len(categories) > 1 else sdas_dir
-    return {c: AnomalySynthesizer(c, dataset_format, size, sdas_folder(c), dtd_dir, foreground)
-            for c in categories}
+
+    return {
+        c: AnomalySynthesizer(c, dataset_format, size, sdas_folder(c), dtd_dir, foreground)
+        for c in categories
+    }

@@ -6,6 +6,7 @@ the backbone, AFS, the reconstruction UNets, RRS and the discriminator; no decod
 writing. 2 warm-up passes (allocator, kernel selection), then `repeats` timed ones, the
 device synchronised around them.
 """
+
 import time
 
 import torch
@@ -30,11 +31,16 @@ def measure(model, features, images, repeats):
         forward(model, features, images)
     sync(device)
     seconds = time.perf_counter() - start
-    return {"images_per_s": round(len(images) * repeats / seconds, 3), "batch": len(images),
-            "repeats": repeats,
-            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "cpu_threads": torch.get_num_threads(), "input_size": int(images.shape[-1]),
-            "autocast": str(torch.get_autocast_dtype(device.type))
-            if torch.is_autocast_enabled(device.type) else None,
-            "measures": "backbone + AFS + reconstruction + RRS + discriminator, no data "
-                        "loading, synchronised"}
+    return {
+        "images_per_s": round(len(images) * repeats / seconds, 3),
+        "batch": len(images),
+        "repeats": repeats,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu_threads": torch.get_num_threads(),
+        "input_size": int(images.shape[-1]),
+        "autocast": str(torch.get_autocast_dtype(device.type))
+        if torch.is_autocast_enabled(device.type)
+        else None,
+        "measures": "backbone + AFS + reconstruction + RRS + discriminator, no data "
+        "loading, synchronised",
+    }

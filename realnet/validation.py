@@ -2,6 +2,7 @@
 out, given synthetic anomalies like the training samples, and scored with the test
 metrics. (The authors choose their checkpoint on the test set; docs/method.md.)
 """
+
 import os
 
 import numpy as np
@@ -21,18 +22,25 @@ def split_validation(samples, fraction, seed, log=print):
         raise UserError(f"--val-fraction must be below 1, got {fraction}")
     n_val = max(1, int(round(fraction * len(samples))))
     if n_val >= len(samples):
-        raise UserError(f"--val-fraction {fraction} leaves no training images "
-                        f"({len(samples)} in all)")
+        raise UserError(
+            f"--val-fraction {fraction} leaves no training images ({len(samples)} in all)"
+        )
     if n_val == 1:
-        log(f"WARNING: --val-fraction {fraction} holds out 1 of {len(samples)} training images: "
-            "best.pt and the OK/NG calibration rest on that one image; hold out more")
+        log(
+            f"WARNING: --val-fraction {fraction} holds out 1 of {len(samples)} training images: "
+            "best.pt and the OK/NG calibration rest on that one image; hold out more"
+        )
     if len(samples) - n_val == 1:
-        log(f"WARNING: --val-fraction {fraction} leaves 1 of {len(samples)} training images to "
-            "train on; hold out fewer")
+        log(
+            f"WARNING: --val-fraction {fraction} leaves 1 of {len(samples)} training images to "
+            "train on; hold out fewer"
+        )
     rng = np.random.default_rng([seed, 7])
     held_out = set(rng.choice(len(samples), n_val, replace=False).tolist())
-    return ([s for i, s in enumerate(samples) if i not in held_out],
-            [s for i, s in enumerate(samples) if i in held_out])
+    return (
+        [s for i, s in enumerate(samples) if i not in held_out],
+        [s for i, s in enumerate(samples) if i in held_out],
+    )
 
 
 def make_validation_set(stream, n_images):
@@ -41,10 +49,11 @@ def make_validation_set(stream, n_images):
     another not at all: `distinct` counts them), what best.pt is chosen on; and under
     "normal" each held-out image once as it is, what calibration is fitted on."""
     items = [stream[g] for g in range(2 * n_images)]
-    return {key: torch.stack([it[key] for it in items]) for key in ("image", "mask")} | \
-        {"anomalous": torch.tensor([it["anomalous"] for it in items]),
-         "distinct": len({it["index"] for it in items}),
-         "normal": torch.stack([data.to_tensor(stream.clean_image(i)) for i in range(n_images)])}
+    return {key: torch.stack([it[key] for it in items]) for key in ("image", "mask")} | {
+        "anomalous": torch.tensor([it["anomalous"] for it in items]),
+        "distinct": len({it["index"] for it in items}),
+        "normal": torch.stack([data.to_tensor(stream.clean_image(i)) for i in range(n_images)]),
+    }
 
 
 @torch.no_grad()
@@ -54,9 +63,16 @@ def validation_maps(model, features, val, device, batch_size):
     was_training = model.training
     model.eval()
     images = val["image"]
-    maps = torch.cat([model(features(images[i:i + batch_size].to(device)),
-                            images.shape[-2:])["discriminator_map"].float().cpu()
-                      for i in range(0, len(images), batch_size)])
+    maps = torch.cat(
+        [
+            model(features(images[i : i + batch_size].to(device)), images.shape[-2:])[
+                "discriminator_map"
+            ]
+            .float()
+            .cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
     model.train(was_training)
     return maps.numpy()
 
@@ -64,8 +80,11 @@ def validation_maps(model, features, val, device, batch_size):
 def validation_metrics(maps, val):
     masks = val["mask"][:, 0].numpy()
     labels = masks.reshape(len(masks), -1).max(axis=1) > 0
-    return {"pixel_auroc": metrics.pixel_auroc(maps, masks), "au_pro": metrics.au_pro(maps, masks),
-            "image_auroc": metrics.image_auroc(labels, metrics.image_scores(maps))}
+    return {
+        "pixel_auroc": metrics.pixel_auroc(maps, masks),
+        "au_pro": metrics.au_pro(maps, masks),
+        "image_auroc": metrics.image_auroc(labels, metrics.image_scores(maps)),
+    }
 
 
 # Below this held-out pixel AUROC (chance: 0.5) at the end of training, the model has not
@@ -88,33 +107,46 @@ def learning_check(out):
             f"held-out pixel AUROC {last['pixel_auroc']:.2f} at step {last['step']} (chance "
             f"0.5, below {NOT_LEARNED_BELOW}); its maps and verdicts mean little. Look at "
             f"{os.path.join(out, 'learning_curve.png')} and the SDAS contact sheet "
-            "(synthesize.py's preview/contact_sheet.png): are the anomalies visible?")
+            "(synthesize.py's preview/contact_sheet.png): are the anomalies visible?"
+        )
     return check
 
 
 VAL_LOG = "val.jsonl"
 VAL_METRICS = {"pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO", "image_auroc": "image AUROC"}
-LOSSES = {"loss": "loss", "segmentation": "segmentation (CE)",
-          "reconstruction": "reconstruction (MSE)"}
+LOSSES = {
+    "loss": "loss",
+    "segmentation": "segmentation (CE)",
+    "reconstruction": "reconstruction (MSE)",
+}
 
 
 def write_learning_curve(out):
     """OUT/learning_curve.png: the held-out validation metrics (top) and the training loss
     (bottom) against the step, from val.jsonl and loss.jsonl."""
+
     def curves(log_name, names):
         entries = runs.read_log(os.path.join(out, log_name))
-        return {label: ([e["step"] for e in entries], [e.get(key) for e in entries])
-                for key, label in names.items()}
-    top = viz.line_chart(curves(VAL_LOG, VAL_METRICS), "validation on held-out TRAINING images "
-                         "with synthetic anomalies (never the test set)", "step", "metric",
-                         y_range=(0, 1))
+        return {
+            label: ([e["step"] for e in entries], [e.get(key) for e in entries])
+            for key, label in names.items()
+        }
+
+    top = viz.line_chart(
+        curves(VAL_LOG, VAL_METRICS),
+        "validation on held-out TRAINING images with synthetic anomalies (never the test set)",
+        "step",
+        "metric",
+        y_range=(0, 1),
+    )
     bottom = viz.line_chart(curves(runs.LOG_FILE, LOSSES), "training loss", "step", "loss")
     picture = viz.to_pil(np.concatenate([top, bottom]))
     atomic_save_image(picture, os.path.join(out, "learning_curve.png"))
 
 
-def validate_and_keep_best(model, features, val, held_out, step, best, metric, batch_size, out,
-                           save_best):
+def validate_and_keep_best(
+    model, features, val, held_out, step, best, metric, batch_size, out, save_best
+):
     """Validate on the held-out training images (the discriminator's map against their
     synthetic anomalies), log to val.jsonl and draw the learning curve; a better step is
     handed to save_best(step, selected_on) (train_realnet.py: best.pt). Returns best."""
@@ -123,16 +155,24 @@ def validate_and_keep_best(model, features, val, held_out, step, best, metric, b
     with open(os.path.join(out, VAL_LOG), "a") as f:
         runs.log_line(f, {"step": step, **scores})
     write_learning_curve(out)
-    print(f"validation on {len(held_out)} held-out training images at step {step}: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
+    print(
+        f"validation on {len(held_out)} held-out training images at step {step}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None)
+    )
     value = scores[metric]
     if value is None or (best["value"] is not None and value <= best["value"]):
         return best
-    selected_on = {"rule": f"best {metric} on held-out TRAINING images with synthetic anomalies "
-                           "(never the test set)", "step": step, "scores": scores,
-                   "held_out_images": [s.image for s in held_out],
-                   "validation_samples": {"normal": int((~val["anomalous"]).sum()),
-                                          "synthetic_anomaly": int(val["anomalous"].sum()),
-                                          "distinct_images": val["distinct"]}}
+    selected_on = {
+        "rule": f"best {metric} on held-out TRAINING images with synthetic anomalies "
+        "(never the test set)",
+        "step": step,
+        "scores": scores,
+        "held_out_images": [s.image for s in held_out],
+        "validation_samples": {
+            "normal": int((~val["anomalous"]).sum()),
+            "synthetic_anomaly": int(val["anomalous"].sum()),
+            "distinct_images": val["distinct"],
+        },
+    }
     save_best(step, selected_on)
     return {"value": value, "step": step}

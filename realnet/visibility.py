@@ -18,6 +18,7 @@ pixel AUROC against the anomaly masks. A source whose anomalies reach at most a 
 AUROC on every layer cannot be seen by this backbone on this category: select_features.py
 --min-source-visibility drops it (never the last one), and records why in the AFS file.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +33,7 @@ SOURCES = ("sdas", "dtd")
 def _features(backbone, images, device, batch=8):
     out = None
     for i in range(0, len(images), batch):
-        feats = [f.double().cpu() for f in backbone(images[i:i + batch].to(device))]
+        feats = [f.double().cpu() for f in backbone(images[i : i + batch].to(device))]
         out = [[f] for f in feats] if out is None else [o + [f] for o, f in zip(out, feats)]
     return [torch.cat(o) for o in out]
 
@@ -42,18 +43,33 @@ def novelty_auroc(backbone, normal_images, anomalous_images, masks, device):
     images (fitted on the normal images) against their masks (N, S, S)."""
     size = anomalous_images.shape[-1]
     scores = []
-    for normal, anomalous in zip(_features(backbone, normal_images, device),
-                                 _features(backbone, anomalous_images, device)):
+    for normal, anomalous in zip(
+        _features(backbone, normal_images, device), _features(backbone, anomalous_images, device)
+    ):
         # floor: 1 % of the channel's variance over all positions (few images per position)
         var = normal.var(0) + 0.01 * normal.var((0, 2, 3))[:, None, None] + 1e-12
         z2 = ((anomalous - normal.mean(0)) ** 2 / var).mean(1, keepdim=True)
-        novelty = F.interpolate(z2.float(), size=(size, size), mode="bilinear", align_corners=False)
+        novelty = F.interpolate(
+            z2.float(), size=(size, size), mode="bilinear", align_corners=False
+        )
         scores.append(metrics.pixel_auroc(novelty[:, 0].numpy(), masks))
     return scores
 
 
-def source_visibility(backbone, samples, category, dataset_format, size, sdas_dir, dtd_dir,
-                      foreground, seed, device, n_anomalies=24, held=4):
+def source_visibility(
+    backbone,
+    samples,
+    category,
+    dataset_format,
+    size,
+    sdas_dir,
+    dtd_dir,
+    foreground,
+    seed,
+    device,
+    n_anomalies=24,
+    held=4,
+):
     """{source: [pixel AUROC per backbone layer]} for each source given (sdas, dtd): how
     visible its synthetic anomalies are to the backbone against normal texture (0.5:
     not at all). The anomalies go on `held` of the training images, the Gaussian is fitted
@@ -67,9 +83,14 @@ def source_visibility(backbone, samples, category, dataset_format, size, sdas_di
     for name, folder in zip(SOURCES, (sdas_dir, dtd_dir)):
         if not folder:
             continue
-        synthesizer = AnomalySynthesizer(category, dataset_format, size,
-                                         folder if name == "sdas" else None,
-                                         folder if name == "dtd" else None, foreground)
+        synthesizer = AnomalySynthesizer(
+            category,
+            dataset_format,
+            size,
+            folder if name == "sdas" else None,
+            folder if name == "dtd" else None,
+            foreground,
+        )
         stream = AnomalyStream(targets, size, {category: synthesizer}, seed, normal_ratio=0.0)
         items = [stream[g] for g in range(n_anomalies)]
         images = torch.stack([it["image"] for it in items])
@@ -81,11 +102,16 @@ def source_visibility(backbone, samples, category, dataset_format, size, sdas_di
 def invisible_sources(visibility, threshold):
     """The sources to drop: those whose anomalies no layer sees above `threshold`; never
     every source (with all of them below, none is dropped: the caller warns)."""
-    low = [name for name, scores in visibility.items()
-           if all(s is not None and s <= threshold for s in scores)]
+    low = [
+        name
+        for name, scores in visibility.items()
+        if all(s is not None and s <= threshold for s in scores)
+    ]
     return [] if len(low) == len(visibility) else low
 
 
 def describe(visibility):
-    return ", ".join(f"{name} " + "/".join("n/a" if s is None else f"{s:.2f}" for s in scores)
-                     for name, scores in visibility.items())
+    return ", ".join(
+        f"{name} " + "/".join("n/a" if s is None else f"{s:.2f}" for s in scores)
+        for name, scores in visibility.items()
+    )

@@ -2,6 +2,7 @@
 
 Everything takes and returns uint8 numpy arrays of shape (H, W, 3) or PIL images.
 """
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -82,7 +83,9 @@ def labelled(image, text, height=14):
 
 def hstack(images, gap=2):
     h = max(i.shape[0] for i in images)
-    padded = [np.pad(i, ((0, h - i.shape[0]), (0, gap), (0, 0)), constant_values=255) for i in images]
+    padded = [
+        np.pad(i, ((0, h - i.shape[0]), (0, gap), (0, 0)), constant_values=255) for i in images
+    ]
     return np.concatenate(padded, axis=1)[:, :-gap] if gap else np.concatenate(padded, axis=1)
 
 
@@ -90,7 +93,7 @@ def grid(images, ncols, gap=2):
     """Contact sheet: images (equal sizes) in rows of `ncols`, white gaps."""
     rows = []
     for i in range(0, len(images), ncols):
-        row = list(images[i:i + ncols])
+        row = list(images[i : i + ncols])
         row += [np.full_like(images[0], 255)] * (ncols - len(row))
         rows.append(hstack(row, gap))
     out = []
@@ -108,12 +111,19 @@ def to_pil(array):
 # Line charts (learning curves)
 # ----------------------------------------------------------------------------------------
 
-CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
-                 (140, 86, 75), (127, 127, 127)]
+CURVE_COLOURS = [
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (148, 103, 189),
+    (255, 127, 14),
+    (140, 86, 75),
+    (127, 127, 127),
+]
 
 
 def _tick(value):
-    if float(value).is_integer() and abs(value) < 1e7:   # steps: 1500, not 1.5e+03
+    if float(value).is_integer() and abs(value) < 1e7:  # steps: 1500, not 1.5e+03
         return str(int(value))
     return f"{value:.3g}"
 
@@ -131,7 +141,9 @@ def line_chart(series, title, x_label, y_label, width=640, height=240, y_range=N
     y0, y1 = y_range if y_range else ((min(ys_all), max(ys_all)) if ys_all else (0, 1))
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
     px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
-    py = lambda y: height - bottom - (min(max(y, y0), y1) - y0) / (y1 - y0) * (height - top - bottom)
+    py = lambda y: (
+        height - bottom - (min(max(y, y0), y1) - y0) / (y1 - y0) * (height - top - bottom)
+    )
     draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
     for fraction in (0.0, 0.5, 1.0):
         x, y = x0 + fraction * (x1 - x0), y0 + fraction * (y1 - y0)
@@ -141,7 +153,9 @@ def line_chart(series, title, x_label, y_label, width=640, height=240, y_range=N
         draw.text((2, py(y) - 6), _tick(y), fill=(0, 0, 0))
         draw.line([(left + 1, py(y)), (width - right - 1, py(y))], fill=(225, 225, 225))
     draw.text((left, 5), title, fill=(0, 0, 0))
-    draw.text(((left + width - right) // 2 - 3 * len(x_label), height - 14), x_label, fill=(0, 0, 0))
+    draw.text(
+        ((left + width - right) // 2 - 3 * len(x_label), height - 14), x_label, fill=(0, 0, 0)
+    )
     draw.text((2, 5), y_label, fill=(90, 90, 90))
     colours = [CURVE_COLOURS[i % len(CURVE_COLOURS)] for i in range(len(series))]
     for colour, (xs, ys) in zip(colours, series.values()):
@@ -151,8 +165,11 @@ def line_chart(series, title, x_label, y_label, width=640, height=240, y_range=N
         for x, y in points if len(points) <= 40 else []:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
     legend_x = width - right - 6 - 6 * max((len(name) for name in series), default=0) - 12
-    draw.rectangle([legend_x - 4, top + 2, width - right - 2, top + 6 + 12 * len(series)],
-                   fill=(255, 255, 255), outline=(200, 200, 200))
+    draw.rectangle(
+        [legend_x - 4, top + 2, width - right - 2, top + 6 + 12 * len(series)],
+        fill=(255, 255, 255),
+        outline=(200, 200, 200),
+    )
     for i, (colour, name) in enumerate(zip(colours, series)):
         draw.text((legend_x, top + 4 + 12 * i), f"- {name}", fill=colour)
     return np.asarray(canvas)

@@ -1,4 +1,5 @@
 """Shared test set-up."""
+
 import pytest
 
 from demo_data import make_demo_dataset, make_demo_textures
@@ -19,8 +20,14 @@ def demo(tmp_path_factory):
     """A tiny demo data set (tablet, washer at 64 px), DTD textures and an AFS file on the
     random backbone: what the stage tests train and evaluate on."""
     root = tmp_path_factory.mktemp("demo")
-    data = make_demo_dataset(str(root / "data"), categories=["tablet", "washer"], image_size=SIZE, n_train=8,
-                             n_test_good=3, n_test_defect=4)
+    data = make_demo_dataset(
+        str(root / "data"),
+        categories=["tablet", "washer"],
+        image_size=SIZE,
+        n_train=8,
+        n_test_good=3,
+        n_test_defect=4,
+    )
     dtd = make_demo_textures(str(root / "dtd"), n=1)
     identity = random_backbone_identity()
     afs = write_afs(str(root / "afs.pt"), backbone=identity)
@@ -32,11 +39,17 @@ def anomaly_sources(tmp_path_factory):
     """One tiny demo category (washer), DTD textures and three SDAS-like images: what the
     anomaly synthesis and the training stream draw from."""
     root = tmp_path_factory.mktemp("anomaly")
-    make_demo_dataset(str(root / "demo"), categories=["washer"], image_size=SIZE, n_train=5, n_test_good=1,
-                      n_test_defect=1)
+    make_demo_dataset(
+        str(root / "demo"),
+        categories=["washer"],
+        image_size=SIZE,
+        n_train=5,
+        n_test_good=1,
+        n_test_defect=1,
+    )
     make_demo_textures(str(root / "dtd"), n=2)
     sdas = root / "sdas"
     for i in range(3):
         write_image(str(sdas / f"{i:05d}.png"), size=(SIZE, SIZE), seed=i)
-    (sdas / "manifest.json").write_text("{}")   # synthesize.py's manifest: not an image, ignored
+    (sdas / "manifest.json").write_text("{}")  # synthesize.py's manifest: not an image, ignored
     return {"data": str(root / "demo"), "dtd": str(root / "dtd"), "sdas": str(sdas)}

@@ -3,6 +3,7 @@ weights: tests/test_invariance.py's tiny_model), with an OK/NG threshold chosen 
 given set of images falls on both sides of it (a calibration record as train_realnet.py
 stores it); for the tests of --predict and --export,
 which then need no training."""
+
 import os
 
 import numpy as np
@@ -25,9 +26,16 @@ def write_checkpoint(path, threshold_images=(), anomaly_map="discriminator"):
     two of their scores (half NG, half OK, none close to it) and a pixel threshold at the
     median of their maps. Returns (model, features)."""
     model, features = tiny_model(anomaly_map)
-    ckpt = {"kind": "realnet", "version": 1, "config": model.config, "step": 0,
-            "state_dict": model.state_dict(), "selected_on": {"rule": "a test model"},
-            "backbone": model.config["backbone"], "categories": ["washer"]}
+    ckpt = {
+        "kind": "realnet",
+        "version": 1,
+        "config": model.config,
+        "step": 0,
+        "state_dict": model.state_dict(),
+        "selected_on": {"rule": "a test model"},
+        "backbone": model.config["backbone"],
+        "categories": ["washer"],
+    }
     if threshold_images:
         scores, maps = scores_and_maps(model, features, list(threshold_images))
         ordered = np.sort(scores)
@@ -36,15 +44,27 @@ def write_checkpoint(path, threshold_images=(), anomaly_map="discriminator"):
         pixel = float(np.median(maps))
         scale = None
         if model.fused:
-            scale = {key: getattr(model, f"map_{key}").tolist()
-                     for key in ("centre", "scale", "weight")}
+            scale = {
+                key: getattr(model, f"map_{key}").tolist() for key in ("centre", "scale", "weight")
+            }
         ckpt["calibration"] = {
-            "kind": calibration.KIND, "version": 1, "rule": "fpr", "target_fpr": 0.5,
+            "kind": calibration.KIND,
+            "version": 1,
+            "rule": "fpr",
+            "target_fpr": 0.5,
             "weights_digest": calibration.weights_digest(model.state_dict()),
-            "image": image, "pixel": pixel, "fitted": {"image": image, "pixel": pixel},
-            "set_by": "calibration", "image_score": "avgpool", "pool": 16, "precision": "fp32",
-            "map_scale": scale, "good_images": len(threshold_images), "notes": [],
-            "source": "a test's images (tests/deploy_model.py)"}
+            "image": image,
+            "pixel": pixel,
+            "fitted": {"image": image, "pixel": pixel},
+            "set_by": "calibration",
+            "image_score": "avgpool",
+            "pool": 16,
+            "precision": "fp32",
+            "map_scale": scale,
+            "good_images": len(threshold_images),
+            "notes": [],
+            "source": "a test's images (tests/deploy_model.py)",
+        }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(ckpt, path)
     return model, features

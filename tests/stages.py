@@ -9,6 +9,7 @@ Both give (returncode, stdout, stderr); check=True (the default) fails the test 
 streams when the stage did not succeed. `one_line_error` asserts what a refused input must
 give: exit code 2, no traceback, one "error: ..." line.
 """
+
 import contextlib
 import importlib
 import io
@@ -43,11 +44,14 @@ def run(script, *args, check=True, env=ENV, launcher=None, in_process=False):
     else:
         target = ["-m"] if script == "-m" else [os.path.join(REPO, script)]
         command = (launcher or [sys.executable]) + target + [*map(str, args)]
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+            f"{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -60,12 +64,18 @@ def one_line_error(result, *fragments, alone=False):
     """Exit code 2, no traceback, exactly one 'error: ...' line on stderr containing every
     fragment; with alone=True nothing else on stderr but the random backbone's warning.
     Returns the line."""
-    assert result.returncode == 2, (result.returncode, result.stdout[-2000:],
-                                    result.stderr[-3000:])
+    assert result.returncode == 2, (
+        result.returncode,
+        result.stdout[-2000:],
+        result.stderr[-3000:],
+    )
     assert "Traceback" not in result.stderr
     if alone:
-        lines = [line for line in result.stderr.strip().splitlines()
-                 if not line.startswith(RANDOM_BACKBONE_WARNING)]
+        lines = [
+            line
+            for line in result.stderr.strip().splitlines()
+            if not line.startswith(RANDOM_BACKBONE_WARNING)
+        ]
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     else:
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -77,6 +87,28 @@ def one_line_error(result, *fragments, alone=False):
 
 def train_args(demo, out, *extra, steps=6):
     """train_realnet.py's flags for a few steps on the `demo` fixture's tiny data set."""
-    return ["--data", demo["data"], "--category", "washer", "--dtd", demo["dtd"], "--afs",
-            demo["afs"], "--width-ratio", "0.5", "--batch-size", "4", "--steps", steps, "--lr",
-            "1e-3", "--workers", "0", "--log-every", "1", "--out", out, *extra]
+    return [
+        "--data",
+        demo["data"],
+        "--category",
+        "washer",
+        "--dtd",
+        demo["dtd"],
+        "--afs",
+        demo["afs"],
+        "--width-ratio",
+        "0.5",
+        "--batch-size",
+        "4",
+        "--steps",
+        steps,
+        "--lr",
+        "1e-3",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--out",
+        out,
+        *extra,
+    ]

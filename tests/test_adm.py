@@ -1,4 +1,5 @@
 """The ADM UNet: OpenAI's key names and shapes, attention layout, weight loading with a report."""
+
 import json
 import math
 import os
@@ -90,7 +91,9 @@ def test_groupnorm32_computes_in_float32():
     x = torch.randn(2, 64, 4, 4).to(torch.bfloat16)
     out = norm(x)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, torch.nn.functional.group_norm(x.float(), 32).to(torch.bfloat16))
+    torch.testing.assert_close(
+        out, torch.nn.functional.group_norm(x.float(), 32).to(torch.bfloat16)
+    )
 
 
 def test_timestep_embedding_is_cos_then_sin():
@@ -124,7 +127,10 @@ def test_load_pretrained_accepts_wrapped_module_prefixed_state_dict(tmp_path):
     for p in source.parameters():
         p.data.normal_()
     path = tmp_path / "authors_ckpt.pt"
-    torch.save({"epoch": 240, "state_dict": {"module." + k: v for k, v in source.state_dict().items()}}, path)
+    torch.save(
+        {"epoch": 240, "state_dict": {"module." + k: v for k, v in source.state_dict().items()}},
+        path,
+    )
     target = adm.build_unet("tiny", num_classes=3)
     loaded, skipped, missing = adm.load_pretrained(target, str(path), log=lambda s: None)
     assert not skipped and not missing

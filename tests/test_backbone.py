@@ -1,4 +1,5 @@
 """realnet/backbone.py: layers, frozen eval mode, local weights, the offline error."""
+
 import os
 
 import pytest
@@ -17,17 +18,26 @@ def random_net():
 def test_layers_shapes_and_frozen(random_net):
     x = torch.randn(2, 3, 64, 64)
     features = random_net(x)
-    assert [tuple(f.shape) for f in features] == [(2, 256, 16, 16), (2, 512, 8, 8), (2, 1024, 4, 4), (2, 2048, 2, 2)]
+    assert [tuple(f.shape) for f in features] == [
+        (2, 256, 16, 16),
+        (2, 512, 8, 8),
+        (2, 1024, 4, 4),
+        (2, 2048, 2, 2),
+    ]
     assert random_net.out_strides == [4, 8, 16, 32]
     random_net.train()
     assert not random_net.training and not any(m.training for m in random_net.modules())
     assert not any(p.requires_grad for p in random_net.parameters())
     assert not features[0].requires_grad
-    assert random_net.identity == {"arch": "wide_resnet50_2", "weights": "random", "digest": "seed0"}
+    assert random_net.identity == {
+        "arch": "wide_resnet50_2",
+        "weights": "random",
+        "digest": "seed0",
+    }
 
 
 def test_random_is_the_same_network_every_time_and_stops_at_the_deepest_layer(random_net):
-    torch.manual_seed(123)           # the caller's RNG state must not matter
+    torch.manual_seed(123)  # the caller's RNG state must not matter
     short = backbone.load_backbone("random", layers=(1, 2))
     assert not hasattr(short, "layer3") and not hasattr(short, "fc")
     x = torch.randn(1, 3, 64, 64)
@@ -43,13 +53,15 @@ def test_random_backbone_warns_about_its_deep_layers(capsys):
     backbone.load_backbone("random", layers=(1, 2))
     assert "layer" not in capsys.readouterr().err.replace("UNTRAINED", "")
     backbone.load_backbone("random", layers=(1, 2, 3, 4))
-    warning = [line for line in capsys.readouterr().err.splitlines() if "no usable anomaly signal" in line]
+    warning = [
+        line for line in capsys.readouterr().err.splitlines() if "no usable anomaly signal" in line
+    ]
     assert len(warning) == 1 and "layers 3, 4" in warning[0] and "--layers 1 2" in warning[0]
 
 
 def test_local_weights_file(tmp_path, random_net):
     net = torchvision.models.wide_resnet50_2()
-    state = {"module." + k: v for k, v in net.state_dict().items()}          # a DDP-style checkpoint
+    state = {"module." + k: v for k, v in net.state_dict().items()}  # a DDP-style checkpoint
     path = str(tmp_path / "wide_resnet50_racm-8234f177.pth")
     torch.save({"state_dict": state}, path)
     loaded = backbone.load_backbone(path, layers=(1, 2))
@@ -58,8 +70,13 @@ def test_local_weights_file(tmp_path, random_net):
     with torch.no_grad():
         expected = net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))
     # the same numbers up to float rounding (the backbone convolves in channels-last order)
-    torch.testing.assert_close(loaded(x)[1], expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
-    assert loaded.identity["file"] == "wide_resnet50_racm-8234f177.pth" and len(loaded.identity["digest"]) == 16
+    torch.testing.assert_close(
+        loaded(x)[1], expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())
+    )
+    assert (
+        loaded.identity["file"] == "wide_resnet50_racm-8234f177.pth"
+        and len(loaded.identity["digest"]) == 16
+    )
 
 
 def test_weights_that_do_not_fit(tmp_path):
@@ -94,4 +111,7 @@ def test_imagenet_from_the_cache(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "hub" / "checkpoints")
     torch.save(torchvision.models.wide_resnet50_2().state_dict(), backbone.imagenet_cache_path())
     net = backbone.load_backbone("imagenet", layers=(1,))
-    assert net.identity["weights"] == "imagenet" and net.identity["file"] == "wide_resnet50_2-95faca4d.pth"
+    assert (
+        net.identity["weights"] == "imagenet"
+        and net.identity["file"] == "wide_resnet50_2-95faca4d.pth"
+    )

@@ -1,6 +1,7 @@
 """The training-step benchmark at the smallest scale: it runs, names every part of a step,
 and the parts add up to the step (timings themselves are not asserted: they live in
 benchmarks/results/); the inference benchmark refuses a variant it does not know."""
+
 import json
 import os
 import subprocess
@@ -9,7 +10,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+)
 
 import bench_train_step  # noqa: E402
 
@@ -17,17 +20,33 @@ import bench_train_step  # noqa: E402
 @pytest.mark.filterwarnings("ignore")
 def test_train_step_parts_add_up(tmp_path, capsys):
     out = tmp_path / "step.json"
-    threads = torch.get_num_threads()   # main() sets one thread on the CPU: give them back
+    threads = torch.get_num_threads()  # main() sets one thread on the CPU: give them back
     try:
-        bench_train_step.main(["--input-size", "64", "--dims", "8", "16", "--batch-size", "2",
-                               "--precisions", "fp32", "--repeats", "2", "--warmup", "1",
-                               "--json", str(out)])
+        bench_train_step.main(
+            [
+                "--input-size",
+                "64",
+                "--dims",
+                "8",
+                "16",
+                "--batch-size",
+                "2",
+                "--precisions",
+                "fp32",
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     (row,) = json.loads(out.read_text())["rows"]
     parts = [row[part] for part in bench_train_step.PARTS]
-    assert all(t > 0 for t in parts), row           # every part was reached, in order
+    assert all(t > 0 for t in parts), row  # every part was reached, in order
     # medians of each part need not add up exactly to the median of the sums
     assert sum(parts) == pytest.approx(row["step_ms"], rel=0.5), row
     assert row["model_ms"] < row["step_ms"]
@@ -35,12 +54,17 @@ def test_train_step_parts_add_up(tmp_path, capsys):
         assert what in printed
 
 
-@pytest.mark.parametrize("flag, value", [("--variants", "eager"), ("--precisions", "fp8"),
-                                         ("--batches", "x")])
+@pytest.mark.parametrize(
+    "flag, value", [("--variants", "eager"), ("--precisions", "fp8"), ("--batches", "x")]
+)
 def test_inference_benchmark_refuses_unknown_choices_in_one_line(flag, value):
     script = os.path.join(os.path.dirname(bench_train_step.__file__), "bench_inference.py")
-    done = subprocess.run([sys.executable, script, "--device", "cpu", flag, value],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, script, "--device", "cpu", flag, value],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     assert done.stderr.strip().startswith(f"error: {flag} {value}"), done.stderr
     assert "Traceback" not in done.stderr
@@ -53,29 +77,70 @@ def test_op_benchmark_checks_the_goals_it_reports():
     from benchmarks import bench_ops
 
     def row(op, which, dtype, impl, seconds, fraction=None):
-        r = {"op": op, "pass": which, "dtype": dtype, "impl": impl, "seconds": seconds, "batch": 16,
-             "bytes_moved": 1, "gb_per_s": 1, "peak_bytes": 0}
+        r = {
+            "op": op,
+            "pass": which,
+            "dtype": dtype,
+            "impl": impl,
+            "seconds": seconds,
+            "batch": 16,
+            "bytes_moved": 1,
+            "gb_per_s": 1,
+            "peak_bytes": 0,
+        }
         if fraction is not None:
             r["peak_fraction"] = fraction
         return r
-    rows = [row("rrs_select", "forward+backward", "float32", "fused v2", 1.0, 0.65),
-            row("rrs_select", "forward+backward", "float32", "reference", 4.0),
-            row("rrs_select", "forward+backward", "float32", "compiled reference", 2.0),
-            row("rrs_select", "forward", "float32", "fused v2", 0.5),
-            row("rrs_select", "forward", "float32", "compiled reference", 0.6),
-            row("rrs_select", "forward", "bfloat16", "fused v2", 0.25),
-            row("afs_channel_loss", "forward", "float32", "fused v2", 1.0),
-            row("afs_channel_loss", "forward", "float32", "reference", 6.0),
-            {"op": "afs_channel_loss", "pass": "forward", "dtype": "float32", "impl": "compiled reference",
-             "error": "compile failed"}]
+
+    rows = [
+        row("rrs_select", "forward+backward", "float32", "fused v2", 1.0, 0.65),
+        row("rrs_select", "forward+backward", "float32", "reference", 4.0),
+        row("rrs_select", "forward+backward", "float32", "compiled reference", 2.0),
+        row("rrs_select", "forward", "float32", "fused v2", 0.5),
+        row("rrs_select", "forward", "float32", "compiled reference", 0.6),
+        row("rrs_select", "forward", "bfloat16", "fused v2", 0.25),
+        row("afs_channel_loss", "forward", "float32", "fused v2", 1.0),
+        row("afs_channel_loss", "forward", "float32", "reference", 6.0),
+        {
+            "op": "afs_channel_loss",
+            "pass": "forward",
+            "dtype": "float32",
+            "impl": "compiled reference",
+            "error": "compile failed",
+        },
+    ]
     checked = {goal: (value, met) for goal, value, met in bench_ops.goals(rows)}
-    assert checked["fused v2: rrs_select fwd+bwd fp32 >= 60 % of peak bandwidth"] == ("65.0 %", True)
+    assert checked["fused v2: rrs_select fwd+bwd fp32 >= 60 % of peak bandwidth"] == (
+        "65.0 %",
+        True,
+    )
     assert checked["fused v2: rrs_select fwd+bwd fp32 >= 5.0x reference"] == ("4.00x", False)
-    assert checked["fused v2: rrs_select fwd+bwd fp32 >= 1.5x compiled reference"] == ("2.00x", True)
-    assert checked["fused v2: rrs_select forward fp32 >= 1.5x compiled reference"] == ("1.20x", False)
-    assert checked["fused v2: rrs_select forward bfloat16 <= 0.6x its fp32 time"] == ("0.50x", True)
+    assert checked["fused v2: rrs_select fwd+bwd fp32 >= 1.5x compiled reference"] == (
+        "2.00x",
+        True,
+    )
+    assert checked["fused v2: rrs_select forward fp32 >= 1.5x compiled reference"] == (
+        "1.20x",
+        False,
+    )
+    assert checked["fused v2: rrs_select forward bfloat16 <= 0.6x its fp32 time"] == (
+        "0.50x",
+        True,
+    )
     assert checked["fused v2: afs_channel_loss fp32 >= 5.0x reference"] == ("6.00x", True)
-    assert not any("afs_channel_loss fp32 >= 1.5x compiled" in goal for goal in checked)  # no row: no claim
-    table = bench_ops.markdown({"device": "test", "torch": "x", "date": "d", "batch": 16, "repeats": 1,
-                                "peak_bandwidth": 1e12, "command": "c", "results": rows})
+    assert not any(
+        "afs_channel_loss fp32 >= 1.5x compiled" in goal for goal in checked
+    )  # no row: no claim
+    table = bench_ops.markdown(
+        {
+            "device": "test",
+            "torch": "x",
+            "date": "d",
+            "batch": 16,
+            "repeats": 1,
+            "peak_bandwidth": 1e12,
+            "command": "c",
+            "results": rows,
+        }
+    )
     assert "failed: compile failed" in table and "| **no** |" in table

@@ -1,5 +1,6 @@
 """realnet/calibration.py: the fused map's scale, the OK/NG thresholds fitted on good images,
 calibration files and how evaluate.py resolves which calibration it decides with."""
+
 import json
 
 import numpy as np
@@ -15,11 +16,12 @@ from test_invariance import SIZE, tiny_model
 # The map scale and the thresholds, as plain numbers
 # ----------------------------------------------------------------------------------------
 
+
 def test_a_tail_heavy_part_does_not_outweigh_the_others():
     rng = np.random.default_rng(0)
-    energy = rng.gamma(2.0, 1.0, 20000)                 # spread of order 1
-    near_constant = rng.normal(0, 1e-3, 20000)           # a saturated probability, say
-    near_constant[:150] = rng.uniform(0.5, 1.0, 150)     # fires on 0.75 % of normal pixels
+    energy = rng.gamma(2.0, 1.0, 20000)  # spread of order 1
+    near_constant = rng.normal(0, 1e-3, 20000)  # a saturated probability, say
+    near_constant[:150] = rng.uniform(0.5, 1.0, 150)  # fires on 0.75 % of normal pixels
     scale = C.fit_map_scale(np.stack([near_constant, energy]), ["disc", "energy"])
     # std-standardised, the firing pixels would sit at ~10 sigma; by the 99th percentile the
     # firing part's scale is set by its own normal tail, so its normal pixels stay in range
@@ -32,8 +34,9 @@ def test_a_tail_heavy_part_does_not_outweigh_the_others():
 
 def test_a_part_constant_on_good_images_is_dropped_with_a_note():
     rng = np.random.default_rng(1)
-    parts = np.stack([np.full(5000, 3.0), rng.normal(5, 1, 5000),
-                      5.0 + rng.normal(0, 1e-9, 5000)])   # constant up to a relative 1e-10
+    parts = np.stack(
+        [np.full(5000, 3.0), rng.normal(5, 1, 5000), 5.0 + rng.normal(0, 1e-9, 5000)]
+    )  # constant up to a relative 1e-10
     scale = C.fit_map_scale(parts, ["a", "b", "c"])
     assert scale["weight"] == [0.0, 1.0, 0.0]
     assert len(scale["notes"]) == 2 and "'a' is constant" in scale["notes"][0]
@@ -46,7 +49,7 @@ def test_the_normal_rule_sits_as_far_again_above_the_highest_good_score():
     # from a typical pixel at 0.5 up to the highest good score (3.0), and as much again
     assert C.normal_threshold(scores, 0.5) == pytest.approx(3.0 + C.MARGIN * 2.5)
     assert C.normal_threshold(scores, 0.5, margin=0) == pytest.approx(3.0)
-    assert C.normal_threshold(scores, 5.0) == pytest.approx(3.0)   # never below the highest
+    assert C.normal_threshold(scores, 5.0) == pytest.approx(3.0)  # never below the highest
     assert C.image_threshold("normal", scores, 0.5) == C.normal_threshold(scores, 0.5)
 
 
@@ -55,7 +58,7 @@ def test_fpr_threshold_calls_at_most_the_target_share_of_normal_values_ng():
     for target, allowed in ((0.05, 5), (0.0, 0), (0.019, 1), (0.5, 50)):
         t = C.fpr_threshold(values, target)
         assert (values >= t).sum() == allowed, target
-    tied = np.array([0.1, 0.2, 0.9, 0.9, 0.9], dtype=np.float32)   # a tied run: all or none
+    tied = np.array([0.1, 0.2, 0.9, 0.9, 0.9], dtype=np.float32)  # a tied run: all or none
     assert (tied >= C.fpr_threshold(tied, 0.4)).sum() == 0
     assert (tied >= C.fpr_threshold(tied, 0.6)).sum() == 3
 
@@ -84,6 +87,7 @@ def test_balanced_accuracy_on_the_test_split_and_the_best_any_threshold_reaches(
 # Calibrating a model
 # ----------------------------------------------------------------------------------------
 
+
 def tiny(anomaly_map="fused"):
     """tests/test_invariance.py's tiny model (random backbone, random weights: non-zero
     reconstructions, so energies that differ)."""
@@ -102,22 +106,23 @@ def test_calibrate_fits_on_each_good_image_once_and_records_how(anomaly_map):
 
     def batches():
         for i in range(0, 5, 2):
-            seen.append(len(images[i:i + 2]))
-            yield images[i:i + 2]
+            seen.append(len(images[i : i + 2]))
+            yield images[i : i + 2]
 
     record = C.calibrate(model, features, batches, torch.device("cpu"), pool=4, source="test")
     assert record["good_images"] == 5 and sum(seen) == 5 * (2 if model.fused else 1)
     assert record["precision"] == "fp32" and record["rule"] == "normal"
     assert record["weights_digest"] == C.weights_digest(model.state_dict())
     assert record["image"] == record["pixel"] == record["fitted"]["image"]
-    assert record["on_good_images"]["image_fpr"] == 0.0   # above every good image
+    assert record["on_good_images"]["image_fpr"] == 0.0  # above every good image
     assert any("rests on 5 good image(s)" in note for note in record["notes"])
-    json.dumps(record)   # plain types: a weights_only checkpoint can hold it
+    json.dumps(record)  # plain types: a weights_only checkpoint can hold it
     with torch.no_grad():
         maps = model(features(images), (SIZE, SIZE))["anomaly_map"].numpy()
     from realnet.metrics import image_scores
+
     assert image_scores(maps, pool=4).max() < record["image"]
-    if model.fused:   # the model now scores with the fitted scale
+    if model.fused:  # the model now scores with the fitted scale
         assert model.map_centre.tolist() == pytest.approx(record["map_scale"]["centre"])
         assert record["map_scale"]["parts"] == model.part_names()
     else:
@@ -130,17 +135,28 @@ def test_the_weights_digest_leaves_out_only_what_calibration_sets():
     digest = C.weights_digest(state)
     changed = {k: v.clone() for k, v in state.items()}
     changed["map_scale"] += 1
-    assert C.weights_digest(changed) == digest   # a recalibration: the same weights
+    assert C.weights_digest(changed) == digest  # a recalibration: the same weights
     changed["rrs.running_var"] += 1e-3
     assert C.weights_digest(changed) != digest
 
 
 def record_for(digest, fused=True):
-    return {"kind": C.KIND, "version": 1, "weights_digest": digest, "rule": "normal",
-            "image": 2.0, "pixel": 2.0, "fitted": {"image": 2.0, "pixel": 2.0},
-            "set_by": "calibration", "image_score": "avgpool", "pool": 16, "precision": "fp32",
-            "map_scale": {"centre": [0, 0], "scale": [1, 1], "weight": [1, 1]} if fused else None,
-            "good_images": 30, "notes": []}
+    return {
+        "kind": C.KIND,
+        "version": 1,
+        "weights_digest": digest,
+        "rule": "normal",
+        "image": 2.0,
+        "pixel": 2.0,
+        "fitted": {"image": 2.0, "pixel": 2.0},
+        "set_by": "calibration",
+        "image_score": "avgpool",
+        "pool": 16,
+        "precision": "fp32",
+        "map_scale": {"centre": [0, 0], "scale": [1, 1], "weight": [1, 1]} if fused else None,
+        "good_images": 30,
+        "notes": [],
+    }
 
 
 def test_calibration_files_of_other_weights_or_foreign_files_are_refused(tmp_path):

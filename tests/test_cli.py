@@ -1,4 +1,5 @@
 """realnet/cli.py: --device is checked in one place for every stage."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """realnet/data.py: every layout read from generated folders, pixels, and one-line errors."""
+
 import os
 
 import numpy as np
@@ -12,10 +13,15 @@ from tiny_data import mvtec_tree, write_image, write_mask
 
 
 def test_mvtec_layout_grayscale_and_known_category_order(tmp_path):
-    root = mvtec_tree(str(tmp_path), categories=("screw", "bottle"), defects=("scratch_head", "thread"), gray=True)
+    root = mvtec_tree(
+        str(tmp_path),
+        categories=("screw", "bottle"),
+        defects=("scratch_head", "thread"),
+        gray=True,
+    )
     ds = data.open_dataset(root)
     assert ds.format == "mvtec"
-    assert ds.categories == ["bottle", "screw"]            # the authors' class-id order
+    assert ds.categories == ["bottle", "screw"]  # the authors' class-id order
     assert ds.class_id("screw") == 1
     train, test = ds.train("screw"), ds.test("screw")
     assert [os.path.basename(s.image) for s in train] == ["000.png", "001.png"]
@@ -24,9 +30,11 @@ def test_mvtec_layout_grayscale_and_known_category_order(tmp_path):
     assert len(test) == 6 and len(bad) == 4
     assert {s.defect for s in bad} == {"scratch_head", "thread"}
     for s in bad:
-        assert s.mask.endswith(os.path.join(s.defect, os.path.basename(s.image)[:-4] + "_mask.png"))
+        assert s.mask.endswith(
+            os.path.join(s.defect, os.path.basename(s.image)[:-4] + "_mask.png")
+        )
     assert [s.image for s in test] == sorted(s.image for s in test)
-    image = data.load_image(train[0].image, 24)             # grayscale file -> RGB
+    image = data.load_image(train[0].image, 24)  # grayscale file -> RGB
     assert image.shape == (24, 24, 3) and image.dtype == np.uint8
     assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
 
@@ -34,7 +42,9 @@ def test_mvtec_layout_grayscale_and_known_category_order(tmp_path):
 def test_unknown_categories_are_sorted_and_mpdd_is_recognised(tmp_path):
     own = mvtec_tree(str(tmp_path / "own"), categories=("zeta", "alpha", "mid"))
     assert data.open_dataset(own).categories == ["alpha", "mid", "zeta"]
-    mpdd = mvtec_tree(str(tmp_path / "mpdd"), categories=("tubes", "bracket_black"), defects=("hole",))
+    mpdd = mvtec_tree(
+        str(tmp_path / "mpdd"), categories=("tubes", "bracket_black"), defects=("hole",)
+    )
     ds = data.open_dataset(mpdd)
     assert ds.format == "mpdd" and ds.categories == ["bracket_black", "tubes"]
 
@@ -42,7 +52,15 @@ def test_unknown_categories_are_sorted_and_mpdd_is_recognised(tmp_path):
 def test_btad_layout_bmp_images_and_masks(tmp_path):
     root = str(tmp_path)
     mvtec_tree(root, categories=("01",), normal="ok", defects=("ko",), ext=".bmp", mask_suffix="")
-    mvtec_tree(root, categories=("03",), normal="ok", defects=("ko",), ext=".bmp", mask_ext=".bmp", mask_suffix="")
+    mvtec_tree(
+        root,
+        categories=("03",),
+        normal="ok",
+        defects=("ko",),
+        ext=".bmp",
+        mask_ext=".bmp",
+        mask_suffix="",
+    )
     mvtec_tree(root, categories=("02",), normal="ok", defects=("ko",), ext=".png", mask_suffix="")
     ds = data.open_dataset(root)
     assert ds.format == "btad" and ds.categories == ["01", "02", "03"]
@@ -55,8 +73,14 @@ def test_btad_layout_bmp_images_and_masks(tmp_path):
 
 
 def test_visa_reformat_with_jpg(tmp_path):
-    root = mvtec_tree(str(tmp_path), categories=("pcb1", "candle"), normal="ok", defects=("ko",), ext=".JPG",
-                      mask_suffix="")
+    root = mvtec_tree(
+        str(tmp_path),
+        categories=("pcb1", "candle"),
+        normal="ok",
+        defects=("ko",),
+        ext=".JPG",
+        mask_suffix="",
+    )
     ds = data.open_dataset(root)
     assert ds.format == "visa" and ds.categories == ["candle", "pcb1"]
     assert all(s.image.endswith(".JPG") for s in ds.train("pcb1"))
@@ -75,7 +99,7 @@ def _visa_download(root, rows_extra=()):
             rows.append(f"{c},test,normal,{q},")
             a, m = f"{c}/Data/Images/Anomaly/{i:03d}.JPG", f"{c}/Data/Masks/Anomaly/{i:03d}.png"
             write_image(os.path.join(root, a), seed=20 + i)
-            write_mask(os.path.join(root, m), value=1)          # VisA stores small values
+            write_mask(os.path.join(root, m), value=1)  # VisA stores small values
             rows.append(f"{c},test,anomaly,{a},{m}")
     rows += list(rows_extra)
     os.makedirs(os.path.join(root, "split_csv"), exist_ok=True)
@@ -92,7 +116,7 @@ def test_visa_official_csv_split(tmp_path):
     test = ds.test("pcb2")
     bad = [s for s in test if s.label]
     assert len(test) == 4 and len(bad) == 2 and all(s.defect == "anomaly" for s in bad)
-    assert data.load_mask(bad[0].mask).sum() == 100          # value 1 counts as anomalous (> 0)
+    assert data.load_mask(bad[0].mask).sum() == 100  # value 1 counts as anomalous (> 0)
 
 
 def test_visa_csv_bad_rows_are_one_line_errors(tmp_path):
@@ -102,8 +126,13 @@ def test_visa_csv_bad_rows_are_one_line_errors(tmp_path):
 
 
 def test_folder_layout(tmp_path):
-    mvtec_tree(str(tmp_path), categories=("my_part",), defects=("dent", "scratch"), mask_suffix="",
-               mask_folder="masks")
+    mvtec_tree(
+        str(tmp_path),
+        categories=("my_part",),
+        defects=("dent", "scratch"),
+        mask_suffix="",
+        mask_folder="masks",
+    )
     ds = data.open_dataset(str(tmp_path / "my_part"))
     assert ds.format == "folder" and ds.categories == ["my_part"]
     bad = [s for s in ds.test("my_part") if s.label]
@@ -152,7 +181,9 @@ def test_to_tensor_and_testset(tmp_path):
     ds = data.open_dataset(root)
     test = data.TestSet(ds.test("bottle"), 20)
     items = [test[i] for i in range(len(test))]
-    assert all(it["image"].shape == (3, 20, 20) and it["mask"].shape == (1, 20, 20) for it in items)
+    assert all(
+        it["image"].shape == (3, 20, 20) and it["mask"].shape == (1, 20, 20) for it in items
+    )
     assert [it["label"] for it in items] == [0, 0, 1, 1]
     assert all(it["mask"].sum() == 0 for it in items if it["label"] == 0)
     assert all(it["mask"].sum() > 0 for it in items if it["label"] == 1)
@@ -162,6 +193,7 @@ def test_to_tensor_and_testset(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Bad input: one UserError naming the file
 # ---------------------------------------------------------------------------------------
+
 
 def test_missing_root_and_unknown_layout(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
@@ -185,7 +217,9 @@ def test_unreadable_image(tmp_path):
 
 def test_mask_size_differs_from_image(tmp_path):
     root = mvtec_tree(str(tmp_path), categories=("bottle",))
-    write_mask(os.path.join(root, "bottle", "ground_truth", "scratch", "001_mask.png"), size=(20, 20))
+    write_mask(
+        os.path.join(root, "bottle", "ground_truth", "scratch", "001_mask.png"), size=(20, 20)
+    )
     with pytest.raises(UserError, match=r"001_mask.png' is 20x20 but its image .* is 40x32"):
         data.open_dataset(root).test("bottle")
 

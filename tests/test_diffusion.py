@@ -1,4 +1,5 @@
 """Gaussian diffusion: schedule, learned variance, hybrid loss, SDAS and DDIM samplers."""
+
 import math
 
 import numpy as np
@@ -53,7 +54,9 @@ def test_posterior_variance_clipping_and_coefficients_direct():
     for t in [1, 5, 19]:
         direct = b[t] * (1 - abar_prev[t]) / (1 - abar[t])
         assert d.posterior_variance[t].item() == pytest.approx(direct, rel=1e-12)
-        assert d.posterior_log_variance_clipped[t].item() == pytest.approx(math.log(direct), rel=1e-12)
+        assert d.posterior_log_variance_clipped[t].item() == pytest.approx(
+            math.log(direct), rel=1e-12
+        )
     assert d.posterior_variance[0].item() == 0.0
     # log of beta~_0 = 0 would be -inf: replaced by log beta~_1
     assert d.posterior_log_variance_clipped[0] == d.posterior_log_variance_clipped[1]
@@ -74,8 +77,8 @@ def test_learned_range_interpolates_log_variance():
     log_beta = math.log(d.betas[3].item())
     log_tilde = d.posterior_log_variance_clipped[3].item()
     lv = out["log_variance"][:, 0, 0, 0]
-    assert lv[0].item() == pytest.approx(log_beta, rel=1e-6)       # v = 1: beta_t
-    assert lv[1].item() == pytest.approx(log_tilde, rel=1e-6)      # v = -1: beta~_t
+    assert lv[0].item() == pytest.approx(log_beta, rel=1e-6)  # v = 1: beta_t
+    assert lv[1].item() == pytest.approx(log_tilde, rel=1e-6)  # v = -1: beta~_t
     assert lv[2].item() == pytest.approx(0.5 * (log_beta + log_tilde), rel=1e-6)
 
 
@@ -87,7 +90,9 @@ def test_pred_x0_and_clipping():
     x_t = d.q_sample(x0, t, eps)
     out = d.mean_variance(torch.cat([eps, torch.zeros_like(eps)], 1), x_t, t, clip_denoised=False)
     torch.testing.assert_close(out["pred_x0"], x0, rtol=1e-4, atol=1e-4)
-    out = d.mean_variance(torch.cat([eps + 5, torch.zeros_like(eps)], 1), x_t, t, clip_denoised=True)
+    out = d.mean_variance(
+        torch.cat([eps + 5, torch.zeros_like(eps)], 1), x_t, t, clip_denoised=True
+    )
     assert out["pred_x0"].abs().max() <= 1
 
 
@@ -95,20 +100,31 @@ def test_pred_x0_and_clipping():
 def test_normal_kl_matches_torch_distributions():
     m1, m2 = torch.randn(10), torch.randn(10)
     lv1, lv2 = torch.randn(10), torch.randn(10)
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * lv1).exp()),
-                                            torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m1, (0.5 * lv1).exp()),
+        torch.distributions.Normal(m2, (0.5 * lv2).exp()),
+    )
     torch.testing.assert_close(D.normal_kl(m1, lv1, m2, lv2), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_discretized_likelihood_integrates_the_bin():
     from scipy.stats import norm
+
     x = torch.tensor([-1.0, -0.5, 0.0, 0.3, 1.0], dtype=torch.float64)
     s = 0.5
-    mean, log_scale = torch.tensor(0.1, dtype=torch.float64), torch.tensor(math.log(s), dtype=torch.float64)
+    mean, log_scale = (
+        torch.tensor(0.1, dtype=torch.float64),
+        torch.tensor(math.log(s), dtype=torch.float64),
+    )
     got = D.discretized_gaussian_log_likelihood(x, mean, log_scale).exp().numpy()
-    expected = [norm.cdf((-1 + 1 / 255 - 0.1) / s),  # the end bins reach -inf / +inf
-                *[norm.cdf((v + 1 / 255 - 0.1) / s) - norm.cdf((v - 1 / 255 - 0.1) / s) for v in (-0.5, 0.0, 0.3)],
-                1 - norm.cdf((1 - 1 / 255 - 0.1) / s)]
+    expected = [
+        norm.cdf((-1 + 1 / 255 - 0.1) / s),  # the end bins reach -inf / +inf
+        *[
+            norm.cdf((v + 1 / 255 - 0.1) / s) - norm.cdf((v - 1 / 255 - 0.1) / s)
+            for v in (-0.5, 0.0, 0.3)
+        ],
+        1 - norm.cdf((1 - 1 / 255 - 0.1) / s),
+    ]
     np.testing.assert_allclose(got, expected, rtol=1e-2)  # tanh approximation of the normal cdf
 
 
@@ -123,20 +139,32 @@ def test_vlb_term_is_kl_in_bits_for_t_positive_and_nll_at_zero():
     vb = d.vb_terms_bpd(output, x0, x_t, t)
     # direct computation for image 1 (t = 321)
     i, tt = 1, 321
-    abar, abar_prev, beta = d.alphas_cumprod[tt].item(), d.alphas_cumprod[tt - 1].item(), d.betas[tt].item()
-    true_mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0[i] + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)) * x_t[i]
+    abar, abar_prev, beta = (
+        d.alphas_cumprod[tt].item(),
+        d.alphas_cumprod[tt - 1].item(),
+        d.betas[tt].item(),
+    )
+    true_mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0[i] + (
+        math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+    ) * x_t[i]
     true_var = beta * (1 - abar_prev) / (1 - abar)
     eps, v = output[i, :3], output[i, 3:]
     pred_x0 = (x_t[i] - math.sqrt(1 - abar) * eps) / math.sqrt(abar)  # not clipped in the loss
-    model_mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * pred_x0 + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)) * x_t[i]
+    model_mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * pred_x0 + (
+        math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+    ) * x_t[i]
     frac = (v + 1) / 2
     model_log_var = frac * math.log(beta) + (1 - frac) * math.log(true_var)
-    kl = torch.distributions.kl_divergence(torch.distributions.Normal(true_mean, math.sqrt(true_var)),
-                                           torch.distributions.Normal(model_mean, (0.5 * model_log_var).exp()))
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(true_mean, math.sqrt(true_var)),
+        torch.distributions.Normal(model_mean, (0.5 * model_log_var).exp()),
+    )
     assert vb[1].item() == pytest.approx(kl.mean().item() / math.log(2), rel=1e-4)
     # t = 0: decoder negative log-likelihood in bits/dim
     out0 = d.mean_variance(output[:1], x_t[:1], t[:1], clip_denoised=False)
-    nll = -D.discretized_gaussian_log_likelihood(x0[:1], out0["mean"], 0.5 * out0["log_variance"]).mean() / math.log(2)
+    nll = -D.discretized_gaussian_log_likelihood(
+        x0[:1], out0["mean"], 0.5 * out0["log_variance"]
+    ).mean() / math.log(2)
     assert vb[0].item() == pytest.approx(nll.item(), rel=1e-5)
 
 
@@ -161,12 +189,12 @@ def test_hybrid_loss_stops_the_mean_gradient_in_the_vlb():
     torch.testing.assert_close(losses["loss"], losses["mse"] + losses["vb"])
     eps_rows, var_rows = slice(0, 3), slice(3, 6)
     losses["vb"].sum().backward()
-    assert model.conv.weight.grad[eps_rows].abs().sum() == 0      # VLB trains only the variance
+    assert model.conv.weight.grad[eps_rows].abs().sum() == 0  # VLB trains only the variance
     assert model.conv.weight.grad[var_rows].abs().sum() > 0
     model.zero_grad()
     losses = d.training_losses(model, x0, t, None)
     losses["mse"].sum().backward()
-    assert model.conv.weight.grad[var_rows].abs().sum() == 0      # L_simple trains only eps
+    assert model.conv.weight.grad[var_rows].abs().sum() == 0  # L_simple trains only eps
     assert model.conv.weight.grad[eps_rows].abs().sum() > 0
 
 
@@ -230,7 +258,9 @@ def reference_ancestral(d, model, x_T, zs):
         abar_prev = d.alphas_cumprod_prev[k].item()
         beta = d.betas[k].item()
         x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
-        mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)) * x
+        mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (
+            math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+        ) * x
         log_tilde = d.posterior_log_variance_clipped[k].item()
         log_var = (v + 1) / 2 * math.log(beta) + (1 - (v + 1) / 2) * log_tilde
         x = mean + (torch.exp(0.5 * log_var) * zs[i] if k > 0 else 0)
@@ -259,20 +289,34 @@ def test_sdas_with_zero_strength_equals_plain_ancestral_sampling():
         expected = reference_ancestral(d, model, x_T, zs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        strong = d.sample(model, x_T, None, strength=torch.full((2,), 0.2),
-                          generators=[torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)])
+        strong = d.sample(
+            model,
+            x_T,
+            None,
+            strength=torch.full((2,), 0.2),
+            generators=[torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)],
+        )
     assert (strong - got).abs().mean() > 1e-3
 
 
 def test_per_image_generators_make_samples_independent_of_batching():
     d = ddim20()
     model = SmallNet()
+
     def x_T(i):
         return torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(100 + i))
+
     def gen(i):
         return torch.Generator().manual_seed(200 + i)
+
     s = torch.tensor([0.0, 0.15, 0.2])
-    together = d.sample(model, torch.stack([x_T(i) for i in range(3)]), None, s, generators=[gen(i) for i in range(3)])
+    together = d.sample(
+        model,
+        torch.stack([x_T(i) for i in range(3)]),
+        None,
+        s,
+        generators=[gen(i) for i in range(3)],
+    )
     alone = d.sample(model, x_T(2)[None], None, s[2:], generators=[gen(2)])
     torch.testing.assert_close(together[2:], alone, rtol=1e-5, atol=1e-5)
 
@@ -306,18 +350,25 @@ def test_ddim_inversion_and_reconstruction_and_sdas_ddim_variant():
     t = torch.tensor([9])
     plain, _ = d.ddim_sample(model, x, t, None, 0.0, z, eta=0.0)
     pert, out = d.ddim_sample(model, x, t, None, torch.tensor([0.02]), z, eta=0.0)
-    torch.testing.assert_close(pert - plain, math.sqrt(0.02) * torch.exp(0.5 * out["log_variance"]) * z)
+    torch.testing.assert_close(
+        pert - plain, math.sqrt(0.02) * torch.exp(0.5 * out["log_variance"]) * z
+    )
     etad, _ = d.ddim_sample(model, x, t, None, torch.tensor([0.02]), z, eta=1.0)
     abar, abar_prev = d.alphas_cumprod[9].item(), d.alphas_cumprod[8].item()
     sigma = math.sqrt((1 - abar_prev) / (1 - abar)) * math.sqrt(1 - abar / abar_prev)
     eps = (x - math.sqrt(abar) * out["pred_x0"]) / math.sqrt(1 - abar)
-    mean = out["pred_x0"] * math.sqrt(abar_prev) + math.sqrt(1 - abar_prev - sigma ** 2) * eps
-    torch.testing.assert_close(etad, mean + (sigma + math.sqrt(0.02) * torch.exp(0.5 * out["log_variance"])) * z,
-                               rtol=1e-4, atol=1e-5)
+    mean = out["pred_x0"] * math.sqrt(abar_prev) + math.sqrt(1 - abar_prev - sigma**2) * eps
+    torch.testing.assert_close(
+        etad,
+        mean + (sigma + math.sqrt(0.02) * torch.exp(0.5 * out["log_variance"])) * z,
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_training_loss_under_bf16_autocast_is_float32_and_close():
     from realnet import adm
+
     torch.manual_seed(0)
     model = adm.build_unet("tiny", num_classes=2, image_size=16)
     for p in model.parameters():  # undo the zero init so the output is not trivially 0

@@ -5,6 +5,7 @@ Each case runs a stage as the user would, through `cli.run` (in this process: `s
 a real process: `process`), with the DEFAULT --workers where the stage starts loaders, so an
 error raised in a loader worker is seen as the user sees it. A refused run must leave the
 files of an earlier one as they were."""
+
 import functools
 import os
 import shutil
@@ -41,7 +42,7 @@ def cut_in_half(path):
     """Keep the first half of a file: its header still reads, its pixels are cut short."""
     content = open(path, "rb").read()
     with open(path, "wb") as f:
-        f.write(content[:len(content) // 2])
+        f.write(content[: len(content) // 2])
     return path
 
 
@@ -49,11 +50,23 @@ def write_afs(path, backbone, layers=(1, 2), dims=(8, 16), input_size=64, catego
     """An AFS file in the format select_features.py writes."""
     channels = {1: 256, 2: 512}
     g = torch.Generator().manual_seed(0)
-    torch.save({"kind": "afs", "version": 1, "layers": list(layers), "dims": list(dims),
-                "indices": [torch.sort(torch.randperm(channels[l], generator=g)[:d]).values
-                            for l, d in zip(layers, dims)],
-                "scores": [torch.rand(channels[l], generator=g) for l in layers],
-                "backbone": backbone, "input_size": input_size, "category": category}, path)
+    torch.save(
+        {
+            "kind": "afs",
+            "version": 1,
+            "layers": list(layers),
+            "dims": list(dims),
+            "indices": [
+                torch.sort(torch.randperm(channels[l], generator=g)[:d]).values
+                for l, d in zip(layers, dims)
+            ],
+            "scores": [torch.rand(channels[l], generator=g) for l in layers],
+            "backbone": backbone,
+            "input_size": input_size,
+            "category": category,
+        },
+        path,
+    )
     return path
 
 
@@ -61,9 +74,16 @@ def write_afs(path, backbone, layers=(1, 2), dims=(8, 16), input_size=64, catego
 def demo(tmp_path_factory):
     from demo_data import make_demo_dataset, make_demo_textures
     from realnet.backbone import load_backbone
+
     root = tmp_path_factory.mktemp("faults")
-    dataset = make_demo_dataset(str(root / "data"), categories=["washer"], image_size=64,
-                                n_train=6, n_test_good=2, n_test_defect=2)
+    dataset = make_demo_dataset(
+        str(root / "data"),
+        categories=["washer"],
+        image_size=64,
+        n_train=6,
+        n_test_good=2,
+        n_test_defect=2,
+    )
     dtd = make_demo_textures(str(root / "dtd"), n=1)
     afs = write_afs(str(root / "afs.pt"), load_backbone("random", (1,)).identity)
     return {"root": root, "data": dataset, "dtd": dtd, "afs": afs}
@@ -71,9 +91,25 @@ def demo(tmp_path_factory):
 
 def train_args(demo, out, *extra, data_root=None, steps=2):
     """train_realnet.py on the tiny demo; --workers is left at its default (2)."""
-    return ["--data", data_root or demo["data"], "--category", "washer", "--dtd", demo["dtd"],
-            "--afs", demo["afs"], "--batch-size", "4", "--steps", steps, "--log-every", "1",
-            "--out", out, *extra]
+    return [
+        "--data",
+        data_root or demo["data"],
+        "--category",
+        "washer",
+        "--dtd",
+        demo["dtd"],
+        "--afs",
+        demo["afs"],
+        "--batch-size",
+        "4",
+        "--steps",
+        steps,
+        "--log-every",
+        "1",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +156,7 @@ def test_a_palette_image_with_transparency_reads_its_colours_without_a_warning(t
     path = str(tmp_path / "palette.png")
     palette.save(path, transparency=0)
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         image = data.load_image(path)
@@ -154,7 +191,7 @@ def write_turned_jpeg(path, size=(40, 32)):
 
 def test_exif_orientation_turns_image_and_its_size_alike(tmp_path):
     path = write_turned_jpeg(str(tmp_path / "turned.jpg"))
-    assert data.image_size_of(path) == (32, 40)        # upright: w 32, h 40
+    assert data.image_size_of(path) == (32, 40)  # upright: w 32, h 40
     image = data.load_image(path)
     assert image.shape == (40, 32, 3)
     # turned clockwise, the stored top-left box is at the top-right, 8 wide and 12 high
@@ -164,24 +201,26 @@ def test_exif_orientation_turns_image_and_its_size_alike(tmp_path):
 def test_a_mask_drawn_on_the_upright_image_fits_its_exif_turned_image(tmp_path):
     root = str(tmp_path / "set")
     from tiny_data import write_image
+
     for i in range(2):
         write_image(os.path.join(root, "part", "train", "good", f"{i:03d}.png"), size=(32, 40))
     write_turned_jpeg(os.path.join(root, "part", "test", "dent", "000.jpg"))
     mask = np.zeros((40, 32), np.uint8)
-    mask[0:12, 24:32] = 255                             # where a viewer shows the box
+    mask[0:12, 24:32] = 255  # where a viewer shows the box
     os.makedirs(os.path.join(root, "part", "ground_truth", "dent"))
     Image.fromarray(mask).save(os.path.join(root, "part", "ground_truth", "dent", "000_mask.png"))
     item = data.TestSet(data.open_dataset(root).test("part"), 40)[0]
     image, mask = item["image"][0], item["mask"][0]
-    assert image[mask > 0].mean() > image[mask == 0].mean() + 2   # the box lies under its mask
+    assert image[mask > 0].mean() > image[mask == 0].mean() + 2  # the box lies under its mask
 
 
 # ----------------------------------------------------------------------------------------
 # Reading masks: binarised at a stated level, or refused
 # ----------------------------------------------------------------------------------------
 
+
 def test_stray_low_values_of_a_jpeg_saved_mask_are_not_defect(tmp_path):
-    mask = np.random.default_rng(0).integers(0, 4, (32, 40)).astype(np.uint8)   # 0-3 noise
+    mask = np.random.default_rng(0).integers(0, 4, (32, 40)).astype(np.uint8)  # 0-3 noise
     mask[5:10, 5:10] = 252
     path = str(tmp_path / "mask.png")
     Image.fromarray(mask).save(path)
@@ -202,7 +241,7 @@ def test_a_16_bit_mask_and_a_label_mask_read_as_their_defect(tmp_path):
     Image.fromarray(deep).save(str(tmp_path / "deep.png"))
     assert data.load_mask(str(tmp_path / "deep.png")).sum() == 16
     label = np.zeros((20, 20), np.uint8)
-    label[2:5, 2:5] = 1                                  # VisA: a small class value
+    label[2:5, 2:5] = 1  # VisA: a small class value
     Image.fromarray(label).save(str(tmp_path / "label.png"))
     assert data.load_mask(str(tmp_path / "label.png")).sum() == 9
 
@@ -212,7 +251,7 @@ def test_a_picture_given_as_a_mask_is_refused_naming_it(tmp_path):
     Image.fromarray(photo).save(str(tmp_path / "photo.png"))
     with pytest.raises(cli.UserError, match=r"photo.png' is not a mask: \d+% of its pixels"):
         data.load_mask(str(tmp_path / "photo.png"))
-    dark = (np.arange(400).reshape(20, 20) % 100).astype(np.uint8)   # 100 levels, all < 128
+    dark = (np.arange(400).reshape(20, 20) % 100).astype(np.uint8)  # 100 levels, all < 128
     Image.fromarray(dark).save(str(tmp_path / "dark.png"))
     with pytest.raises(cli.UserError, match="dark.png' is not a mask: 100 distinct values"):
         data.load_mask(str(tmp_path / "dark.png"))
@@ -225,9 +264,20 @@ def test_evaluate_refuses_a_picture_given_as_a_mask_in_one_line(demo, trained, t
     photo = np.random.default_rng(2).integers(0, 256, (size[1], size[0])).astype(np.uint8)
     Image.fromarray(photo).save(mask)
     out = str(tmp_path / "eval")
-    one_line_error(stage("evaluate.py", "--checkpoint", os.path.join(trained, "model.pt"),
-                         "--data", root, "--out", out, "--throughput-repeats", "1"),
-                   "000_mask.png' is not a mask")
+    one_line_error(
+        stage(
+            "evaluate.py",
+            "--checkpoint",
+            os.path.join(trained, "model.pt"),
+            "--data",
+            root,
+            "--out",
+            out,
+            "--throughput-repeats",
+            "1",
+        ),
+        "000_mask.png' is not a mask",
+    )
     assert not os.path.exists(os.path.join(out, "metrics.json"))
 
 
@@ -235,30 +285,38 @@ def test_evaluate_refuses_a_picture_given_as_a_mask_in_one_line(demo, trained, t
 # Skipped files are counted
 # ----------------------------------------------------------------------------------------
 
+
 def test_broken_links_and_folders_named_like_images_are_skipped_and_counted(tmp_path, capsys):
     folder = tmp_path / "good"
     folder.mkdir()
     from tiny_data import write_image
+
     write_image(str(folder / "000.png"))
     os.symlink(str(tmp_path / "gone.png"), str(folder / "001.png"))
     (folder / "002.png").mkdir()
     assert data.list_images(str(folder)) == [str(folder / "000.png")]
     line = capsys.readouterr().out.strip()
-    assert line.startswith("note: skipped 2 file(s) in") and "1 broken link" in line \
-        and "1 not a file" in line and "001.png" in line
+    assert (
+        line.startswith("note: skipped 2 file(s) in")
+        and "1 broken link" in line
+        and "1 not a file" in line
+        and "001.png" in line
+    )
 
 
 def test_training_reports_a_broken_link_among_its_images_and_trains(demo, tmp_path):
     root = copy_category(demo, tmp_path)
     os.symlink(str(tmp_path / "gone.png"), washer(root, "train", "good", "zzz.png"))
-    result = succeeded(stage("train_realnet.py", *train_args(demo, str(tmp_path / "run"),
-                                                             data_root=root)))
+    result = succeeded(
+        stage("train_realnet.py", *train_args(demo, str(tmp_path / "run"), data_root=root))
+    )
     assert "note: skipped 1 file(s)" in result.stdout and "1 broken link" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------
 # Training needs the training images only
 # ----------------------------------------------------------------------------------------
+
 
 def train_only(demo, tmp_path):
     root = copy_category(demo, tmp_path)
@@ -272,26 +330,75 @@ def test_a_train_good_only_data_set_trains_and_evaluate_says_what_is_missing(dem
     out = str(tmp_path / "run")
     succeeded(stage("train_realnet.py", *train_args(demo, out, data_root=root)))
     assert os.path.isfile(os.path.join(out, "model.pt"))
-    one_line_error(stage("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"),
-                         "--throughput-repeats", "1"), "no test folder")
+    one_line_error(
+        stage(
+            "evaluate.py",
+            "--checkpoint",
+            os.path.join(out, "model.pt"),
+            "--throughput-repeats",
+            "1",
+        ),
+        "no test folder",
+    )
 
 
 def test_select_features_accepts_a_train_good_only_data_set(demo, tmp_path):
     root = train_only(demo, tmp_path)
     out = str(tmp_path / "afs")
-    succeeded(stage("select_features.py", "--data", root, "--category", "washer", "--dtd",
-                    demo["dtd"], "--backbone-weights", "random", "--input-size", "64",
-                    "--layers", "1", "2", "--dims", "8", "16", "--batches", "1",
-                    "--batch-size", "4", "--out", out))
+    succeeded(
+        stage(
+            "select_features.py",
+            "--data",
+            root,
+            "--category",
+            "washer",
+            "--dtd",
+            demo["dtd"],
+            "--backbone-weights",
+            "random",
+            "--input-size",
+            "64",
+            "--layers",
+            "1",
+            "2",
+            "--dims",
+            "8",
+            "16",
+            "--batches",
+            "1",
+            "--batch-size",
+            "4",
+            "--out",
+            out,
+        )
+    )
     assert os.path.isfile(os.path.join(out, "afs.pt"))
 
 
 def test_train_diffusion_accepts_a_train_good_only_data_set(demo, tmp_path):
     root = train_only(demo, tmp_path)
     out = str(tmp_path / "diffusion")
-    succeeded(stage("train_diffusion.py", "--data", root, "--preset", "tiny", "--image-size", "16",
-                    "--steps", "1", "--batch-size", "2", "--sample-steps", "2",
-                    "--sheet-columns", "2", "--out", out))
+    succeeded(
+        stage(
+            "train_diffusion.py",
+            "--data",
+            root,
+            "--preset",
+            "tiny",
+            "--image-size",
+            "16",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--sample-steps",
+            "2",
+            "--sheet-columns",
+            "2",
+            "--out",
+            out,
+        )
+    )
     assert os.path.isfile(os.path.join(out, "model.pt"))
 
 
@@ -300,12 +407,21 @@ def test_missing_test_masks_do_not_stop_training_and_are_named_by_evaluate(demo,
     shutil.rmtree(washer(root, "ground_truth"))
     out = str(tmp_path / "run")
     succeeded(stage("train_realnet.py", *train_args(demo, out, data_root=root)))
-    one_line_error(stage("evaluate.py", "--checkpoint", os.path.join(out, "model.pt"),
-                         "--throughput-repeats", "1"), "has no mask")
+    one_line_error(
+        stage(
+            "evaluate.py",
+            "--checkpoint",
+            os.path.join(out, "model.pt"),
+            "--throughput-repeats",
+            "1",
+        ),
+        "has no mask",
+    )
 
 
 def test_the_folder_layout_with_train_good_only_is_recognised(tmp_path):
     from tiny_data import write_image
+
     write_image(str(tmp_path / "part" / "train" / "good" / "000.png"))
     index = data.open_dataset(str(tmp_path / "part"))
     assert index.format == "folder" and len(index.train("part")) == 1
@@ -317,12 +433,14 @@ def test_the_folder_layout_with_train_good_only_is_recognised(tmp_path):
 # Found at the start, not hours in
 # ----------------------------------------------------------------------------------------
 
+
 def sdas_folder(demo, tmp_path, n=3):
     """A folder of SDAS-like images (any images serve as anomaly appearances)."""
     folder = tmp_path / "sdas"
     folder.mkdir()
-    texture = data.list_images(os.path.join(demo["dtd"], "images", os.listdir(
-        os.path.join(demo["dtd"], "images"))[0]))[0]
+    texture = data.list_images(
+        os.path.join(demo["dtd"], "images", os.listdir(os.path.join(demo["dtd"], "images"))[0])
+    )[0]
     for i in range(n):
         Image.open(texture).convert("RGB").resize((64, 64)).save(str(folder / f"sdas_{i}.png"))
     return str(folder)
@@ -339,15 +457,40 @@ def test_a_truncated_sdas_image_stops_training_before_the_first_step(demo, tmp_p
 
 def test_a_truncated_dtd_image_stops_select_features_at_its_start(demo, tmp_path):
     dtd = shutil.copytree(demo["dtd"], str(tmp_path / "dtd"))
-    texture = data.list_images(os.path.join(dtd, "images", sorted(os.listdir(
-        os.path.join(dtd, "images")))[0]))[0]
+    texture = data.list_images(
+        os.path.join(dtd, "images", sorted(os.listdir(os.path.join(dtd, "images")))[0])
+    )[0]
     cut_in_half(texture)
     out = str(tmp_path / "afs")
-    one_line_error(stage("select_features.py", "--data", demo["data"], "--category", "washer",
-                         "--dtd", dtd, "--backbone-weights", "random", "--input-size", "64",
-                         "--layers", "1", "2", "--dims", "8", "16", "--batches", "2",
-                         "--batch-size", "4", "--out", out),
-                   os.path.basename(texture), "truncated")
+    one_line_error(
+        stage(
+            "select_features.py",
+            "--data",
+            demo["data"],
+            "--category",
+            "washer",
+            "--dtd",
+            dtd,
+            "--backbone-weights",
+            "random",
+            "--input-size",
+            "64",
+            "--layers",
+            "1",
+            "2",
+            "--dims",
+            "8",
+            "16",
+            "--batches",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            out,
+        ),
+        os.path.basename(texture),
+        "truncated",
+    )
     assert not os.path.exists(os.path.join(out, "afs.pt"))
 
 
@@ -355,14 +498,17 @@ def test_a_truncated_training_image_stops_training_at_its_start(demo, tmp_path):
     root = copy_category(demo, tmp_path)
     cut_in_half(washer(root, "train", "good", "003.png"))
     out = str(tmp_path / "run")
-    one_line_error(stage("train_realnet.py", *train_args(demo, out, data_root=root)),
-                   "003.png' is not a readable image")
+    one_line_error(
+        stage("train_realnet.py", *train_args(demo, out, data_root=root)),
+        "003.png' is not a readable image",
+    )
     assert not os.path.exists(os.path.join(out, "model.pt"))
 
 
 # ----------------------------------------------------------------------------------------
 # Errors raised in loader workers: the original line (default --workers)
 # ----------------------------------------------------------------------------------------
+
 
 class _Broken(torch.utils.data.Dataset):
     def __len__(self):
@@ -376,20 +522,32 @@ def test_a_user_error_in_a_loader_worker_comes_back_as_its_own_line():
     loader = torch.utils.data.DataLoader(_Broken(), num_workers=2)
     with pytest.raises(cli.UserError) as caught:
         next(iter(loader))
-    assert "Original Traceback" in str(caught.value)          # torch's wrapper...
+    assert "Original Traceback" in str(caught.value)  # torch's wrapper...
     line = cli.worker_error_line(caught.value)
     assert line.startswith("image 'x") and line.endswith("is not a readable image (OSError: cut)")
     assert cli.worker_error_line("plain message") == "plain message"
 
 
-def test_evaluate_with_a_truncated_test_image_is_one_line_with_default_workers(demo, trained,
-                                                                               tmp_path):
+def test_evaluate_with_a_truncated_test_image_is_one_line_with_default_workers(
+    demo, trained, tmp_path
+):
     root = copy_category(demo, tmp_path)
     cut_in_half(washer(root, "test", "good", "001.png"))
     out = str(tmp_path / "eval")
-    one_line_error(process("evaluate.py", "--checkpoint", os.path.join(trained, "model.pt"),
-                           "--data", root, "--out", out, "--throughput-repeats", "1"),
-                   "001.png' is not a readable image")
+    one_line_error(
+        process(
+            "evaluate.py",
+            "--checkpoint",
+            os.path.join(trained, "model.pt"),
+            "--data",
+            root,
+            "--out",
+            out,
+            "--throughput-repeats",
+            "1",
+        ),
+        "001.png' is not a readable image",
+    )
     assert not os.path.exists(os.path.join(out, "metrics.json"))
 
 
@@ -422,27 +580,43 @@ def test_train_realnet_refuses_a_bad_flag_before_writing(demo, tmp_path, case):
 
 def test_train_realnet_bad_flag_as_a_process_is_one_line(demo, tmp_path):
     out = str(tmp_path / "run")
-    one_line_error(process("train_realnet.py", *train_args(demo, out), "--save-every", "0"),
-                   "--save-every must be >= 1")
+    one_line_error(
+        process("train_realnet.py", *train_args(demo, out), "--save-every", "0"),
+        "--save-every must be >= 1",
+    )
     assert not os.path.exists(out)
 
 
 def test_log_every_0_with_resume_keeps_a_finished_runs_files(demo, trained):
     before = snapshot(trained)
-    one_line_error(stage("train_realnet.py", *train_args(demo, trained), "--resume",
-                         "--log-every", "0"), "--log-every must be >= 1")
+    one_line_error(
+        stage("train_realnet.py", *train_args(demo, trained), "--resume", "--log-every", "0"),
+        "--log-every must be >= 1",
+    )
     assert snapshot(trained) == before
 
 
-OTHER_FLAGS = {   # case: (script, flags, expected)
-    "train_diffusion --workers -1": ("train_diffusion.py", ["--workers", "-1"],
-                                     "--workers must be >= 0"),
-    "train_diffusion --sample-every -1": ("train_diffusion.py", ["--sample-every", "-1"],
-                                          "--sample-every must be >= 0"),
-    "select_features --workers -1": ("select_features.py", ["--workers", "-1", "--category",
-                                                            "washer"], "--workers must be >= 0"),
-    "synthesize --sheet-count -1": ("synthesize.py", ["--sheet-count", "-1"],
-                                    "--sheet-count must be >= 0"),
+OTHER_FLAGS = {  # case: (script, flags, expected)
+    "train_diffusion --workers -1": (
+        "train_diffusion.py",
+        ["--workers", "-1"],
+        "--workers must be >= 0",
+    ),
+    "train_diffusion --sample-every -1": (
+        "train_diffusion.py",
+        ["--sample-every", "-1"],
+        "--sample-every must be >= 0",
+    ),
+    "select_features --workers -1": (
+        "select_features.py",
+        ["--workers", "-1", "--category", "washer"],
+        "--workers must be >= 0",
+    ),
+    "synthesize --sheet-count -1": (
+        "synthesize.py",
+        ["--sheet-count", "-1"],
+        "--sheet-count must be >= 0",
+    ),
     "evaluate --workers -1": ("evaluate.py", ["--workers", "-1"], "--workers must be >= 0"),
     "evaluate --panels -2": ("evaluate.py", ["--panels", "-2"], "--panels must be -1"),
 }
@@ -452,19 +626,33 @@ OTHER_FLAGS = {   # case: (script, flags, expected)
 def test_every_stage_refuses_a_negative_count_before_writing(demo, trained, tmp_path, case):
     script, flags, expected = OTHER_FLAGS[case]
     out = str(tmp_path / "out")
-    inputs = {"train_diffusion.py": ["--data", demo["data"], "--preset", "tiny"],
-              "select_features.py": ["--data", demo["data"], "--dtd", demo["dtd"]],
-              "synthesize.py": ["--checkpoint", os.path.join(trained, "model.pt")],
-              "evaluate.py": ["--checkpoint", os.path.join(trained, "model.pt")]}[script]
+    inputs = {
+        "train_diffusion.py": ["--data", demo["data"], "--preset", "tiny"],
+        "select_features.py": ["--data", demo["data"], "--dtd", demo["dtd"]],
+        "synthesize.py": ["--checkpoint", os.path.join(trained, "model.pt")],
+        "evaluate.py": ["--checkpoint", os.path.join(trained, "model.pt")],
+    }[script]
     one_line_error(stage(script, *inputs, *flags, "--out", out), expected)
     assert not os.path.exists(out)
 
 
 def test_too_many_workers_are_capped_with_a_note(demo, trained, tmp_path):
     out = str(tmp_path / "eval")
-    result = succeeded(stage("evaluate.py", "--checkpoint", os.path.join(trained, "model.pt"),
-                             "--workers", "100", "--out", out, "--throughput-repeats", "1",
-                             "--panels", "0"))
+    result = succeeded(
+        stage(
+            "evaluate.py",
+            "--checkpoint",
+            os.path.join(trained, "model.pt"),
+            "--workers",
+            "100",
+            "--out",
+            out,
+            "--throughput-repeats",
+            "1",
+            "--panels",
+            "0",
+        )
+    )
     assert "note: --workers 100 capped to" in result.stdout
     assert os.path.isfile(os.path.join(out, "metrics.json"))
 
@@ -473,28 +661,35 @@ def test_too_many_workers_are_capped_with_a_note(demo, trained, tmp_path):
 # One run per output folder
 # ----------------------------------------------------------------------------------------
 
+
 def hold_folder(folder):
     """Another process that owns `folder` (as a running stage does) until it is killed."""
-    code = ("import sys, time\nfrom realnet.files import prepare_output_folder\n"
-            f"prepare_output_folder({folder!r})\nprint('ready', flush=True)\ntime.sleep(120)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV,
-                              stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time\nfrom realnet.files import prepare_output_folder\n"
+        f"prepare_output_folder({folder!r})\nprint('ready', flush=True)\ntime.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "ready"
     return holder
 
 
-def test_a_second_run_into_a_busy_out_is_refused_and_a_killed_run_frees_it(demo, trained,
-                                                                           tmp_path):
+def test_a_second_run_into_a_busy_out_is_refused_and_a_killed_run_frees_it(
+    demo, trained, tmp_path
+):
     out = str(tmp_path / "run")
     shutil.copytree(trained, out)
     before = snapshot(out)
     holder = hold_folder(out)
     try:
-        one_line_error(stage("train_realnet.py", *train_args(demo, out), "--resume",
-                             "--steps", "3"), "is in use by another running process")
+        one_line_error(
+            stage("train_realnet.py", *train_args(demo, out), "--resume", "--steps", "3"),
+            "is in use by another running process",
+        )
         assert snapshot(out) == before
     finally:
-        holder.send_signal(signal.SIGKILL)   # a killed run: the kernel releases its lock
+        holder.send_signal(signal.SIGKILL)  # a killed run: the kernel releases its lock
         holder.wait()
     succeeded(stage("train_realnet.py", *train_args(demo, out), "--resume", "--steps", "3"))
     assert torch.load(os.path.join(out, "model.pt"), weights_only=True)["step"] == 3
@@ -504,8 +699,10 @@ def test_evaluate_into_a_busy_out_is_refused(trained, tmp_path):
     out = str(tmp_path / "eval")
     holder = hold_folder(out)
     try:
-        one_line_error(stage("evaluate.py", "--checkpoint", os.path.join(trained, "model.pt"),
-                             "--out", out), "is in use by another running process")
+        one_line_error(
+            stage("evaluate.py", "--checkpoint", os.path.join(trained, "model.pt"), "--out", out),
+            "is in use by another running process",
+        )
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -516,19 +713,23 @@ def test_evaluate_into_a_busy_out_is_refused(trained, tmp_path):
 # Words that do not mislead
 # ----------------------------------------------------------------------------------------
 
+
 def test_a_random_bytes_checkpoint_gets_no_advice_to_switch_off_the_protection(tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    line = one_line_error(stage("evaluate.py", "--checkpoint", str(path)),
-                          "is not a readable torch checkpoint")
+    line = one_line_error(
+        stage("evaluate.py", "--checkpoint", str(path)), "is not a readable torch checkpoint"
+    )
     assert "weights_only" not in line
 
 
 def test_a_random_bytes_afs_file_gets_no_advice_to_switch_off_the_protection(demo, tmp_path):
     path = tmp_path / "afs.pt"
     path.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    line = one_line_error(stage("train_realnet.py", "--afs", str(path), "--out",
-                                str(tmp_path / "run")), "is not a readable torch checkpoint")
+    line = one_line_error(
+        stage("train_realnet.py", "--afs", str(path), "--out", str(tmp_path / "run")),
+        "is not a readable torch checkpoint",
+    )
     assert "weights_only" not in line
 
 
@@ -547,12 +748,24 @@ def test_a_file_where_a_folder_is_expected_and_the_reverse_are_named_so(demo, tr
     picture = os.path.join(demo["data"], "washer", "train", "good", "000.png")
     model = os.path.join(trained, "model.pt")
     out = str(tmp_path / "out")
-    one_line_error(stage("train_realnet.py", *train_args(demo, out), "--data", picture),
-                   "data set: '", "000.png' is a file, expected a folder")
-    one_line_error(stage("train_realnet.py", *train_args(demo, out), "--dtd", picture),
-                   "--dtd: '", "is a file, expected a folder")
-    one_line_error(stage("evaluate.py", "--checkpoint", model, "--predict", picture, "--out", out),
-                   "--predict: '", "is a file, expected a folder")
-    one_line_error(stage("evaluate.py", "--checkpoint", trained, "--out", out),
-                   "--checkpoint: '", "is a folder, expected a file")
-    assert set(snapshot(out)) <= {".lock"}   # nothing written (evaluate takes --out first)
+    one_line_error(
+        stage("train_realnet.py", *train_args(demo, out), "--data", picture),
+        "data set: '",
+        "000.png' is a file, expected a folder",
+    )
+    one_line_error(
+        stage("train_realnet.py", *train_args(demo, out), "--dtd", picture),
+        "--dtd: '",
+        "is a file, expected a folder",
+    )
+    one_line_error(
+        stage("evaluate.py", "--checkpoint", model, "--predict", picture, "--out", out),
+        "--predict: '",
+        "is a file, expected a folder",
+    )
+    one_line_error(
+        stage("evaluate.py", "--checkpoint", trained, "--out", out),
+        "--checkpoint: '",
+        "is a folder, expected a file",
+    )
+    assert set(snapshot(out)) <= {".lock"}  # nothing written (evaluate takes --out first)

@@ -1,4 +1,5 @@
 """realnet/files.py: atomic writes never lose the previous file; checked reads fail clearly."""
+
 import os
 import stat
 
@@ -7,7 +8,13 @@ import pytest
 import torch
 
 from realnet.cli import UserError
-from realnet.files import atomic_torch_save, atomic_write_json, atomic_write_text, file_digest, load_checkpoint
+from realnet.files import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    file_digest,
+    load_checkpoint,
+)
 from realnet.files import prepare_output_folder
 
 
@@ -38,18 +45,28 @@ def test_load_checkpoint_checks_existence_readability_and_kind(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable torch checkpoint"):
         load_checkpoint(str(tmp_path / "junk.pt"), "--checkpoint")
-    with pytest.raises(UserError, match="is a realnet checkpoint, expected a diffusion checkpoint"):
+    with pytest.raises(
+        UserError, match="is a realnet checkpoint, expected a diffusion checkpoint"
+    ):
         load_checkpoint(str(good), "--checkpoint", kind="diffusion")
     assert len(file_digest(str(good))) == 16
 
 
 def test_a_stage_start_removes_the_temporaries_of_a_killed_save_and_nothing_else(tmp_path, capsys):
     (tmp_path / "samples" / "old").mkdir(parents=True)
-    (tmp_path / "realnet").mkdir()   # another stage's folder: it may be saving there right now
-    orphans = [tmp_path / ".model.pt.k3j_x9q2.tmp", tmp_path / "samples" / "old" / ".step_02.png.a1b2c3d4.tmp",
-               tmp_path / "samples" / ".step_03.png.a1b2c3d4.tmp"]
-    kept = [tmp_path / "model.pt", tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / ".x.tmp",
-            tmp_path / "realnet" / ".state.pt.a1b2c3d4.tmp"]
+    (tmp_path / "realnet").mkdir()  # another stage's folder: it may be saving there right now
+    orphans = [
+        tmp_path / ".model.pt.k3j_x9q2.tmp",
+        tmp_path / "samples" / "old" / ".step_02.png.a1b2c3d4.tmp",
+        tmp_path / "samples" / ".step_03.png.a1b2c3d4.tmp",
+    ]
+    kept = [
+        tmp_path / "model.pt",
+        tmp_path / "notes.tmp",
+        tmp_path / ".hidden",
+        tmp_path / ".x.tmp",
+        tmp_path / "realnet" / ".state.pt.a1b2c3d4.tmp",
+    ]
     for path in orphans + kept:
         path.write_bytes(b"x")
     assert prepare_output_folder(str(tmp_path), subfolders=("samples", "absent")) == str(tmp_path)
@@ -65,18 +82,21 @@ def test_an_output_folder_that_is_a_file_or_not_writable_is_refused(tmp_path):
     assert (tmp_path / "taken").read_text() == "mine"
     with pytest.raises(UserError, match=r"^--dtd-out '.*taken' is a file"):
         prepare_output_folder(str(tmp_path / "taken"), "--dtd-out")
-    if os.path.isdir("/proc/self"):   # not writable, even for root
+    if os.path.isdir("/proc/self"):  # not writable, even for root
         with pytest.raises(UserError, match="cannot write there"):
             prepare_output_folder("/proc/self")
 
 
 class _RunsCode:
     """Unpickling this calls a function: what a checkpoint from a stranger could hold."""
+
     def __reduce__(self):
         return (os.mkdir, (os.path.join(os.environ["MARKER_DIR"], "code_ran"),))
 
 
-def test_a_checkpoint_holding_an_object_is_refused_in_one_line_without_running_it(tmp_path, monkeypatch):
+def test_a_checkpoint_holding_an_object_is_refused_in_one_line_without_running_it(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("MARKER_DIR", str(tmp_path))
     torch.save({"kind": "realnet", "x": _RunsCode()}, str(tmp_path / "model.pt"))
     with pytest.raises(UserError) as error:
@@ -94,7 +114,7 @@ def test_a_checkpoint_holding_an_object_is_refused_in_one_line_without_running_i
 def test_checkpoints_are_written_with_tensors_and_plain_types_only(tmp_path):
     with pytest.raises(TypeError, match=r"state.pt\['rng'\] is a ndarray"):
         atomic_torch_save({"rng": np.zeros(3)}, str(tmp_path / "state.pt"))
-    with pytest.raises(TypeError, match=r"state.pt\['f1'\] is a float64"):   # a float subclass
+    with pytest.raises(TypeError, match=r"state.pt\['f1'\] is a float64"):  # a float subclass
         atomic_torch_save({"f1": np.float64(0.5)}, str(tmp_path / "state.pt"))
     assert os.listdir(tmp_path) == []
     plain = {"a": [1, 2.5, "x", None, True, (3, 4)], 0: {"t": torch.arange(3)}}
@@ -109,6 +129,8 @@ def test_a_kind_is_named_with_its_article(tmp_path):
 
 
 def test_a_folder_where_a_stage_writes_a_file_is_refused_before_the_run(tmp_path):
-    (tmp_path / "afs.pt").mkdir()     # left by an earlier run with --out FOLDER/afs.pt
-    with pytest.raises(UserError, match=r"afs.pt' is a folder, but the stage writes its file afs.pt there"):
+    (tmp_path / "afs.pt").mkdir()  # left by an earlier run with --out FOLDER/afs.pt
+    with pytest.raises(
+        UserError, match=r"afs.pt' is a folder, but the stage writes its file afs.pt there"
+    ):
         prepare_output_folder(str(tmp_path), files=("afs_scores.png", "afs.pt"))

@@ -2,6 +2,7 @@
 other images share its batch, nor of the batch size. (In training, RRS ranks with the
 statistics of the batch and BatchNorm normalises with them: there the batch matters, on
 purpose.)"""
+
 import pytest
 import torch
 
@@ -24,17 +25,25 @@ def tiny_model(anomaly_map="discriminator"):
     calibration) shapes the map."""
     backbone = load_backbone("random", (1, 2))
     g = torch.Generator().manual_seed(0)
-    afs = {"layers": [1, 2], "dims": [8, 16],
-           "indices": [torch.randperm(256, generator=g)[:8].sort().values.tolist(),
-                       torch.randperm(512, generator=g)[:16].sort().values.tolist()],
-           "scores": [torch.rand(256), torch.rand(512)], "input_size": SIZE,
-           "backbone": backbone.identity}
-    model = RealNet(build_config(afs, width_ratio=0.5, strides=backbone.strides, anomaly_map=anomaly_map))
+    afs = {
+        "layers": [1, 2],
+        "dims": [8, 16],
+        "indices": [
+            torch.randperm(256, generator=g)[:8].sort().values.tolist(),
+            torch.randperm(512, generator=g)[:16].sort().values.tolist(),
+        ],
+        "scores": [torch.rand(256), torch.rand(512)],
+        "input_size": SIZE,
+        "backbone": backbone.identity,
+    }
+    model = RealNet(
+        build_config(afs, width_ratio=0.5, strides=backbone.strides, anomaly_map=anomaly_map)
+    )
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name.endswith("running_var") or name == "map_scale":
                 tensor.uniform_(0.5, 2.0, generator=g)
-            elif name == "map_weight":   # which parts count: all of them
+            elif name == "map_weight":  # which parts count: all of them
                 tensor.fill_(1.0)
             elif tensor.is_floating_point():
                 # std 0.1: logits of order 1 (std 0.2 gives logits of 100+, which magnify
@@ -62,9 +71,12 @@ def maps_of(inference, batch, what="anomaly_map"):
 def test_an_images_map_does_not_depend_on_its_batch(inference):
     a, b, c, others = images(1, 1), images(1, 2), images(1, 3), images(3, 4)
     alone = maps_of(inference, a)[0]
-    assert alone.std() > 1e-3   # a map with structure, not a constant
-    for batch, position in ((torch.cat([a, b]), 0), (torch.cat([c, a]), 1),
-                            (torch.cat([others[:2], a, others[2:], b]), 2)):
+    assert alone.std() > 1e-3  # a map with structure, not a constant
+    for batch, position in (
+        (torch.cat([a, b]), 0),
+        (torch.cat([c, a]), 1),
+        (torch.cat([others[:2], a, others[2:], b]), 2),
+    ):
         in_batch = maps_of(inference, batch)[position]
         assert (in_batch - alone).abs().max() <= TOLERANCE, len(batch)
     # the same five images, one at a time and together
@@ -90,5 +102,5 @@ def test_in_training_mode_the_batch_does_matter(inference):
             second = model(features(torch.cat([a, c])), (SIZE, SIZE))["anomaly_map"][0]
     finally:
         model.eval()
-        model.load_state_dict(state)   # training mode moved the running statistics
+        model.load_state_dict(state)  # training mode moved the running statistics
     assert (first - second).abs().max() > 100 * TOLERANCE

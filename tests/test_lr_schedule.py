@@ -1,4 +1,5 @@
 """train_realnet.learning_rate: the paper's constant rate and the demo's cosine decay."""
+
 import math
 
 from train_realnet import learning_rate

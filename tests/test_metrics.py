@@ -1,5 +1,6 @@
 """realnet/metrics.py against hand-computed cases, sklearn and a direct transcription of
 MVTec AD's own AU-PRO code (landscape §3: pro_curve_util.compute_pro + generic_util.trapezoid)."""
+
 from bisect import bisect
 
 import numpy as np
@@ -15,6 +16,7 @@ from realnet import metrics
 # ----------------------------------------------------------------------------------------
 # MVTec AD's evaluation code, transcribed as directly as possible (the ground truth)
 # ----------------------------------------------------------------------------------------
+
 
 def mvtec_compute_pro(anomaly_maps, ground_truth_maps):
     structure = np.ones((3, 3), dtype=int)
@@ -33,7 +35,7 @@ def mvtec_compute_pro(anomaly_maps, ground_truth_maps):
         pro_change = np.zeros_like(gt_map, dtype=np.float64)
         for k in range(n_components):
             region_mask = labeled == (k + 1)
-            pro_change[region_mask] = 1. / np.sum(region_mask)
+            pro_change[region_mask] = 1.0 / np.sum(region_mask)
         fp_changes[gt_ind] = fp_change
         pro_changes[gt_ind] = pro_change
     anomaly_scores_flat = np.array(anomaly_maps).ravel()
@@ -46,18 +48,20 @@ def mvtec_compute_pro(anomaly_maps, ground_truth_maps):
     fprs = np.cumsum(fp_changes_sorted).astype(np.float32) / num_ok_pixels
     pros = np.cumsum(pro_changes_sorted) / num_gt_regions
     keep_mask = np.append(np.diff(anomaly_scores_sorted) != 0, np.True_)
-    fprs = np.clip(fprs[keep_mask], None, 1.)
-    pros = np.clip(pros[keep_mask], None, 1.)
-    return np.concatenate(([0.], fprs, [1.])), np.concatenate(([0.], pros, [1.]))
+    fprs = np.clip(fprs[keep_mask], None, 1.0)
+    pros = np.clip(pros[keep_mask], None, 1.0)
+    return np.concatenate(([0.0], fprs, [1.0])), np.concatenate(([0.0], pros, [1.0]))
 
 
 def mvtec_trapezoid(x, y, x_max):
     x, y = np.array(x), np.array(y)
-    correction = 0.
+    correction = 0.0
     if x_max not in x:
         ins = bisect(x, x_max)
         assert 0 < ins < len(x)
-        y_interp = y[ins - 1] + ((y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1]))
+        y_interp = y[ins - 1] + (
+            (y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1])
+        )
         correction = 0.5 * (y_interp + y[ins - 1]) * (x_max - x[ins - 1])
     mask = x <= x_max
     x, y = x[mask], y[mask]
@@ -90,6 +94,7 @@ def random_case(rng, n=12, size=24, levels=None, empty_share=0.3):
 # AU-PRO: hand-computed cases
 # ----------------------------------------------------------------------------------------
 
+
 def row(values):
     return np.array([[values]], dtype=np.float32)  # one image of one row
 
@@ -108,8 +113,9 @@ def test_au_pro_averages_over_regions_not_pixels():
     # image 1: region A of 4 pixels, image 2: region B of 1 pixel; 7 defect-free pixels.
     # 0.95 hits 1/4 of A -> PRO (1/4)/2 = .125; 0.6 ok -> FPR 1/7; 0.5 hits all of B ->
     # PRO .125 + .5 = .625; 0.4 ok -> 2/7; 0.3 ok -> 3/7 (> .3, flat at .625).
-    maps = np.array([[[0.95, 0.05, 0.05, 0.05, 0.6, 0.1]],
-                     [[0.5, 0.4, 0.3, 0.2, 0.1, 0.1]]], dtype=np.float32)
+    maps = np.array(
+        [[[0.95, 0.05, 0.05, 0.05, 0.6, 0.1]], [[0.5, 0.4, 0.3, 0.2, 0.1, 0.1]]], dtype=np.float32
+    )
     masks = np.array([[[1, 1, 1, 1, 0, 0]], [[1, 0, 0, 0, 0, 0]]])
     area = 0.125 / 7 + 0.625 / 7 + 0.625 * (0.3 - 2 / 7)
     assert metrics.au_pro(maps, masks) == pytest.approx(area / 0.3, abs=1e-12)
@@ -183,13 +189,15 @@ def test_au_pro_perfect_and_inverted_detectors():
 # AU-PRO: against MVTec's code on random data, with and without ties, several limits
 # ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("levels", [None, 20, 3])
 @pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
 def test_au_pro_matches_mvtec(seed, levels, limit):
     rng = np.random.default_rng(seed)
-    maps, masks = random_case(rng, n=int(rng.integers(1, 10)), size=int(rng.choice([8, 17, 32])),
-                              levels=levels)
+    maps, masks = random_case(
+        rng, n=int(rng.integers(1, 10)), size=int(rng.choice([8, 17, 32])), levels=levels
+    )
     if not masks.any():
         masks[0, 0, 0] = 1
     ours = metrics.au_pro(maps, masks, fpr_limit=limit)
@@ -209,6 +217,7 @@ def test_pro_curve_points_lie_on_mvtec_curve():
 # ----------------------------------------------------------------------------------------
 # AUROC, F1 threshold, image scores
 # ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("levels", [None, 5])
 def test_pixel_auroc_matches_sklearn(levels):
@@ -250,7 +259,9 @@ def test_image_scores_are_the_max_of_the_average_pooled_map():
         assert windows.shape == (25, 25)  # stride 1, no padding
         assert got[i] == pytest.approx(windows.max(), rel=1e-5)
     assert np.array_equal(metrics.image_scores(maps, pool="max"), maps.reshape(3, -1).max(axis=1))
-    expected = F.avg_pool2d(torch.from_numpy(maps)[:, None], 16, stride=1).amax(dim=(1, 2, 3)).numpy()
+    expected = (
+        F.avg_pool2d(torch.from_numpy(maps)[:, None], 16, stride=1).amax(dim=(1, 2, 3)).numpy()
+    )
     assert np.allclose(got, expected)
 
 

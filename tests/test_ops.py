@@ -4,6 +4,7 @@ Every case runs on the CPU and, when a GPU is present, on CUDA with every versio
 CUDA kernels (csrc/cuda/v1.cu, v2.cu; float32, plus float16 and bfloat16 there). Ground
 truth is always the reference on the same inputs.
 """
+
 import os
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import torch
 
 from realnet import ops
 
-pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="the compiled extension is not built")
+pytestmark = pytest.mark.skipif(
+    not ops.HAS_EXTENSION, reason="the compiled extension is not built"
+)
 
 CUDA_VERSIONS = list(ops.CUDA_KERNEL_VERSIONS) if torch.cuda.is_available() else []
 DEVICES = ["cpu"] + [f"cuda-v{v}" for v in CUDA_VERSIONS]
@@ -30,12 +33,20 @@ def device(request):
         yield "cuda"
 
 
-@pytest.fixture(params=[f"v{v}" for v in CUDA_VERSIONS] or [pytest.param("none", marks=pytest.mark.skip(
-    reason="float16/bfloat16 kernels are CUDA-only"))])
+@pytest.fixture(
+    params=[f"v{v}" for v in CUDA_VERSIONS]
+    or [
+        pytest.param(
+            "none", marks=pytest.mark.skip(reason="float16/bfloat16 kernels are CUDA-only")
+        )
+    ]
+)
 def cuda_version(request):
     """For the CUDA-only tests: each version of the CUDA kernels in turn."""
     with ops.cuda_kernel_version(int(request.param[1:])):
         yield int(request.param[1:])
+
+
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 # (batch, [(channels, h, w) per level finest first], k_max, k_mean)
@@ -84,15 +95,18 @@ def max_abs(a, b):
 def test_rrs_select_matches_reference(shape, training, device):
     batch, levels, k_max, k_mean = SHAPES[shape]
     feats, recons, rm, rv = make_inputs(batch, levels, device)
-    (sel, idx), (sel_ref, idx_ref), (rm_f, rv_f), (rm_r, rv_r) = run_both(feats, recons, k_max, k_mean, rm, rv, training)
+    (sel, idx), (sel_ref, idx_ref), (rm_f, rv_f), (rm_r, rv_r) = run_both(
+        feats, recons, k_max, k_mean, rm, rv, training
+    )
 
     assert sel.shape == (batch, k_max + k_mean, *levels[0][1:]) and sel.dtype == feats[0].dtype
     if batch == 1 and training:
         # One sample is the whole batch: every channel's normalised spatial mean is exactly 0.
         # The mean picks are a tie, which the fused op breaks by channel index and the
         # reference by rounding noise; the max picks are well defined and must agree.
-        normalized = torch.nn.functional.batch_norm(ops.upsampled_residual(feats, recons).detach(), None, None,
-                                                    training=True)
+        normalized = torch.nn.functional.batch_norm(
+            ops.upsampled_residual(feats, recons).detach(), None, None, training=True
+        )
         assert normalized.mean(dim=(2, 3)).abs().max() < 1e-5
         assert idx[0, k_max:].tolist() == list(range(k_mean))
         idx, idx_ref = idx[:, :k_max], idx_ref[:, :k_max]
@@ -106,7 +120,9 @@ def test_rrs_select_matches_reference(shape, training, device):
     else:
         assert not torch.equal(rm_f, rm)
     if shape == "duplicated_picks":
-        assert any(len(set(row.tolist())) < len(row) for row in idx), "the case must contain duplicated picks"
+        assert any(len(set(row.tolist())) < len(row) for row in idx), (
+            "the case must contain duplicated picks"
+        )
 
     # gradients through the selection, into recons and feats, duplicated picks summed
     upstream = torch.randn(sel.shape, generator=torch.Generator().manual_seed(1)).to(device)
@@ -161,11 +177,15 @@ def test_cuda_kernel_version_is_selectable():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="float16/bfloat16 kernels are CUDA-only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", ["four_levels_odd", "paper_like_small", "duplicated_picks", "paper_levels"])
+@pytest.mark.parametrize(
+    "shape", ["four_levels_odd", "paper_like_small", "duplicated_picks", "paper_levels"]
+)
 def test_rrs_select_reduced_precision_cuda(shape, dtype, cuda_version):
     batch, levels, k_max, k_mean = SHAPES[shape]
     feats, recons, rm, rv = make_inputs(batch, levels, "cuda", dtype)
-    (sel, idx), (sel_ref, idx_ref), (rm_f, rv_f), (rm_r, rv_r) = run_both(feats, recons, k_max, k_mean, rm, rv, True)
+    (sel, idx), (sel_ref, idx_ref), (rm_f, rv_f), (rm_r, rv_r) = run_both(
+        feats, recons, k_max, k_mean, rm, rv, True
+    )
     assert sel.dtype == dtype
     assert torch.equal(idx, idx_ref)
     assert max_abs(sel, sel_ref) <= ATOL[dtype]
@@ -209,11 +229,23 @@ def test_opcheck_all_ops(device):
     grad = torch.randn(2, 10, *feats[0].shape[-2:], device=device)
     cases = [
         (torch.ops.realnet.rrs_stats.default, (plain[0], plain[1])),
-        (torch.ops.realnet.rrs_rank.default, (stats, spatial, 4, 6, rm.clone(), rv.clone(), True, 0.9, 1e-5)),
-        (torch.ops.realnet.rrs_rank.default, (stats, spatial, 4, 6, rm.clone(), rv.clone(), False, 0.9, 1e-5)),
+        (
+            torch.ops.realnet.rrs_rank.default,
+            (stats, spatial, 4, 6, rm.clone(), rv.clone(), True, 0.9, 1e-5),
+        ),
+        (
+            torch.ops.realnet.rrs_rank.default,
+            (stats, spatial, 4, 6, rm.clone(), rv.clone(), False, 0.9, 1e-5),
+        ),
         (torch.ops.realnet.rrs_gather.default, (feats, recons, indices)),
-        (torch.ops.realnet.rrs_gather_backward.default, (grad, plain[0], plain[1], indices, True, True)),
-        (torch.ops.realnet.rrs_gather_backward.default, (grad, plain[0], plain[1], indices, False, True)),
+        (
+            torch.ops.realnet.rrs_gather_backward.default,
+            (grad, plain[0], plain[1], indices, True, True),
+        ),
+        (
+            torch.ops.realnet.rrs_gather_backward.default,
+            (grad, plain[0], plain[1], indices, False, True),
+        ),
     ]
     a, z, mask = afs_inputs(device)
     cases.append((torch.ops.realnet.afs_channel_loss.default, (a, z, mask)))
@@ -234,7 +266,9 @@ def test_torch_compile_matches_eager():
     loss_c, idx_c = compiled(feats, recons, rm_c, rv_c)
     loss_e, idx_e = step(feats, recons, rm, rv)
     assert torch.equal(idx_c, idx_e) and max_abs(loss_c, loss_e) <= 1e-6
-    assert torch.equal(rm_c, rm) and torch.equal(rv_c, rv), "the in-place running-stat update must survive compile"
+    assert torch.equal(rm_c, rm) and torch.equal(rv_c, rv), (
+        "the in-place running-stat update must survive compile"
+    )
     g_c = torch.autograd.grad(loss_c, recons)
     g_e = torch.autograd.grad(loss_e, recons)
     assert all(max_abs(a, b) <= 1e-7 for a, b in zip(g_c, g_e))
@@ -248,10 +282,13 @@ def test_torch_compile_matches_eager():
 # afs_channel_loss
 # ------------------------------------------------------------------------------------------
 
+
 def afs_inputs(device, B=3, C=11, h=5, w=7, H=23, W=29, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     normal = torch.rand(B, C, h, w, generator=g)
-    anomalous = normal + 0.5 * torch.randn(B, C, h, w, generator=g) * (torch.rand(B, C, h, w, generator=g) > 0.5)
+    anomalous = normal + 0.5 * torch.randn(B, C, h, w, generator=g) * (
+        torch.rand(B, C, h, w, generator=g) > 0.5
+    )
     mask = (torch.rand(B, 1, H, W, generator=g) > 0.7).float()
     return anomalous.to(device, dtype), normal.to(device, dtype), mask.to(device)
 
@@ -292,7 +329,10 @@ def test_afs_channel_loss_special_channels(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_afs_channel_loss_reduced_precision_cuda(dtype, cuda_version):
     a, z, mask = afs_inputs("cuda", *AFS_SHAPES["layer3_like"], dtype=dtype)
-    assert max_abs(ops.afs_channel_loss(a, z, mask), ops.afs_channel_loss_reference(a, z, mask)) <= 1e-5
+    assert (
+        max_abs(ops.afs_channel_loss(a, z, mask), ops.afs_channel_loss_reference(a, z, mask))
+        <= 1e-5
+    )
 
 
 def test_afs_picks_the_channel_that_carries_the_anomaly():
@@ -312,9 +352,12 @@ def test_afs_picks_the_channel_that_carries_the_anomaly():
 # Bad input: one clear sentence, from the C++ checks
 # ------------------------------------------------------------------------------------------
 
+
 def _rrs(feats, recons, k_max=2, k_mean=2, channels=None, **kw):
     channels = channels if channels is not None else sum(f.shape[1] for f in feats)
-    return ops.rrs_select(feats, recons, k_max, k_mean, torch.zeros(channels), torch.ones(channels), True, **kw)
+    return ops.rrs_select(
+        feats, recons, k_max, k_mean, torch.zeros(channels), torch.ones(channels), True, **kw
+    )
 
 
 def test_bad_inputs_rrs():
@@ -328,12 +371,14 @@ def test_bad_inputs_rrs():
         _rrs(f, r[:1])
     with pytest.raises(RuntimeError, match="float32 or float64"):
         _rrs([t.long() for t in f], [t.long() for t in r])
-    with pytest.raises(RuntimeError, match="CUDA-only"):   # the kernel itself
+    with pytest.raises(RuntimeError, match="CUDA-only"):  # the kernel itself
         torch.ops.realnet.rrs_stats([t.half() for t in f], [t.half() for t in r])
     # rrs_select runs bf16/fp16 on the CPU (autocast) in float32, and mixed reduced dtypes too
     noisy = [t + 0.1 * torch.rand(t.shape) for t in f]
-    for low_f, low_r in (([t.bfloat16() for t in f], [t.bfloat16() for t in noisy]),
-                         (f, [t.half() for t in noisy])):
+    for low_f, low_r in (
+        ([t.bfloat16() for t in f], [t.bfloat16() for t in noisy]),
+        (f, [t.half() for t in noisy]),
+    ):
         got = _rrs(low_f, low_r)
         expected = _rrs([t.float() for t in low_f], [t.float() for t in low_r])
         assert got[0].dtype == torch.float32
@@ -391,22 +436,40 @@ def test_bad_inputs_afs():
 # DDP: ranking with the statistics of the global batch, as one process would
 # ------------------------------------------------------------------------------------------
 
+
 def _ddp_worker(rank, world, init_file, result_file, use_reference):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     feats, recons, rm, rv = make_inputs(4, SHAPES["four_levels_odd"][1], requires_grad=False)
     local = slice(rank * 2, rank * 2 + 2)
     fn = ops.rrs_select_reference if use_reference else ops.rrs_select
-    sel, idx = fn([f[local] for f in feats], [r[local] for r in recons], 4, 6, rm, rv, True,
-                  process_group=dist.group.WORLD)
-    torch.save({"selected": sel, "indices": idx, "running_mean": rm, "running_var": rv}, f"{result_file}.{rank}")
+    sel, idx = fn(
+        [f[local] for f in feats],
+        [r[local] for r in recons],
+        4,
+        6,
+        rm,
+        rv,
+        True,
+        process_group=dist.group.WORLD,
+    )
+    torch.save(
+        {"selected": sel, "indices": idx, "running_mean": rm, "running_var": rv},
+        f"{result_file}.{rank}",
+    )
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("use_reference", [False, True], ids=["fused", "reference"])
 def test_ddp_global_batch_statistics(tmp_path, use_reference):
     import torch.multiprocessing as mp
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), use_reference), nprocs=2)
+
+    mp.spawn(
+        _ddp_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path / "out"), use_reference),
+        nprocs=2,
+    )
     feats, recons, rm, rv = make_inputs(4, SHAPES["four_levels_odd"][1], requires_grad=False)
     sel, idx = ops.rrs_select_reference(feats, recons, 4, 6, rm, rv, True)
     for rank in range(2):
@@ -414,12 +477,15 @@ def test_ddp_global_batch_statistics(tmp_path, use_reference):
         local = slice(rank * 2, rank * 2 + 2)
         assert torch.equal(part["indices"], idx[local])
         assert max_abs(part["selected"], sel[local]) <= ATOL[torch.float32]
-        assert max_abs(part["running_mean"], rm) <= 1e-6 and max_abs(part["running_var"], rv) <= 1e-6
+        assert (
+            max_abs(part["running_mean"], rm) <= 1e-6 and max_abs(part["running_var"], rv) <= 1e-6
+        )
 
 
 # ------------------------------------------------------------------------------------------
 # Without the extension: the reference, with one warning
 # ------------------------------------------------------------------------------------------
+
 
 def test_fallback_without_extension_warns_once(tmp_path):
     script = textwrap.dedent("""

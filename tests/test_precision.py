@@ -1,5 +1,6 @@
 """--precision: bf16 autocast on the CPU gives anomaly maps close to fp32's, trains, and
 resumes only in the precision it started in; fp16 is refused on the CPU in one line."""
+
 import csv
 import json
 import os
@@ -46,7 +47,7 @@ def test_bf16_maps_are_close_to_fp32_on_the_cpu(demo, trained):  # noqa: F811
     assert difference.mean() < MAP_MEAN_ABS, difference.mean()
     assert difference.flatten().quantile(0.99) < MAP_Q99_ABS, difference.flatten().quantile(0.99)
     assert difference.max() < MAP_MAX_ABS, difference.max()
-    assert difference.max() > 0   # bf16 did run: the maps are not bit-identical
+    assert difference.max() > 0  # bf16 did run: the maps are not bit-identical
     scores = {k: evaluate.score_images(m.numpy(), "avgpool", 16) for k, m in maps.items()}
     assert abs(scores["bf16"] - scores["fp32"]).max() < SCORE_MAX_ABS, scores
 
@@ -59,28 +60,47 @@ def test_bf16_training_runs_records_its_precision_and_resumes_only_in_it(demo): 
     assert len(losses) == 4 and all(loss == loss and loss < 1e3 for loss in losses)
     with open(os.path.join(out, "args.json")) as f:
         assert json.load(f)["precision"] == "bf16"
-    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--resume", steps=6),
-                              check=False))
+    line = one_line_error(
+        run("train_realnet.py", *train_args(demo, out, "--resume", steps=6), check=False)
+    )
     assert "precision" in line and "bf16" in line and "fp32" in line, line
 
 
 def test_fp16_is_refused_on_the_cpu_in_one_line(demo):  # noqa: F811
     out = str(demo["root"] / "precision_fp16")
-    line = one_line_error(run("train_realnet.py", *train_args(demo, out, "--precision", "fp16",
-                                                              "--device", "cpu"), check=False))
+    line = one_line_error(
+        run(
+            "train_realnet.py",
+            *train_args(demo, out, "--precision", "fp16", "--device", "cpu"),
+            check=False,
+        )
+    )
     assert "--precision fp16" in line and "CUDA" in line
-    assert not os.path.exists(out)   # refused before anything was written
+    assert not os.path.exists(out)  # refused before anything was written
     with pytest.raises(UserError, match="--precision fp16"):
         precision.check_precision("fp16", torch.device("cpu"))
-    precision.check_precision("bf16", torch.device("cpu"))   # accepted
+    precision.check_precision("bf16", torch.device("cpu"))  # accepted
 
 
 def test_evaluate_in_bf16_reports_scores_close_to_fp32(demo, trained):  # noqa: F811
     scores = {}
     for name in ("fp32", "bf16"):
         out = str(demo["root"] / f"eval_{name}")
-        run("evaluate.py", "--checkpoint", trained, "--precision", name, "--workers", "0",
-            "--panels", "0", "--throughput-repeats", "1", "--out", out)
+        run(
+            "evaluate.py",
+            "--checkpoint",
+            trained,
+            "--precision",
+            name,
+            "--workers",
+            "0",
+            "--panels",
+            "0",
+            "--throughput-repeats",
+            "1",
+            "--out",
+            out,
+        )
         with open(os.path.join(out, "scores.csv")) as f:
             scores[name] = [float(row["score"]) for row in csv.DictReader(f)]
         with open(os.path.join(out, "metrics.json")) as f:
@@ -89,9 +109,20 @@ def test_evaluate_in_bf16_reports_scores_close_to_fp32(demo, trained):  # noqa: 
         assert report["throughput"]["autocast"] == (None if name == "fp32" else "torch.bfloat16")
     assert len(scores["fp32"]) == len(scores["bf16"]) == 7
     assert max(abs(a - b) for a, b in zip(scores["fp32"], scores["bf16"])) < SCORE_MAX_ABS
-    for extra in (["--precision", "fp16", "--device", "cpu"],
-                  ["--precision", "bf16", "--export", str(demo["root"] / "m.pt2")]):
-        line = one_line_error(run("evaluate.py", "--checkpoint", trained, *extra,
-                                  "--out", str(demo["root"] / "eval_refused"), check=False))
+    for extra in (
+        ["--precision", "fp16", "--device", "cpu"],
+        ["--precision", "bf16", "--export", str(demo["root"] / "m.pt2")],
+    ):
+        line = one_line_error(
+            run(
+                "evaluate.py",
+                "--checkpoint",
+                trained,
+                *extra,
+                "--out",
+                str(demo["root"] / "eval_refused"),
+                check=False,
+            )
+        )
         assert "--precision" in line, line
     assert not os.path.exists(demo["root"] / "eval_refused")

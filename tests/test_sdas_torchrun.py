@@ -1,4 +1,5 @@
 """train_diffusion.py and synthesize.py under torchrun: 2 CPU ranks (gloo) give what one process gives."""
+
 import json
 import os
 import subprocess
@@ -16,16 +17,42 @@ def toy(tmp_path_factory):
 
 
 def torchrun(script, *args):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(ROOT, script),
+            *map(str, args),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
 
 def test_torchrun_two_ranks_train_like_one_process_and_shard_synthesis(toy, tmp_path):
-    common = ["--data", toy, "--steps", 2, "--batch-size", 4, "--lr", "1e-3", "--log-every", 1,
-              "--sample-every", 0, *TINY]
+    common = [
+        "--data",
+        toy,
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--lr",
+        "1e-3",
+        "--log-every",
+        1,
+        "--sample-every",
+        0,
+        *TINY,
+    ]
     run("train_diffusion.py", "--out", tmp_path / "one", *common)
     proc = torchrun("train_diffusion.py", "--out", tmp_path / "two", *common)
     assert "2 rank(s)" in proc.stdout
@@ -36,11 +63,39 @@ def test_torchrun_two_ranks_train_like_one_process_and_shard_synthesis(toy, tmp_
     for k in one:
         assert (one[k] - two[k]).abs().max() < 1e-4, k
     ckpt = tmp_path / "two" / "model.pt"
-    torchrun("synthesize.py", "--checkpoint", ckpt, "--category", "disc", "--count", 5, "--batch-size", 2,
-             "--steps", 4, "--out", tmp_path / "sdas2")
-    run("synthesize.py", "--checkpoint", ckpt, "--category", "disc", "--count", 5, "--batch-size", 2,
-        "--steps", 4, "--out", tmp_path / "sdas1")
-    assert sorted(os.listdir(tmp_path / "sdas2")) == sorted(os.listdir(tmp_path / "sdas1"))  # no rank files left
+    torchrun(
+        "synthesize.py",
+        "--checkpoint",
+        ckpt,
+        "--category",
+        "disc",
+        "--count",
+        5,
+        "--batch-size",
+        2,
+        "--steps",
+        4,
+        "--out",
+        tmp_path / "sdas2",
+    )
+    run(
+        "synthesize.py",
+        "--checkpoint",
+        ckpt,
+        "--category",
+        "disc",
+        "--count",
+        5,
+        "--batch-size",
+        2,
+        "--steps",
+        4,
+        "--out",
+        tmp_path / "sdas1",
+    )
+    assert sorted(os.listdir(tmp_path / "sdas2")) == sorted(
+        os.listdir(tmp_path / "sdas1")
+    )  # no rank files left
     m2 = json.load(open(tmp_path / "sdas2" / "manifest.json"))
     m1 = json.load(open(tmp_path / "sdas1" / "manifest.json"))
     assert m2["images"] == m1["images"]

@@ -36,13 +36,15 @@ def test_anomaly_source_errors(tmp_path):
 
 
 def test_sources_deltas_and_the_mix(anomaly_sources):
-    source = synthesis.AnomalySource(SIZE, sdas_dir=anomaly_sources["sdas"], dtd_dir=anomaly_sources["dtd"])
-    assert len(source.sdas) == 3 and len(source.dtd) == 10           # the manifest is not an image
+    source = synthesis.AnomalySource(
+        SIZE, sdas_dir=anomaly_sources["sdas"], dtd_dir=anomaly_sources["dtd"]
+    )
+    assert len(source.sdas) == 3 and len(source.dtd) == 10  # the manifest is not an image
     rng = np.random.default_rng(0)
     draws = [source.draw(rng) for _ in range(200)]
     kinds = [d[2] for d in draws]
-    assert 70 < kinds.count("sdas") < 130                              # about half each
+    assert 70 < kinds.count("sdas") < 130  # about half each
     assert all(0.5 <= d[1] <= 1.0 for d in draws if d[2] == "sdas")
     assert all(0.2 <= d[1] <= 1.0 for d in draws if d[2] == "dtd")
-    assert min(d[1] for d in draws if d[2] == "dtd") < 0.5             # the DTD range reaches below 0.5
+    assert min(d[1] for d in draws if d[2] == "dtd") < 0.5  # the DTD range reaches below 0.5
     assert all(d[0].shape == (SIZE, SIZE, 3) and d[0].dtype == np.uint8 for d in draws)

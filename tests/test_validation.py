@@ -1,4 +1,5 @@
 """realnet/validation.py: the held-out validation's verdict on whether a run learnt anything."""
+
 import json
 
 from realnet import validation
@@ -11,7 +12,7 @@ def write_log(folder, entries):
 
 
 def test_a_run_whose_held_out_validation_ends_near_chance_is_told_so(tmp_path):
-    assert validation.learning_check(str(tmp_path)) is None   # no validation: nothing to say
+    assert validation.learning_check(str(tmp_path)) is None  # no validation: nothing to say
     write_log(tmp_path, [{"step": 100, "pixel_auroc": 0.95}, {"step": 200, "pixel_auroc": 0.55}])
     check = validation.learning_check(str(tmp_path))
     assert check["step"] == 200 and check["held_out_pixel_auroc"] == 0.55
@@ -31,4 +32,4 @@ def test_a_split_that_holds_out_or_leaves_one_image_says_so():
     assert len(train) == 1 and any("leaves 1 of 4" in line for line in said)
     said.clear()
     validation.split_validation(list(range(40)), 0.1, 0, log=said.append)
-    assert said == []   # the demo's split: 4 of 40, nothing to say
+    assert said == []  # the demo's split: 4 of 40, nothing to say
