@@ -82,7 +82,10 @@ def parse_args(argv=None):
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument(
-        "--categories", nargs="+", default=DEMO_CATEGORIES, help="demo categories to run"
+        "--categories",
+        nargs="*",
+        default=DEMO_CATEGORIES,
+        help="demo categories to run (none: only --unseen's)",
     )
     p.add_argument(
         "--unseen",
@@ -103,7 +106,12 @@ def parse_args(argv=None):
         "--baseline-only", action="store_true", help="skip RealNet (the yardstick alone)"
     )
     p.add_argument(
-        "--table", default=None, help="only reprint the table of a saved demo_accuracy.json"
+        "--table",
+        nargs="+",
+        default=None,
+        help="only reprint the table of saved demo_accuracy.json files; several (a table run "
+        "as parallel processes, e.g. one per core) are merged by category and seed into "
+        "OUT/demo_accuracy.json",
     )
     p.add_argument(
         "--collect",
@@ -298,14 +306,33 @@ def table(rows, tuning):
     return "\n".join(lines)
 
 
+def merge_saved(paths):
+    """Several saved tables as one: each category's baseline (the same in every file: it
+    has no seed) and the union of its seeds; the commands and machines are kept as lists."""
+    merged = {"date": [], "machine": [], "command": [], "tuning": {}, "categories": {}}
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        for key in ("date", "machine", "command"):
+            if saved.get(key) not in merged[key]:
+                merged[key].append(saved.get(key))
+        merged["tuning"].update(saved.get("tuning", {c: "-" for c in saved["categories"]}))
+        for category, row in saved["categories"].items():
+            into = merged["categories"].setdefault(category, dict(row, seeds={}))
+            into["seeds"].update(row.get("seeds", {}))
+    return merged
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
-        with open(args.table) as f:
-            saved = json.load(f)
-        print(
-            table(saved["categories"], saved.get("tuning", {c: "-" for c in saved["categories"]}))
-        )
+        saved = merge_saved(args.table)
+        print(table(saved["categories"], saved["tuning"]))
+        if len(args.table) > 1:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "demo_accuracy.json"), "w") as f:
+                json.dump(saved, f, indent=2)
+            print(f"\nwrote {os.path.join(args.out, 'demo_accuracy.json')}")
         return
     os.chdir(ROOT)
     if args.collect:
