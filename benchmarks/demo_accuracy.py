@@ -323,6 +323,25 @@ def merge_saved(paths):
     return merged
 
 
+def save(rows, out, argv):
+    """Write OUT/demo_accuracy.json and .md from the rows so far; returns the table."""
+    text = table(rows, TUNING)
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "command": "python3 benchmarks/demo_accuracy.py " + " ".join(argv or sys.argv[1:]),
+        "tuning": {c: TUNING.get(c, "untuned") for c in rows},
+        "categories": rows,
+    }
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "demo_accuracy.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, "demo_accuracy.md"), "w") as f:
+        f.write(f"{result['date']}, {result['machine']}\n\n`{result['command']}`\n\n{text}\n")
+    return text
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
@@ -394,6 +413,7 @@ def main(argv=None):
                 "seconds": time.time() - start,
                 "stages_s": stages,
             }
+            save(rows, args.out, argv)  # after every run: a table cut short keeps what it has
             print(
                 f"{category} seed {seed}: fused {' / '.join(fmt(v) for v in found['fused'].values())}, "
                 f"paper's map {' / '.join(fmt(v) for v in found['paper'].values())}, OK/NG "
@@ -401,21 +421,7 @@ def main(argv=None):
                 flush=True,
             )
 
-    text = table(rows, TUNING)
-    print("\n" + text)
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "command": "python3 benchmarks/demo_accuracy.py " + " ".join(argv or sys.argv[1:]),
-        "tuning": {c: TUNING.get(c, "untuned") for c in rows},
-        "categories": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "demo_accuracy.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, "demo_accuracy.md"), "w") as f:
-        f.write(f"{result['date']}, {result['machine']}\n\n`{result['command']}`\n\n{text}\n")
+    print("\n" + save(rows, args.out, argv))
     print(f"\nwrote {os.path.join(args.out, 'demo_accuracy.json')} and demo_accuracy.md")
 
 
