@@ -48,7 +48,7 @@ from realnet.loaders import start_loader
 from realnet.model import require_reconstructable
 from realnet.progress import Progress
 from realnet.stream import AnomalyStream, StreamSampler, dump_examples
-from realnet.synthesis import synthesizers_for
+from realnet.anomalies import synthesizers_for
 
 
 def parse_args(argv=None):

@@ -53,7 +53,7 @@ from realnet.model import ANOMALY_MAPS, ARCHITECTURES, RealNet, build_config, co
 from realnet.model import describe, realnet_loss
 from realnet.progress import Progress
 from realnet.stream import AnomalyStream, write_examples
-from realnet.synthesis import synthesizers_for
+from realnet.anomalies import synthesizers_for
 from realnet.validation import learning_check, make_validation_set, split_validation
 from realnet.validation import validate_and_keep_best
 

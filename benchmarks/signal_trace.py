@@ -40,7 +40,7 @@ from realnet import cli, data, metrics, viz  # noqa: E402
 from realnet.files import load_checkpoint  # noqa: E402
 from realnet.inference import load_model  # noqa: E402
 from realnet.stream import AnomalyStream  # noqa: E402
-from realnet.synthesis import synthesizers_for  # noqa: E402
+from realnet.anomalies import synthesizers_for  # noqa: E402
 from realnet.validation import split_validation  # noqa: E402
 
 

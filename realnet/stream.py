@@ -49,7 +49,7 @@ class AnomalyStream(torch.utils.data.Dataset):
     Image: `EpochOrder(n, seed)`. Sample kind: with normal_ratio=0.5 exactly half of every
     batch is normal (g even -> normal, g odd -> synthetic anomaly); normal_ratio=0 -> all
     anomalous (AFS). An anomalous sample is made by the synthesizer of its image's category
-    (`synthesizers`: category -> synthesis.AnomalySynthesizer; one entry for the paper's one
+    (`synthesizers`: category -> anomalies.AnomalySynthesizer; one entry for the paper's one
     model per category, several for a unified model) with the generator
     np.random.default_rng([seed, g]).
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import data, metrics
 from .stream import AnomalyStream
-from .synthesis import AnomalySynthesizer
+from .anomalies import AnomalySynthesizer
 
 SOURCES = ("sdas", "dtd")
 

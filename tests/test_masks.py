@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from realnet import data, masks, synthesis
+from realnet import anomalies, data, masks
 from realnet.cli import UserError
 from tiny_data import SIZE
 
@@ -136,7 +136,7 @@ def test_foreground_rules_and_modes():
 
 
 def test_masks_are_never_empty_and_inside_the_foreground(anomaly_sources):
-    synth = synthesis.AnomalySynthesizer("washer", "mvtec", SIZE, dtd_dir=anomaly_sources["dtd"])
+    synth = anomalies.AnomalySynthesizer("washer", "mvtec", SIZE, dtd_dir=anomaly_sources["dtd"])
     image = data.load_image(
         data.open_dataset(anomaly_sources["data"]).train("washer")[0].image, SIZE
     )

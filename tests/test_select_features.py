@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import select_features
-from realnet import data, stream, synthesis
+from realnet import anomalies, data, stream
 from realnet.cli import UserError
 from demo_data import make_demo_dataset, make_demo_textures
 from realnet.files import load_checkpoint
@@ -64,7 +64,7 @@ class FakeBackbone(torch.nn.Module):
 
 def test_afs_keeps_the_channels_that_see_the_anomaly(demo):
     ds = data.open_dataset(demo["data"])
-    synth = synthesis.AnomalySynthesizer("granite", ds.format, SIZE, dtd_dir=demo["dtd"])
+    synth = anomalies.AnomalySynthesizer("granite", ds.format, SIZE, dtd_dir=demo["dtd"])
     samples = stream.AnomalyStream(
         ds.train("granite"), SIZE, {"granite": synth}, seed=0, normal_ratio=0.0
     )

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from realnet import data, stream, synthesis
+from realnet import anomalies, data, stream
 from realnet.cli import UserError
 from tiny_data import SIZE
 
 
 def _stream(anomaly_sources, ratio=0.5, seed=0):
     ds = data.open_dataset(anomaly_sources["data"])
-    synth = synthesis.AnomalySynthesizer(
+    synth = anomalies.AnomalySynthesizer(
         "washer", ds.format, SIZE, sdas_dir=anomaly_sources["sdas"], dtd_dir=anomaly_sources["dtd"]
     )
     return stream.AnomalyStream(
@@ -100,7 +100,7 @@ def test_dump_examples(anomaly_sources, tmp_path):
 
 def test_each_category_gets_its_own_synthesizer(anomaly_sources):
     ds = data.open_dataset(anomaly_sources["data"])
-    synth = synthesis.AnomalySynthesizer("washer", ds.format, SIZE, dtd_dir=anomaly_sources["dtd"])
+    synth = anomalies.AnomalySynthesizer("washer", ds.format, SIZE, dtd_dir=anomaly_sources["dtd"])
     with pytest.raises(UserError, match="no anomaly synthesizer for category washer"):
         stream.AnomalyStream(ds.train("washer"), SIZE, {"tablet": synth})
 
