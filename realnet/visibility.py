@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data, metrics
-from .stream import AnomalyStream
 from .anomalies import AnomalySynthesizer
+from .stream import AnomalyStream
 
 SOURCES = ("sdas", "dtd")
 
