@@ -638,7 +638,8 @@ def make_demo_textures(root, seed=0, n=4, verbose=False):
     atomic_write_json(manifest_path, settings)
     if verbose:
         print(
-            f"{os.path.join(root, 'images')}: {count} textures ({', '.join(DTD_TEXTURES)}), {n} each"
+            f"{os.path.join(root, 'images')}: {count} textures "
+            f"({', '.join(DTD_TEXTURES)}), {n} each"
         )
     return root
 
@@ -695,7 +696,8 @@ def main(argv=None):
     if args.dtd_out:
         make_demo_textures(args.dtd_out, args.seed, args.textures, verbose=True)
     print(
-        f"done in {time.time() - start:.1f} s (categories already written with these settings are kept)"
+        f"done in {time.time() - start:.1f} s "
+        "(categories already written with these settings are kept)"
     )
 
 

@@ -37,7 +37,8 @@ use_cuda = want_cuda and torch.version.cuda is not None and bool(has_nvcc)
 if use_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     print(
-        "realnet: no GPU visible, compiling the CUDA kernels for TORCH_CUDA_ARCH_LIST=9.0 (H100/H200)"
+        "realnet: no GPU visible, compiling the CUDA kernels for "
+        "TORCH_CUDA_ARCH_LIST=9.0 (H100/H200)"
     )
 
 opt = ["-O0", "-g"] if debug else ["-O3"]

@@ -1,6 +1,6 @@
 """How long AU-PRO takes at the size of MVTec AD's test set (1,725 maps of 256 x 256).
 
-    python3 benchmarks/bench_aupro.py                    # ours, MVTec's code, 20 of the authors' 1000 steps
+    python3 benchmarks/bench_aupro.py   # ours, MVTec's code, 20 of the authors' 1000 steps
     python3 benchmarks/bench_aupro.py --authors-steps 1000   # the authors' whole loop (long)
 
 Three implementations on the same synthetic maps (smooth noise, blob-shaped defects on
@@ -115,7 +115,8 @@ def main():
     maps, masks = make_maps(args.images, args.anomalous, args.size, args.seed)
     print(
         f"{args.images} maps of {args.size}x{args.size} ({maps.size / 1e6:.0f} M pixels), "
-        f"{args.anomalous} with defects; torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}"
+        f"{args.anomalous} with defects; torch threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}"
     )
 
     ours, t_ours = timed(lambda: metrics.au_pro(maps, masks))
@@ -144,7 +145,8 @@ def main():
 
         ref, t_sk = timed(lambda: roc_auc_score(masks.ravel() > 0, maps.ravel()))
         print(
-            f"sklearn  pixel AUROC {ref:.8f}  {t_sk:7.2f} s   |ours - sklearn| = {abs(auroc - ref):.2e}"
+            f"sklearn  pixel AUROC {ref:.8f}  {t_sk:7.2f} s   "
+            f"|ours - sklearn| = {abs(auroc - ref):.2e}"
         )
     (thr, f1), t_f1 = timed(lambda: metrics.f1_optimal_threshold(maps, masks))
     print(f"ours     F1-optimal threshold {thr:.6f} (F1 {f1:.4f})  {t_f1:7.2f} s")

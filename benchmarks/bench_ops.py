@@ -2,11 +2,11 @@
 
     python3 benchmarks/bench_ops.py                  # CPU: batch 4; GPU (if any): batch 16
     python3 benchmarks/bench_ops.py --device cpu --batch-size 16
-    python3 benchmarks/bench_ops.py --device cuda --dtypes float32,bfloat16,float16 --kernels 1,2 \\
-        --json out.json
+    python3 benchmarks/bench_ops.py --device cuda --dtypes float32,bfloat16,float16 \\
+        --kernels 1,2 --json out.json
 
-Shapes are the paper's (docs/method.md, section 6): residual levels 256@64², 512@32², 512@16², 256@8²,
-k_max = k_mean = 256; AFS on WideResNet50 layer3, 1024@16², mask 256², batch 16.
+Shapes are the paper's (docs/method.md, section 6): residual levels 256@64², 512@32², 512@16²,
+256@8², k_max = k_mean = 256; AFS on WideResNet50 layer3, 1024@16², mask 256², batch 16.
 On CUDA every version of the CUDA kernels (csrc/cuda/v1.cu, v2.cu, ...; --kernels) is timed
 as its own row, "fused v1", "fused v2".
   time      CPU: median of --repeats runs after warm-up, wall clock.
@@ -265,7 +265,8 @@ def print_rows(rows, peak_bandwidth):
             else ""
         )
         print(
-            f"{label} {1e3 * r['seconds']:9.3f} {r['peak_bytes'] / 2**20:9.1f} {r['gb_per_s']:7.0f}{frac}"
+            f"{label} {1e3 * r['seconds']:9.3f} {r['peak_bytes'] / 2**20:9.1f} "
+            f"{r['gb_per_s']:7.0f}{frac}"
         )
 
 
@@ -362,13 +363,15 @@ def markdown(summary):
     for r in summary["results"]:
         if "error" in r:
             lines.append(
-                f"| {r['op']} | {r['pass']} | {r['dtype']} | {r['impl']} | failed: {r['error']} | | | |"
+                f"| {r['op']} | {r['pass']} | {r['dtype']} | {r['impl']} "
+                f"| failed: {r['error']} | | | |"
             )
             continue
         frac = f"{100 * r['peak_fraction']:.1f}" if r.get("peak_fraction") is not None else ""
         lines.append(
             f"| {r['op']} | {r['pass']} (batch {r['batch']}) | {r['dtype']} | {r['impl']} | "
-            f"{1e3 * r['seconds']:.3f} | {r['gb_per_s']:.0f} | {frac} | {r['peak_bytes'] / 2**20:.0f} |"
+            f"{1e3 * r['seconds']:.3f} | {r['gb_per_s']:.0f} | {frac} "
+            f"| {r['peak_bytes'] / 2**20:.0f} |"
         )
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
     lines += [
@@ -448,7 +451,8 @@ def main():
     fused = [f"fused v{v}" if v else "fused" for v in versions]
     dtypes = args.dtypes.split(",")
     print(
-        f"device: {name} | torch {torch.__version__} | extension: {ops.HAS_EXTENSION} | batch {batch} | "
+        f"device: {name} | torch {torch.__version__} | extension: {ops.HAS_EXTENSION} "
+        f"| batch {batch} | "
         f"{'CUDA events, back-to-back calls' if cuda else 'wall clock'}, median of {repeats}"
         + (f" | peak bandwidth {peak / 1e12:.2f} TB/s" if peak else "")
     )
@@ -463,7 +467,8 @@ def main():
     ]:
         print(f"\n{op} ({shape}, batch {batch})")
         print(
-            f"  {'pass':<17} {'dtype':<9} {'implementation':<19} {'time ms':>9} {'peak MB':>9} {'GB/s':>7}"
+            f"  {'pass':<17} {'dtype':<9} {'implementation':<19} {'time ms':>9} "
+            f"{'peak MB':>9} {'GB/s':>7}"
             f"{' % peak' if peak else ''}"
         )
         for dtype in dtypes:

@@ -29,10 +29,10 @@ drawn for the OK/NG check alone: nothing was ever chosen on it. Nothing here cho
 anything. With ~30 test images one seed moves a metric by up to ~0.05: compare means only
 where the margin exceeds the seeds' spread.
 
-    python3 benchmarks/demo_accuracy.py                                  # four categories, one seed
+    python3 benchmarks/demo_accuracy.py                                 # four categories, one seed
     python3 benchmarks/demo_accuracy.py --seeds 0 1 2 --unseen          # the full table
     python3 benchmarks/demo_accuracy.py --categories washer             # one
-    python3 benchmarks/demo_accuracy.py --baseline-only                  # the yardstick alone
+    python3 benchmarks/demo_accuracy.py --baseline-only                 # the yardstick alone
     python3 benchmarks/demo_accuracy.py --table runs/demo_accuracy/demo_accuracy.json   # reprint
     python3 benchmarks/demo_accuracy.py --collect runs/demo/washer      # the row of a finished run
 
@@ -279,8 +279,10 @@ def compare(real, base):
 
 def table(rows, tuning):
     lines = [
-        "| category | flags chosen on its test split? | seeds | baseline image / pixel / AU-PRO (best floor) "
-        "| RealNet fused (demo) | vs baseline | RealNet paper's map | OK/NG on the test split: FPR / recall / "
+        "| category | flags chosen on its test split? | seeds "
+        "| baseline image / pixel / AU-PRO (best floor) "
+        "| RealNet fused (demo) | vs baseline | RealNet paper's map "
+        "| OK/NG on the test split: FPR / recall / "
         "balanced accuracy (best any threshold reaches) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -301,7 +303,8 @@ def table(rows, tuning):
         lines.append(
             f"| {category} | {tuning.get(category, 'untuned')} | {len(runs_)} | "
             f"{' / '.join(fmt(base[k]) for k in METRICS)} | {cell('fused')} | "
-            f"{compare([r['fused'] for r in runs_], base) if runs_ else '-'} | {cell('paper')} | {verdict} |"
+            f"{compare([r['fused'] for r in runs_], base) if runs_ else '-'} "
+            f"| {cell('paper')} | {verdict} |"
         )
     return "\n".join(lines)
 
@@ -415,7 +418,8 @@ def main(argv=None):
             }
             save(rows, args.out, argv)  # after every run: a table cut short keeps what it has
             print(
-                f"{category} seed {seed}: fused {' / '.join(fmt(v) for v in found['fused'].values())}, "
+                f"{category} seed {seed}: "
+                f"fused {' / '.join(fmt(v) for v in found['fused'].values())}, "
                 f"paper's map {' / '.join(fmt(v) for v in found['paper'].values())}, OK/NG "
                 f"{found['verdict']} ({time.time() - start:.0f} s)",
                 flush=True,

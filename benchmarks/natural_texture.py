@@ -157,7 +157,8 @@ def render(category, rng, size, defect=None):
 def make_natural_category(
     root, category="pebbles", seed=0, size=256, n_train=40, n_test_good=10, n_test_defect=20
 ):
-    """Write <root>/<category> in the MVTec layout (same seed: the same files). Returns the folder."""
+    """Write <root>/<category> in the MVTec layout (same seed: the same files).
+    Returns the folder."""
     folder = os.path.join(root, category)
     jobs = [("train", "good", i) for i in range(n_train)]
     jobs += [("test", "good", i) for i in range(n_test_good)]

@@ -233,7 +233,8 @@ def main(argv=None):
         kinds,
         rows + [r for r in order if r not in rows][: 3 - len(rows)],
         args.out + "_maps.png",
-        f"{title}: held-out training images with synthetic anomalies; each map min-max, its own AUROC",
+        f"{title}: held-out training images with synthetic anomalies; "
+        "each map min-max, its own AUROC",
     )
     afs = load_checkpoint(ckpt["afs_path"], "afs", kind="afs")
     kept = model.config["afs_indices"]
@@ -256,7 +257,8 @@ def main(argv=None):
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     print(
-        f"{title}: pixel AUROC of each stage on {args.samples} held-out samples (all | each source)"
+        f"{title}: pixel AUROC of each stage on {args.samples} held-out samples "
+        "(all | each source)"
     )
     for name, value in table.items():
         print(

@@ -146,7 +146,8 @@ def main(argv=None):
     }
 
     print(
-        f"{category}: {len(samples)} test images, checkpoint {args.checkpoint} (step {ckpt.get('step')})"
+        f"{category}: {len(samples)} test images, checkpoint {args.checkpoint} "
+        f"(step {ckpt.get('step')})"
     )
     print(f"{'images':<10} {'map':<16} {'image':>6} {'pixel':>6} {'AU-PRO':>7}")
     for group, row in table.items():

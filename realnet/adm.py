@@ -7,7 +7,8 @@ shapes (`build_unet("paper", num_classes=1000)` equals `tests/data/adm256_cond_s
 and the file loads with `load_pretrained`.
 
 Shape of the network (paper preset, 256x256 input):
-    x (B,3,256,256) -> conv 3x3 -> [ResBlock x2 (+attention at 32/16/8 px), ResBlock(down)] x 6 levels
+    x (B,3,256,256) -> conv 3x3
+      -> [ResBlock x2 (+attention at 32/16/8 px), ResBlock(down)] x 6 levels
     -> middle: ResBlock, attention, ResBlock -> mirrored up path with skip concatenations
     -> GroupNorm, SiLU, conv 3x3 -> (B, 6, 256, 256) = (epsilon, variance interpolation v)
 The timestep (sinusoidal embedding -> MLP) plus the category's embedding is injected
@@ -212,7 +213,8 @@ class AttentionBlock(nn.Module):
         super().__init__()
         if channels % num_head_channels:
             raise ValueError(
-                f"attention: {channels} channels are not a multiple of {num_head_channels} per head"
+                f"attention: {channels} channels are not a multiple of "
+                f"{num_head_channels} per head"
             )
         self.num_heads = channels // num_head_channels
         self.norm = normalization(channels)
@@ -416,7 +418,8 @@ def load_pretrained(model, path, log=print):
         log(f"  kept their random initialisation ({len(missing)}): " + ", ".join(missing))
     if not loaded:
         raise UserError(
-            f"--init-weights: nothing in {path!r} fits this UNet (another architecture or image size?)"
+            f"--init-weights: nothing in {path!r} fits this UNet "
+            "(another architecture or image size?)"
         )
     return loaded, skipped, missing
 

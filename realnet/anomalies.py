@@ -70,7 +70,8 @@ class AnomalySource:
             self.sdas = data.list_images(sdas_dir)
             if not self.sdas:
                 raise UserError(
-                    f"--sdas: folder {sdas_dir!r} has no images (expected the PNGs written by synthesize.py)"
+                    f"--sdas: folder {sdas_dir!r} has no images "
+                    "(expected the PNGs written by synthesize.py)"
                 )
         if dtd_dir:
             require_dir(dtd_dir, "--dtd")

@@ -133,7 +133,8 @@ def _load_strict(net, state, path):
     if missing or unexpected:
         raise UserError(
             f"--backbone-weights: {path!r} does not fit {ARCH}: {len(missing)} missing "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}) parameters"
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:2]}) parameters"
         )
 
 
@@ -154,9 +155,10 @@ def load_backbone(weights="imagenet", layers=(1, 2, 3, 4)):
             # Measured: adding a random network's layers 3-4 to 1-2 made RealNet's anomaly map
             # flat (pixel AUROC 0.37 after 1000 steps, from 0.999 with layers 1-2 alone).
             print(
-                f"WARNING: layer{'s' if len(deep) > 1 else ''} {', '.join(map(str, deep))} of a RANDOM "
-                "backbone carry no usable anomaly signal (deep random features are noise, and "
-                "RealNet's map goes flat with them): use --layers 1 2 with --backbone-weights random",
+                f"WARNING: layer{'s' if len(deep) > 1 else ''} {', '.join(map(str, deep))} "
+                "of a RANDOM backbone carry no usable anomaly signal (deep random features are "
+                "noise, and RealNet's map goes flat with them): use --layers 1 2 with "
+                "--backbone-weights random",
                 file=sys.stderr,
             )
     elif weights == "imagenet":
@@ -164,9 +166,10 @@ def load_backbone(weights="imagenet", layers=(1, 2, 3, 4)):
         if not os.path.isfile(path):
             if not _reachable(IMAGENET.url):
                 raise UserError(
-                    f"ImageNet weights {os.path.basename(path)} are not in the torch hub cache and "
-                    f"this machine is offline: download {IMAGENET.url} into {os.path.dirname(path)}/, "
-                    "or pass --backbone-weights PATH.pth (e.g. timm's wide_resnet50_racm-8234f177.pth) "
+                    f"ImageNet weights {os.path.basename(path)} are not in the torch hub cache "
+                    f"and this machine is offline: download {IMAGENET.url} into "
+                    f"{os.path.dirname(path)}/, or pass --backbone-weights PATH.pth "
+                    "(e.g. timm's wide_resnet50_racm-8234f177.pth) "
                     "or --backbone-weights random (smoke runs only)"
                 )
             print(f"downloading {IMAGENET.url} to {path}", flush=True)

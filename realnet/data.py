@@ -18,7 +18,8 @@ Supported layouts (`open_dataset(root, format="auto")` recognises them from the 
                    paths relative to <root>, e.g. candle/Data/Images/Anomaly/000.JPG and
                    candle/Data/Masks/Anomaly/000.png; label "normal" or "anomaly"
   folder       one category of your own, the MVTec tree without the category level:
-                   <root>/train/good/*        normal training images  ("ok" and "normal" also accepted)
+                   <root>/train/good/*        normal training images
+                                              ("ok" and "normal" also accepted)
                    <root>/test/good/*         normal test images      (same names accepted)
                    <root>/test/<defect>/*     defective test images, one folder per defect type
                    <root>/masks/<defect>/<name>.png or <name>_mask.png
@@ -474,7 +475,8 @@ def _read_visa_csv(root, csv_path):
     needed = {"object", "split", "label", "image", "mask"}
     if not rows or not needed <= set(rows[0]):
         raise UserError(
-            f"{csv_path!r}: expected the columns {','.join(sorted(needed))} (VisA's split_csv/1cls.csv)"
+            f"{csv_path!r}: expected the columns {','.join(sorted(needed))} "
+            "(VisA's split_csv/1cls.csv)"
         )
     for line, row in enumerate(rows, start=2):
         category, split, label = row["object"].strip(), row["split"].strip(), row["label"].strip()
@@ -514,7 +516,10 @@ class DatasetIndex:
         self._train, self._test = {}, {}
 
     def __repr__(self):
-        return f"DatasetIndex(format={self.format!r}, root={self.root!r}, categories={self.categories})"
+        return (
+            f"DatasetIndex(format={self.format!r}, root={self.root!r}, "
+            f"categories={self.categories})"
+        )
 
     def class_id(self, category):
         return self.categories.index(self._check(category))
@@ -655,7 +660,8 @@ def open_dataset(root, format="auto", categories=None):
         missing = [c for c in wanted if c not in names]
         if missing:
             raise UserError(
-                f"category {missing[0]!r} is not in {root!r} ({fmt} layout; it has: {', '.join(ordered)})"
+                f"category {missing[0]!r} is not in {root!r} "
+                f"({fmt} layout; it has: {', '.join(ordered)})"
             )
         ordered = [c for c in ordered if c in wanted]
     return DatasetIndex(fmt, root, ordered, category_dirs, csv_samples)

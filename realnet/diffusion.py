@@ -62,7 +62,7 @@ def respaced_betas(betas, timesteps):
     return np.array(new_betas, dtype=np.float64)
 
 
-# --------------------------------------------------------------------------- losses' building blocks
+# -------------------------------------------------------------------- losses' building blocks
 def mean_flat(x):
     return x.mean(dim=list(range(1, x.ndim)))
 
@@ -239,7 +239,8 @@ class GaussianDiffusion:
         return value.view(-1, *([1] * (x.ndim - 1)))
 
     def p_sample(self, model, x, t, y, strength, z):
-        """One SDAS step: x_{t-1} = mu + 1[t != 0] sqrt(1 + s) exp(log Sigma / 2) z (algorithm 1)."""
+        """One SDAS step (algorithm 1):
+        x_{t-1} = mu + 1[t != 0] sqrt(1 + s) exp(log Sigma / 2) z."""
         out = self.p_mean_variance(model, x, t, y, clip_denoised=True)
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         s = self._per_image(strength, x)

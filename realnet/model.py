@@ -528,7 +528,8 @@ def describe(config):
     """One line: what this model is."""
     widths = [max(1, int(config["width_ratio"] * c)) for c in level_channels(config)]
     return (
-        f"RealNet arch {config['arch']}: levels {config['levels']} with {level_channels(config)} channels "
+        f"RealNet arch {config['arch']}: levels {config['levels']} "
+        f"with {level_channels(config)} channels "
         f"(UNet widths {widths}), RRS keeps {config['k_max']}+{config['k_mean']} of "
         f"{sum(level_channels(config))}, input {config['input_size']}"
         + (", map fused" if config.get("anomaly_map") == "fused" else "")

@@ -8,9 +8,9 @@ The `*_reference` functions say what the operators compute in the most direct Py
 the tests hold the fused C++/CUDA kernels (csrc/) to them. When the compiled extension
 `realnet._C` is missing, the public functions fall back to the references (one warning).
 
-How the fused RRS works (docs/method.md, section 6). The reference materialises the upsampled residual
-E (B, M, H, W), its BatchNorm-normalised copy, and the gather. The fused path never
-builds either:
+How the fused RRS works (docs/method.md, section 6). The reference materialises the
+upsampled residual E (B, M, H, W), its BatchNorm-normalised copy, and the gather. The fused
+path never builds either:
   1. `rrs_stats` makes one pass over feats/recons and returns, per sample and channel,
      the spatial max, mean and (biased) variance of the upsampled squared residual.
   2. `rrs_rank` turns those (B, M) numbers into BatchNorm statistics, updates the

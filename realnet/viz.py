@@ -19,7 +19,8 @@ def jet(values):
 
 
 def tensor_to_uint8(image, normalization="imagenet"):
-    """(3, H, W) tensor -> (H, W, 3) uint8. normalization: 'imagenet', 'minus_one_one' or 'unit'."""
+    """(3, H, W) tensor -> (H, W, 3) uint8.
+    normalization: 'imagenet', 'minus_one_one' or 'unit'."""
     x = image.detach().float().cpu().numpy().transpose(1, 2, 0)
     if normalization == "imagenet":
         x = x * IMAGENET_STD + IMAGENET_MEAN

@@ -502,7 +502,9 @@ def test_fallback_without_extension_warns_once(tmp_path):
             feats = [torch.rand(2, 4, 8, 8), torch.rand(2, 3, 4, 4)]
             recons = [f + 0.1 for f in feats]
             sel, idx = ops.rrs_select(feats, recons, 2, 3, torch.zeros(7), torch.ones(7), True)
-            ref, idx_ref = ops.rrs_select_reference(feats, recons, 2, 3, torch.zeros(7), torch.ones(7), True)
+            ref, idx_ref = ops.rrs_select_reference(
+                feats, recons, 2, 3, torch.zeros(7), torch.ones(7), True
+            )
             loss = ops.afs_channel_loss(feats[0], recons[0], torch.zeros(2, 1, 16, 16))
         mine = [w for w in caught if "realnet" in str(w.message)]
         assert not ops.HAS_EXTENSION

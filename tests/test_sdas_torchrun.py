@@ -1,4 +1,5 @@
-"""train_diffusion.py and synthesize.py under torchrun: 2 CPU ranks (gloo) give what one process gives."""
+"""train_diffusion.py and synthesize.py under torchrun: 2 CPU ranks (gloo) give what one
+process gives."""
 
 import json
 import os

@@ -428,7 +428,8 @@ def test_afs_for_another_category_size_or_backbone_is_refused(demo):
 
 
 def test_the_afs_file_supplies_the_data_set_anomaly_source_and_input_size(demo):
-    """Stage 4 takes what stage 3 decided from the AFS file; a flag that does not fit it is refused."""
+    """Stage 4 takes what stage 3 decided from the AFS file; a flag that does not fit it is
+    refused."""
     afs = write_afs(
         str(demo["root"] / "afs_recorded.pt"),
         backbone=demo["identity"],
@@ -574,7 +575,8 @@ def snapshot(folder):
 
 
 def refused(stage, argv, *fragments):
-    """In this process (no interpreter start): a UserError, i.e. one line and exit 2 under cli.run."""
+    """In this process (no interpreter start): a UserError, i.e. one line and exit 2 under
+    cli.run."""
     with pytest.raises(UserError) as error:
         stage.main([str(a) for a in argv])
     message = str(error.value)
