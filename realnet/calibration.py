@@ -24,15 +24,16 @@ When it runs:
     tied to the weights by their digest; `evaluate.py --calibration FILE` uses it.
 
 The image threshold's rule (--threshold-rule):
-    normal  (default) the good images' range and MARGIN (0.6) of it again: from a typical
+    normal  (default) the good images' range and a margin of it again: from a typical
             normal pixel (the median of the map over the good images' pixels) to the
-            highest good image score is their range; the threshold lies MARGIN ranges above
-            that highest score. No synthetic anomaly is involved. With n good images a new good
+            highest good image score is their range; the threshold lies margin ranges above
+            that highest score, margin = MARGIN_IMAGES / (n + 1) for n good images (0.6 for
+            the demo's 4). No synthetic anomaly is involved. With n good images a new good
             image exceeds their highest score with probability about 1 / (n + 1)
-            (exchangeability), and a handful of images underestimate how far good images
-            reach: the margin is what makes a small calibration set usable (chosen on the
-            demo's washer and granite, docs/method.md). A calibration on fewer than
-            ENOUGH_IMAGES good images says so in one line.
+            (exchangeability), and how far past it good images reach shrinks like 1 / (n + 1)
+            of their range: a handful of images needs a large margin, a plant's hundreds
+            almost none (chosen on the demo's washer and granite, docs/method.md). A
+            calibration on fewer than ENOUGH_IMAGES good images says so in one line.
     fpr     the lowest threshold that calls at most --target-fpr of the good images NG
             (with n images an FPR below 1/n cannot be resolved: it becomes their maximum)
     f1      F1-optimal between the good held-out images and the same images with a
@@ -58,15 +59,16 @@ from .files import atomic_write_json
 
 KIND = "realnet_calibration"
 RULES = {
-    "normal": "the highest score of the good calibration images, raised by MARGIN times "
-    "its height above a typical normal pixel",
+    "normal": "the highest score of the good calibration images, raised by "
+    "MARGIN_IMAGES / (n + 1) times its height above a typical normal pixel",
     "fpr": "at most the target false-positive rate on the good calibration images",
     "f1": "F1-optimal on held-out good images vs the same images with synthetic anomalies",
 }
 DEFAULT_RULE = "normal"
-MARGIN = 0.6  # ranges above the highest good score ("normal" rule): 1.6 times as
-# far from a typical normal pixel as any good image reached (chosen
-# on the demo's washer and granite, docs/method.md section 8)
+# The "normal" rule's margin, in ranges above the highest of n good scores, is
+# MARGIN_IMAGES / (n + 1): 0.6 for the demo's 4 held-out images (chosen on washer and
+# granite), 0.14 for 20 (checked on washer and granite, benchmarks/recalibration.py)
+MARGIN_IMAGES = 3.0
 ENOUGH_IMAGES = 20  # good images below which a calibration says it rests on too few
 SCALE_QUANTILE = 0.99  # the fused map's spread: this quantile of a part's normal pixels
 RELATIVE_FLOOR = 1e-3  # a spread below this share of a part's typical size: the part is constant
@@ -153,9 +155,17 @@ def fpr_threshold(normal_values, target_fpr):
     return float(np.nextafter(values[allowed], np.float32(np.inf)))
 
 
-def normal_threshold(normal_scores, typical_pixel, margin=MARGIN):
-    """The highest good score, raised by `margin` times its height above a typical normal
-    pixel (the median of the map over the good images): max + margin (max - typical)."""
+def normal_margin(count):
+    """The "normal" rule's margin for `count` good images: MARGIN_IMAGES / (count + 1)."""
+    return MARGIN_IMAGES / (count + 1)
+
+
+def normal_threshold(normal_scores, typical_pixel, margin=None):
+    """The highest good score, raised by `margin` (default: normal_margin of their count)
+    times its height above a typical normal pixel (the median of the map over the good
+    images): max + margin (max - typical)."""
+    if margin is None:
+        margin = normal_margin(len(normal_scores))
     highest = float(np.max(normal_scores))
     return float(np.float32(highest + margin * max(highest - typical_pixel, 0.0)))
 
@@ -256,7 +266,7 @@ def calibrate(
         "rule": rule,
         "description": RULES[rule],
         "target_fpr": float(target_fpr) if rule == "fpr" else None,
-        "margin": MARGIN if rule == "normal" else None,
+        "margin": normal_margin(count) if rule == "normal" else None,
         "image": threshold,
         "pixel": threshold,
         "set_by": "calibration",

@@ -47,7 +47,9 @@ def test_a_part_constant_on_good_images_is_dropped_with_a_note():
 def test_the_normal_rule_sits_as_far_again_above_the_highest_good_score():
     scores = np.array([1.0, 1.2, 1.1, 3.0], np.float32)
     # from a typical pixel at 0.5 up to the highest good score (3.0), and as much again
-    assert C.normal_threshold(scores, 0.5) == pytest.approx(3.0 + C.MARGIN * 2.5)
+    margin = C.MARGIN_IMAGES / (len(scores) + 1)  # shrinks as good images are added
+    assert C.normal_threshold(scores, 0.5) == pytest.approx(3.0 + margin * 2.5)
+    assert C.normal_margin(4) == pytest.approx(0.6) and C.normal_margin(20) < 0.15
     assert C.normal_threshold(scores, 0.5, margin=0) == pytest.approx(3.0)
     assert C.normal_threshold(scores, 5.0) == pytest.approx(3.0)  # never below the highest
     assert C.image_threshold("normal", scores, 0.5) == C.normal_threshold(scores, 0.5)
