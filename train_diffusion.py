@@ -34,76 +34,47 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from realnet import adm, cli, distributed, runs, viz
-from realnet.data import DiffusionImages, open_dataset
+from realnet.data import diffusion_training_images, open_dataset
 from realnet.diffusion import GaussianDiffusion, default_schedule
-from realnet.files import atomic_save_image, atomic_torch_save, prepare_output_folder
+from realnet.files import atomic_save_image, prepare_output_folder
 from realnet.loaders import start_loader
 from realnet.progress import Progress
-from realnet.stream import StepBatches
+from realnet.stream import StepBatches, sample_noise
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    # fmt: off
+    # (a table of flags: one per line, continuation lines aligned under the help text)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     cli.add_data_args(p, default=None, required=True, help="data set root (MVTec, VisA, ...)")
-    add(
-        "--categories",
-        default=None,
+    add("--categories", default=None,
         help="comma-separated categories to train on (default: all, one class-conditional model "
-        "as the authors)",
-    )
+             "as the authors)")
     add("--out", default="runs/diffusion", help="output folder")
     add("--preset", default="paper", choices=sorted(adm.PRESETS), help="UNet size (see adm.py)")
-    add(
-        "--image-size",
-        type=int,
-        default=None,
-        help="training resolution (default: the preset's, 256 paper / 64 tiny)",
-    )
+    add("--image-size", type=int, default=None,
+        help="training resolution (default: the preset's, 256 paper / 64 tiny)")
     add("--model-channels", type=int, default=None, help="override the preset's base width")
-    add(
-        "--init-weights",
-        default=None,
+    add("--init-weights", default=None,
         help="initialise from OpenAI's 256x256_diffusion.pt (the paper does; only the label "
-        "embedding stays random)",
-    )
-    add(
-        "--steps",
-        type=int,
-        default=50000,
-        help="optimiser steps (the authors' MVTec run: about 50k, their issue #47)",
-    )
-    add(
-        "--batch-size",
-        type=int,
-        default=16,
-        help="images per forward/backward pass, over all ranks (authors: 5 per GPU x 4 GPUs)",
-    )
-    add(
-        "--accumulate",
-        type=int,
-        default=1,
-        help="passes per optimiser step, gradients averaged (authors: 3, 60 images per step)",
-    )
+             "embedding stays random)")
+    add("--steps", type=int, default=50000,
+        help="optimiser steps (the authors' MVTec run: about 50k, their issue #47)")
+    add("--batch-size", type=int, default=16,
+        help="images per forward/backward pass, over all ranks (authors: 5 per GPU x 4 GPUs)")
+    add("--accumulate", type=int, default=1,
+        help="passes per optimiser step, gradients averaged (authors: 3, 60 images per step)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4, fine-tuning)")
     add("--grad-clip", type=float, default=1.0, help="gradient norm clipping (paper: 1.0)")
     add("--ema", type=float, default=0.9999, help="EMA decay of the weights synthesize.py uses")
-    add(
-        "--ema-warmup",
-        action=argparse.BooleanOptionalAction,
-        default=True,
+    add("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
         help="use min(ema, (1+n)/(10+n)) at update n, so a short run's EMA is not mostly its "
-        "random init (0.9999 needs ~10k updates to forget it); --no-ema-warmup is the "
-        "authors' plain EMA",
-    )
-    add(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16"],
-        help="bf16: autocast the UNet (halves activation memory on a GPU; the authors: fp32)",
-    )
+             "random init (0.9999 needs ~10k updates to forget it); --no-ema-warmup is the "
+             "authors' plain EMA")
+    add("--precision", default="fp32", choices=["fp32", "bf16"],
+        help="bf16: autocast the UNet (halves activation memory on a GPU; the authors: fp32)")
     add("--seed", type=int, default=0, help="seed of the init, batches, timesteps and noise")
     add("--log-every", type=int, default=20, help="steps between progress lines")
     add("--sample-every", type=int, default=500, help="steps between sample sheets (0: the end)")
@@ -115,38 +86,20 @@ def parse_args(argv=None):
     add("--resume", action="store_true", help="continue from --out/state.pt")
     args = p.parse_args(argv)
     args.image_size = args.image_size or adm.PRESETS[args.preset]["image_size"]
+    # fmt: on
     return args
 
 
-# What must match for --resume to continue a run (the rest, e.g. --steps, may change).
-RESUME_KEYS = (
-    "data",
-    "format",
-    "categories",
-    "preset",
-    "image_size",
-    "model_channels",
-    "init_weights",
-    "batch_size",
-    "accumulate",
-    "lr",
-    "ema",
-    "ema_warmup",
-    "seed",
-)
+# What --out holds: checked before anything is loaded (none of them may be a folder).
+OUTPUT_FILES = ("model.pt", runs.STATE_FILE, "args.json", runs.LOG_FILE)
 
 
 def check_args(args):
     """One-line errors for values that cannot work, before anything is loaded."""
+    cli.require_positive(steps=args.steps, batch_size=args.batch_size, accumulate=args.accumulate)
+    cli.require_positive(image_size=args.image_size, sheet_columns=args.sheet_columns)
     cli.require_positive(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        accumulate=args.accumulate,
-        image_size=args.image_size,
-        sheet_columns=args.sheet_columns,
-        sample_steps=args.sample_steps,
-        log_every=args.log_every,
-        save_every=args.save_every,
+        sample_steps=args.sample_steps, log_every=args.log_every, save_every=args.save_every
     )
     cli.require_non_negative(workers=args.workers, sample_every=args.sample_every)
     cli.require_finite_positive(lr=args.lr, grad_clip=args.grad_clip)  # nan: learns nothing
@@ -167,20 +120,35 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------- data
-def training_images(root, format, categories, size, log):
-    """The normal training images of the chosen categories; class id = position in `classes`."""
-    index = open_dataset(root, format, categories)
+def training_images(args, log):
+    """The normal training images of the chosen categories; class id = position in `classes`:
+    (index, classes, dataset)."""
+    index = open_dataset(args.data, args.format, args.categories)
     classes = list(index.categories)
-    samples, class_ids = [], []
-    for c, name in enumerate(classes):
-        train = index.train(name)
-        samples += train
-        class_ids += [c] * len(train)
+    dataset = diffusion_training_images(index, args.image_size)
+    size = args.image_size
     log(
-        f"data: {len(samples)} normal training images of {len(classes)} categories "
-        f"({', '.join(classes)}) from {root} ({index.format}), {size}x{size}"
+        f"data: {len(dataset)} normal training images of {len(classes)} categories "
+        f"({', '.join(classes)}) from {args.data} ({index.format}), {size}x{size}"
     )
-    return index, classes, DiffusionImages(samples, class_ids, size)
+    return index, classes, dataset
+
+
+def training_batches(dataset, args, start_step, ddp, log):
+    """This rank's micro-batches from `start_step` on, the same as an uninterrupted run's (see
+    StepBatches); loader processes: --workers, by default 4 with CUDA, 0 on a CPU."""
+    workers = args.workers if args.workers is not None else (4 if ddp.device.type == "cuda" else 0)
+    sampler = StepBatches(
+        len(dataset),
+        args.batch_size,
+        start_step * args.accumulate,
+        args.steps * args.accumulate,
+        args.seed,
+        ddp.rank,
+        ddp.world_size,
+    )
+    loader = start_loader(dataset, workers, log, batch_sampler=sampler, persistent_workers=True)
+    return iter(loader)
 
 
 # ----------------------------------------------------------------------------- training pieces
@@ -199,87 +167,52 @@ def ema_decay(ema, warmup, updates):
     return min(ema, (1 + updates) / (10 + updates)) if warmup else ema
 
 
-def sample_noise(seed, micro, positions, image_shape, num_timesteps):
-    """Timestep and noise of each sample, seeded by (seed, micro-batch, position in the global
-    batch): a resumed run, or a run on another number of ranks, draws exactly the same."""
-    ts, noises = [], []
-    for p in positions:
-        seq = np.random.SeedSequence([seed, micro, p])
-        g = torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
-        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
-        noises.append(torch.randn(image_shape, generator=g))
-    return torch.cat(ts), torch.stack(noises)
-
-
-def accumulate_gradients(
-    net, diffusion, batches, micro_steps, seed, positions, ddp, precision, sums
-):
-    """Forward and backward over `micro_steps` (their numbers in the run), gradients averaged;
-    DDP all-reduces once, after the last. Returns `sums` (loss, mse, vb) plus theirs."""
+def accumulate_gradients(net, diffusion, batches, step, args, ddp, sums):
+    """Forward and backward over the --accumulate micro-batches of optimiser step `step`,
+    gradients averaged; DDP all-reduces once, after the last. Returns `sums` (loss, mse, vb)
+    plus theirs."""
+    micro_steps = range(step * args.accumulate, (step + 1) * args.accumulate)
+    positions = range(ddp.rank, args.batch_size, ddp.world_size)  # this rank's places in a batch
     for i, micro in enumerate(micro_steps):
         x0, y = next(batches)
-        t, noise = sample_noise(seed, micro, positions, x0.shape[1:], diffusion.num_timesteps)
+        t, noise = sample_noise(args.seed, micro, positions, x0.shape[1:], diffusion.num_timesteps)
         x0, y, t, noise = (v.to(ddp.device) for v in (x0, y, t, noise))
         last_micro = i == len(micro_steps) - 1
         with net.no_sync() if ddp.enabled and not last_micro else contextlib.nullcontext():
-            bf16 = precision == "bf16"
+            bf16 = args.precision == "bf16"
             with torch.autocast(ddp.device.type, dtype=torch.bfloat16, enabled=bf16):
                 losses = diffusion.training_losses(net, x0, t, y, noise)
             loss = losses["loss"].mean()
             (loss / len(micro_steps)).backward()
-        sums = [
-            sums[0] + loss.item(),
-            sums[1] + losses["mse"].mean().item(),
-            sums[2] + losses["vb"].mean().item(),
-        ]
+        parts = (loss, losses["mse"].mean(), losses["vb"].mean())
+        sums = [s + part.item() for s, part in zip(sums, parts)]
     return sums
 
 
 @torch.no_grad()
-def sample_sheet(ema, diffusion_sampling, images, class_ids, classes, step, device, path):
+def sample_sheet(ema, sampling, images, class_ids, classes, step, device, path):
     """A PNG that shows at a glance whether the model makes objects or noise:
     rows s = 0, 0.1, 0.2 from the same x_T and the same per-step noise, then real images,
     then their DDIM-inverted noise and the DDIM reconstruction from it (the authors' check:
     training is done when the reconstruction equals the input)."""
     n = len(class_ids)
     y = torch.tensor(class_ids, device=device)
-    size = images.shape[-1]
     generator = lambda j: torch.Generator().manual_seed(1000 + j)
-    x_T = torch.stack([torch.randn(3, size, size, generator=generator(j)) for j in range(n)])
+    x_T = torch.stack([torch.randn(images.shape[1:], generator=generator(j)) for j in range(n)])
     strengths = (0.0, 0.1, 0.2)
     gens = [torch.Generator().manual_seed(2000 + j) for _ in strengths for j in range(n)]
     s = torch.tensor([v for v in strengths for _ in range(n)])
-    samples = diffusion_sampling.sample(
-        ema,
-        x_T.repeat(len(strengths), 1, 1, 1).to(device),
-        y.repeat(len(strengths)),
-        strength=s,
-        generators=gens,
-    )
+    x_T = x_T.repeat(len(strengths), 1, 1, 1).to(device)
+    samples = sampling.sample(ema, x_T, y.repeat(len(strengths)), strength=s, generators=gens)
     real = images.to(device)
-    inverted = diffusion_sampling.ddim_invert(ema, real, y)
-    recon = diffusion_sampling.sample(ema, inverted, y, strength=0.0, sampler="ddim")
+    inverted = sampling.ddim_invert(ema, real, y)
+    recon = sampling.sample(ema, inverted, y, strength=0.0, sampler="ddim")
     rows = [(f"s = {v}", samples[i * n : (i + 1) * n]) for i, v in enumerate(strengths)]
-    rows += [
-        ("real", real),
-        ("DDIM-inverted noise", inverted.clamp(-3, 3) / 3),
-        ("DDIM reconstruction", recon),
-    ]
     rows[0] = (f"s = 0.0   (EMA weights at step {step})", rows[0][1])
-    rows[3] = (f"real: {', '.join(dict.fromkeys(classes[c] for c in class_ids))}", rows[3][1])
-    zoom = -(-96 // size)  # small images enlarged (nearest) to >= 96 px, so they can be judged
-    pictures = []
-    for title, batch in rows:
-        row = viz.hstack(
-            [
-                viz.tensor_to_uint8(b, "minus_one_one").repeat(zoom, 0).repeat(zoom, 1)
-                for b in batch
-            ]
-        )
-        pictures.append(viz.labelled(row, title))
-    sheet = np.concatenate(
-        [np.pad(p, ((0, 2), (0, 0), (0, 0)), constant_values=255) for p in pictures], axis=0
-    )
+    rows.append((f"real: {', '.join(dict.fromkeys(classes[c] for c in class_ids))}", real))
+    rows += [("DDIM-inverted noise", inverted.clamp(-3, 3) / 3), ("DDIM reconstruction", recon)]
+    # small images enlarged (nearest) to >= 96 px, so they can be judged
+    sheet = viz.titled_rows(rows, "minus_one_one", min_size=96)
     atomic_save_image(viz.to_pil(sheet), path)
     return path
 
@@ -291,30 +224,11 @@ def sheet_images(dataset, columns):
 
 
 def resume_settings(args):
-    """The flags a resumed run must repeat, by name (e.g. {"--lr": 0.001})."""
-    return {cli.flag(k): getattr(args, k) for k in RESUME_KEYS}
-
-
-def save_checkpoints(out, step, model, ema, optimizer, settings, common):
-    """model.pt for synthesize.py (EMA only) and state.pt for --resume; both atomic."""
-    atomic_torch_save(
-        {"kind": "diffusion", "version": 1, "ema": ema.state_dict(), "step": step, **common},
-        os.path.join(out, "model.pt"),
-    )
-    atomic_torch_save(
-        {
-            "kind": "diffusion_train_state",
-            "version": 1,
-            "config": settings,
-            "step": step,
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": runs.rng_state(),
-            **common,
-        },
-        os.path.join(out, runs.STATE_FILE),
-    )
+    """The flags a resumed run must repeat, by name (e.g. {"--lr": 0.001}): the data and the
+    network, then its training (the rest, e.g. --steps, may change)."""
+    keys = ["data", "format", "categories", "preset", "image_size", "model_channels"]
+    keys += ["init_weights", "batch_size", "accumulate", "lr", "ema", "ema_warmup", "seed"]
+    return {cli.flag(k): getattr(args, k) for k in keys}
 
 
 def build_model(args, classes, ddp, log):
@@ -358,6 +272,15 @@ def build_model(args, classes, ddp, log):
     return arch, model, net, ema, optimizer, state["step"] if state else 0
 
 
+def log_end(args, start_step, log):
+    """The last line: where the model is, or why there was nothing to train."""
+    if start_step < args.steps:
+        log(f"done: {os.path.join(args.out, 'model.pt')} (EMA weights; synthesize.py reads it)")
+    else:
+        state = os.path.join(args.out, runs.STATE_FILE)
+        log(f"nothing to do: {state} is already at step {start_step} >= --steps {args.steps}")
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -366,43 +289,19 @@ def main(argv=None):
     distributed.require_divisible_batch(args.batch_size, ddp)
     log = print if ddp.is_main else (lambda *a, **k: None)
     prepare_output_folder(
-        args.out,
-        clean=ddp.is_main,
-        log=log,
-        files=("model.pt", runs.STATE_FILE, "args.json", runs.LOG_FILE),
-        subfolders=("samples",),
+        args.out, clean=ddp.is_main, log=log, files=OUTPUT_FILES, subfolders=("samples",)
     )
-    workers = args.workers if args.workers is not None else (4 if ddp.device.type == "cuda" else 0)
-    index, classes, dataset = training_images(
-        args.data, args.format, args.categories, args.image_size, log
-    )
+    index, classes, dataset = training_images(args, log)
     arch, model, net, ema, optimizer, start_step = build_model(args, classes, ddp, log)
     schedule = default_schedule()
     diffusion = GaussianDiffusion.from_schedule(schedule)  # training: all T
     sampling = GaussianDiffusion.from_schedule(schedule, args.sample_steps)  # sheets: respaced
     sheet = sheet_images(dataset, args.sheet_columns)
-    common = {
-        "arch": arch,
-        "schedule": schedule,
-        "classes": classes,
-        "dataset": index.describe(),
-        "image_size": args.image_size,
-        "args": cli.args_to_dict(args),
-    }
+    # what model.pt and state.pt hold besides the weights (synthesize.py rebuilds the UNet from it)
+    common = {"arch": arch, "schedule": schedule, "classes": classes, "dataset": index.describe()}
+    common.update(image_size=args.image_size, args=cli.args_to_dict(args))
     log_path = runs.start_outputs(args.out, args, start_step) if ddp.is_main else os.devnull
-    positions = range(ddp.rank, args.batch_size, ddp.world_size)  # this rank's places in a batch
-    sampler = StepBatches(
-        len(dataset),
-        args.batch_size,
-        start_step * args.accumulate,
-        args.steps * args.accumulate,
-        args.seed,
-        ddp.rank,
-        ddp.world_size,
-    )
-    batches = iter(
-        start_loader(dataset, workers, log, batch_sampler=sampler, persistent_workers=True)
-    )
+    batches = training_batches(dataset, args, start_step, ddp, log)
     progress = Progress(
         args.steps, "diffusion", every=args.log_every, start_step=start_step, enabled=ddp.is_main
     )
@@ -413,18 +312,7 @@ def main(argv=None):
         for step in range(start_step, args.steps):
             # one optimiser step over `accumulate` micro-batches: L_simple + L_vlb (docs/method.md)
             optimizer.zero_grad(set_to_none=True)
-            micro_steps = range(step * args.accumulate, (step + 1) * args.accumulate)
-            sums = accumulate_gradients(
-                net,
-                diffusion,
-                batches,
-                micro_steps,
-                args.seed,
-                positions,
-                ddp,
-                args.precision,
-                sums,
-            )
+            sums = accumulate_gradients(net, diffusion, batches, step, args, ddp, sums)
             count += args.accumulate
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             if not torch.isfinite(grad_norm):
@@ -449,15 +337,9 @@ def main(argv=None):
                 log(f"sample sheet: {path}")
             if ddp.is_main and (done % args.save_every == 0 or last):
                 settings = resume_settings(args)
-                save_checkpoints(args.out, done, model, ema, optimizer, settings, common)
+                adm.save_checkpoints(args.out, done, model, ema, optimizer, settings, common)
             distributed.barrier(ddp)
-    if start_step < args.steps:
-        log(f"done: {os.path.join(args.out, 'model.pt')} (EMA weights; synthesize.py reads it)")
-    else:
-        log(
-            f"nothing to do: {os.path.join(args.out, runs.STATE_FILE)} is already at step "
-            f"{start_step} >= --steps {args.steps}"
-        )
+    log_end(args, start_step, log)
     distributed.cleanup(ddp)
 
 

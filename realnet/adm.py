@@ -426,3 +426,32 @@ def load_pretrained(model, path, log=print):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoints(out, step, model, ema, optimizer, settings, common):
+    """What train_diffusion.py writes at `step`, both atomic: OUT/model.pt for synthesize.py
+    (the EMA weights; `load_pretrained` reads them too) and OUT/state.pt for --resume. `common`
+    (architecture, schedule, classes, ...) goes into both; `settings` are what --resume checks."""
+    import os
+
+    from . import runs
+    from .files import atomic_torch_save
+
+    atomic_torch_save(
+        {"kind": "diffusion", "version": 1, "ema": ema.state_dict(), "step": step, **common},
+        os.path.join(out, "model.pt"),
+    )
+    atomic_torch_save(
+        {
+            "kind": "diffusion_train_state",
+            "version": 1,
+            "config": settings,
+            "step": step,
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": runs.rng_state(),
+            **common,
+        },
+        os.path.join(out, runs.STATE_FILE),
+    )

@@ -327,6 +327,17 @@ class DiffusionImages(torch.utils.data.Dataset):
         return x, self.class_ids[i]
 
 
+def diffusion_training_images(index, size):
+    """DiffusionImages of the normal training images of every category of `index` (a
+    DatasetIndex); class id = the category's position in index.categories."""
+    samples, class_ids = [], []
+    for c, name in enumerate(index.categories):
+        train = index.train(name)
+        samples += train
+        class_ids += [c] * len(train)
+    return DiffusionImages(samples, class_ids, size)
+
+
 # ----------------------------------------------------------------------------------------
 # Listing folders
 # ----------------------------------------------------------------------------------------

@@ -162,6 +162,19 @@ class StepBatches(torch.utils.data.Sampler):
             ]
 
 
+def sample_noise(seed, micro, positions, image_shape, num_timesteps):
+    """Timestep and noise of each sample of a diffusion model's micro-batch (train_diffusion.py),
+    seeded by (seed, micro-batch, position in the global batch): a resumed run, or a run on
+    another number of ranks, draws exactly the same."""
+    ts, noises = [], []
+    for p in positions:
+        seq = np.random.SeedSequence([seed, micro, p])
+        g = torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
+        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        noises.append(torch.randn(image_shape, generator=g))
+    return torch.cat(ts), torch.stack(noises)
+
+
 # ----------------------------------------------------------------------------------------
 # Looking at it
 # ----------------------------------------------------------------------------------------

@@ -90,6 +90,19 @@ def hstack(images, gap=2):
     return np.concatenate(padded, axis=1)[:, :-gap] if gap else np.concatenate(padded, axis=1)
 
 
+def titled_rows(rows, normalization="imagenet", min_size=96, gap=2):
+    """A sheet of rows of (3, H, W) tensors, each row under its title: rows = [(title, images)].
+    Small images are enlarged (nearest) to at least `min_size` px, so they can be judged;
+    `gap` white pixels under each row."""
+    pictures = []
+    for title, images in rows:
+        zoom = -(-min_size // images[0].shape[-1])
+        tiles = [tensor_to_uint8(x, normalization).repeat(zoom, 0).repeat(zoom, 1) for x in images]
+        pictures.append(labelled(hstack(tiles), title))
+    padded = [np.pad(p, ((0, gap), (0, 0), (0, 0)), constant_values=255) for p in pictures]
+    return np.concatenate(padded, axis=0)
+
+
 def grid(images, ncols, gap=2):
     """Contact sheet: images (equal sizes) in rows of `ncols`, white gaps."""
     rows = []

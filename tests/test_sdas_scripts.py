@@ -191,6 +191,7 @@ def test_resume_restores_every_tensor_on_the_models_device(tmp_path, device):
     """On an H100 a resumed run crashed in Adam (moments on the CPU, weights on cuda:0).
     Without a GPU, 'meta' stands in for CUDA: the same code path, the same placement."""
     import train_diffusion
+    from realnet import adm
 
     args = train_diffusion.parse_args(["--data", "unused", "--out", str(tmp_path), *TINY])
     quiet = lambda *a, **k: None
@@ -200,9 +201,8 @@ def test_resume_restores_every_tensor_on_the_models_device(tmp_path, device):
         torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), torch.tensor([0, 1])
     ).square().mean().backward()
     optimizer.step()
-    train_diffusion.save_checkpoints(
-        str(tmp_path), 1, model, ema, optimizer, train_diffusion.resume_settings(args), {}
-    )
+    settings = train_diffusion.resume_settings(args)
+    adm.save_checkpoints(str(tmp_path), 1, model, ema, optimizer, settings, {})
     args.resume = True
     target = distributed.DistInfo(device=torch.device(device))
     _, model, net, ema, optimizer, step = train_diffusion.build_model(
