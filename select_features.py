@@ -33,17 +33,15 @@ the AFS file then records the source actually used, which train_realnet.py takes
 """
 
 import argparse
+import dataclasses
 import os
 import time
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
-from realnet import cli, data, runs, visibility
+from realnet import afs_file, cli, data, runs, visibility, viz
 from realnet.backbone import Backbone, load_backbone
-from realnet.files import atomic_save_image, atomic_torch_save, load_checkpoint
-from realnet.files import prepare_output_folder
+from realnet.files import atomic_save_image, atomic_torch_save, prepare_output_folder
 from realnet.loaders import start_loader
 from realnet.model import require_reconstructable
 from realnet.progress import Progress
@@ -52,79 +50,83 @@ from realnet.anomalies import synthesizers_for
 
 
 def parse_args(argv=None):
+    # fmt: off
+    # (a table of flags: one per line, continuation lines aligned under the help text)
     p = argparse.ArgumentParser(
         description="Stage 3: AFS, choose the backbone channels that see anomalies.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add = p.add_argument
     cli.add_data_args(p)
-    p.add_argument(
-        "--category", default=None, help="category to select for (default: the only one)"
-    )
+    add("--category", default=None, help="category to select for (default: the only one)")
     cli.add_anomaly_source_args(p)
-    p.add_argument("--input-size", type=int, default=256, help="image side (the paper's)")
-    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3, 4], help="backbone layers")
-    p.add_argument(
-        "--dims",
-        type=int,
-        nargs="+",
-        default=[256, 512, 512, 256],
-        help="channels kept per layer (the authors')",
-    )
-    p.add_argument(
-        "--batches", type=int, default=64, help="batches of synthetic anomalies (the authors')"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=16, help="anomalous images per batch (the authors')"
-    )
-    p.add_argument(
-        "--backbone-weights",
-        default="imagenet",
-        help="imagenet (torchvision) | PATH.pth (e.g. timm's racm file) | random (smoke only)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic anomalies")
-    p.add_argument(
-        "--out",
-        default=None,
-        help="output folder for afs.pt and its pictures (default runs/<category>)",
-    )
-    p.add_argument("--dump", type=int, default=0, help="also write N synthetic anomalies as PNGs")
+    add("--input-size", type=int, default=256, help="image side (the paper's)")
+    add("--layers", type=int, nargs="+", default=[1, 2, 3, 4], help="backbone layers")
+    add("--dims", type=int, nargs="+", default=[256, 512, 512, 256], help="channels kept per "
+                                                                          "layer (the authors')")
+    add("--batches", type=int, default=64, help="batches of synthetic anomalies (the authors')")
+    add("--batch-size", type=int, default=16, help="anomalous images per batch (the authors')")
+    add("--backbone-weights", default="imagenet", help="imagenet (torchvision) | PATH.pth (e.g. "
+                                                       "timm's racm file) | random (smoke only)")
+    add("--seed", type=int, default=0, help="seed of the synthetic anomalies")
+    add("--out", default=None, help="output folder for afs.pt and its pictures (default "
+                                    "runs/<category>)")
+    add("--dump", type=int, default=0, help="also write N synthetic anomalies as PNGs")
     cli.add_workers_arg(p)
     cli.add_device_arg(p)
-    p.add_argument(
-        "--save-every", type=int, default=8, help="batches between resumable partial states"
-    )
-    p.add_argument(
-        "--min-source-visibility",
-        type=float,
-        default=0.0,
-        help="beyond the paper (0: off): drop an anomaly source (SDAS or DTD, never both) "
-        "whose synthetic anomalies the backbone cannot tell from the normal images: "
-        "pixel AUROC of a per-location Gaussian novelty at most this on every layer, "
-        "measured on the training images (realnet/visibility.py); the AFS file and "
-        "so train_realnet.py then use the other source alone",
-    )
+    add("--save-every", type=int, default=8, help="batches between resumable partial states")
+    add("--min-source-visibility", type=float, default=0.0, help="beyond the paper (0: off): "
+                                                                 "drop an anomaly source (SDAS "
+                                                                 "or DTD, never both) whose "
+                                                                 "synthetic anomalies the "
+                                                                 "backbone cannot tell from the "
+                                                                 "normal images: pixel AUROC of "
+                                                                 "a per-location Gaussian "
+                                                                 "novelty at most this on every "
+                                                                 "layer, measured on the "
+                                                                 "training images "
+                                                                 "(realnet/visibility.py); the "
+                                                                 "AFS file and so "
+                                                                 "train_realnet.py then use the "
+                                                                 "other source alone")
+    # fmt: on
     return p.parse_args(argv)
 
 
-def check_dims(layers, dims):
-    if len(dims) != len(layers):
+def check_args(args):
+    """Every flag that cannot work is refused before any data is read."""
+    if len(args.dims) != len(args.layers):
         raise cli.UserError(
-            f"--dims has {len(dims)} values but --layers has {len(layers)}; give one per layer"
+            f"--dims has {len(args.dims)} values but --layers has {len(args.layers)}; "
+            "give one per layer"
         )
-    for layer, dim in zip(layers, dims):
+    for layer, dim in zip(args.layers, args.dims):
         if layer not in (1, 2, 3, 4):
             raise cli.UserError(f"--layers: {layer} is not a WideResNet50 layer (1-4)")
         channels = Backbone.channels[layer - 1]
         if not 1 <= dim <= channels:
             raise cli.UserError(f"--dims: {dim} channels for layer{layer}, which has {channels}")
+    cli.require_positive(
+        batches=args.batches, batch_size=args.batch_size, save_every=args.save_every
+    )
+    cli.require_non_negative(workers=args.workers)
+    if args.input_size < 32:
+        raise cli.UserError(
+            f"--input-size must be at least 32 (the backbone's stride), got {args.input_size}"
+        )
+    # train_realnet.py reconstructs every layer's map: an input size it cannot use is refused now
+    require_reconstructable(
+        args.input_size, [Backbone.strides[l - 1] for l in args.layers], layers=args.layers
+    )
+    if args.dump < 0:
+        raise cli.UserError(f"--dump must be >= 0 (got {args.dump})")
 
 
 def channel_scores(backbone, loader, device, batches, start_batch=0, sums=None, on_batch=None):
     """Sum over batches of the per-channel AFS loss of every layer, one backbone pass per
     batch. Returns (sums: list of float64 (C_k,), timing: seconds spent per part)."""
-    from realnet.ops import (
-        afs_channel_loss,
-    )  # falls back to the reference (one warning) if unbuilt
+    # falls back to the reference (one warning) if unbuilt
+    from realnet.ops import afs_channel_loss
 
     sums = sums or [torch.zeros(c, dtype=torch.float64) for c in backbone.out_channels]
     timing = {"data": 0.0, "backbone": 0.0, "loss": 0.0}
@@ -147,11 +149,8 @@ def channel_scores(backbone, loader, device, batches, start_batch=0, sums=None, 
         timing["backbone"] += t_backbone - t_data
         timing["loss"] += t_loss - t_backbone
         tick = t_loss
-        progress.update(
-            step,
-            items=b,
-            **{f"layer{l}": float(x.mean()) for l, x in zip(backbone.layers, losses)},
-        )
+        means = {f"layer{l}": float(x.mean()) for l, x in zip(backbone.layers, losses)}
+        progress.update(step, items=b, **means)
         if on_batch:
             on_batch(step, sums)
     return sums, timing
@@ -167,81 +166,47 @@ def select_channels(score, dim):
     return torch.sort(order[:dim]).values, score
 
 
-def draw_scores(scores, indices, layers, width=1024, height=150):
-    """One panel per layer: each channel's summed loss (x: channel, y: loss, low = bottom);
-    kept channels red, dropped grey, the cut as a blue line."""
-    panels = []
-    for layer, score, kept in zip(layers, scores, indices):
-        s = score.numpy()
-        low, high = float(s.min()), float(s.max())
-        canvas = Image.new("RGB", (width, height + 20), (255, 255, 255))
-        draw = ImageDraw.Draw(canvas)
-        keep = np.zeros(len(s), bool)
-        keep[kept.numpy()] = True
-        cut = float(s[keep].max())
-        draw.text(
-            (4, 3),
-            f"layer{layer}: kept {keep.sum()} of {len(s)} channels (loss <= {cut:.4g}); "
-            f"loss {low:.4g} .. {high:.4g}",
-            fill=(0, 0, 0),
-        )
-        y = lambda v: 20 + (height - 4) - int((v - low) / (high - low + 1e-12) * (height - 8))
-        draw.line([(0, y(cut)), (width, y(cut))], fill=(60, 90, 230))
-        for i in np.argsort(keep, kind="stable"):  # red dots on top
-            x = int(i * (width - 2) / max(1, len(s) - 1))
-            draw.rectangle(
-                [x, y(s[i]) - 1, x + 1, y(s[i])],
-                fill=(220, 40, 40) if keep[i] else (150, 150, 150),
-            )
-        panels.append(np.asarray(canvas))
-    return Image.fromarray(np.concatenate(panels, axis=0))
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What AFS looks at: the training images of one category of a data set and the
+    synthesizers of their anomalies (with --min-source-visibility: the sources kept, and
+    source_check, the record of why, for the AFS file)."""
+
+    dataset: data.DatasetIndex
+    category: str
+    train: list
+    synthesizers: dict
+    source_check: dict = None
 
 
-def load_partial(path, settings, batches):
-    """(batches done, their summed losses) of an interrupted run with the same settings, or
-    (0, None). The stream is a pure function of (seed, g), so continuing a partial sum gives
-    exactly the result of an uninterrupted run."""
-    if not os.path.isfile(path):
-        return 0, None
-    partial = load_checkpoint(path, "partial AFS state", kind="afs_partial")
-    changed = runs.differences(partial["settings"], settings)
-    if not changed and partial["batches_done"] <= batches:
-        print(f"resuming from {path}: {partial['batches_done']} of {batches} batches done")
-        return partial["batches_done"], partial["sums"]
-    why = "; ".join(changed) or f"{partial['batches_done']} batches done, --batches {batches} now"
-    print(f"starting afresh: {path} was made with other settings ({why})")
-    return 0, None
+def open_inputs(args):
+    """The data set, the category (--category or its only one), its training images and the
+    anomaly synthesizers of --sdas and --dtd."""
+    dataset = data.open_dataset(args.data, args.format)
+    category = cli.only_category(args.category, dataset.categories, repr(args.data))
+    train = dataset.train(category)
+    synthesizers = synthesizers_for(
+        [category], dataset.format, args.input_size, args.sdas, args.dtd, args.foreground
+    )
+    return Inputs(dataset, category, train, synthesizers)
 
 
-# arguments that do not change the AFS file (where and how fast it is computed)
-RUN_ONLY = ("out", "dump", "workers", "device", "save_every")
-
-
-def require_same_afs(path, args):
-    """An afs.pt already in --out is replaced only by one made with the same settings: a
-    rerun with other --dims (say) would otherwise silently replace what train_realnet.py
-    runs may have been made from."""
-    if not os.path.isfile(path):
-        return
-    recorded = load_checkpoint(path, f"--out: the existing {path!r}", kind="afs").get("args", {})
-    settings = lambda values: {cli.flag(k): v for k, v in values.items() if k not in RUN_ONLY}
-    runs.require_same_settings(
-        settings(recorded),
-        settings(cli.args_to_dict(args)),
-        f"--out: {path!r} was made with other settings",
-        "choose another --out or delete it first",
+def anomaly_stream(args, inputs):
+    # AFS looks at synthetic anomalies only (the authors switch the 'normal' type off)
+    return AnomalyStream(
+        inputs.train, args.input_size, inputs.synthesizers, seed=args.seed, normal_ratio=0.0
     )
 
 
-def drop_invisible_sources(backbone, train, category, dataset_format, args, device):
+def drop_invisible_sources(args, inputs, backbone, device):
     """--min-source-visibility (beyond the paper, realnet/visibility.py): measure how visible
     each source's synthetic anomalies are to the backbone and drop a source nobody could
-    learn from. Returns (the synthesizers to use, the record for the AFS file)."""
+    learn from. Returns the inputs with the sources kept and the record for the AFS file."""
     scores = visibility.source_visibility(
         backbone,
-        train,
-        category,
-        dataset_format,
+        inputs.train,
+        inputs.category,
+        inputs.dataset.format,
         args.input_size,
         args.sdas,
         args.dtd,
@@ -249,129 +214,39 @@ def drop_invisible_sources(backbone, train, category, dataset_format, args, devi
         args.seed,
         device,
     )
-    dropped = visibility.invisible_sources(scores, args.min_source_visibility)
-    print(
-        f"anomaly sources, pixel AUROC of their anomalies' novelty per layer (chance 0.5): "
-        f"{visibility.describe(scores)}"
+    dropped = visibility.report_invisible_sources(
+        scores, args.min_source_visibility, inputs.category
     )
-    if dropped:
-        print(
-            f"note: --min-source-visibility {args.min_source_visibility}: the backbone cannot tell "
-            f"{' and '.join(dropped)} anomalies from normal {category!r} images; AFS and training use "
-            f"{' and '.join(s for s in scores if s not in dropped)} alone"
-        )
-    elif all(
-        all(v is not None and v <= args.min_source_visibility for v in s) for s in scores.values()
-    ):
-        print(
-            f"WARNING: no anomaly source reaches --min-source-visibility {args.min_source_visibility} on "
-            f"{category!r}: all kept; the model may not learn its synthetic anomalies"
-        )
     sdas = None if "sdas" in dropped else args.sdas
     dtd = None if "dtd" in dropped else args.dtd
     record = {"threshold": args.min_source_visibility, "pixel_auroc": scores, "dropped": dropped}
-    return synthesizers_for(
-        [category], dataset_format, args.input_size, sdas, dtd, args.foreground
-    ), record
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    check_dims(args.layers, args.dims)
-    cli.require_positive(
-        batches=args.batches, batch_size=args.batch_size, save_every=args.save_every
-    )
-    cli.require_non_negative(workers=args.workers)
-    if args.input_size < 32:
-        raise cli.UserError(
-            f"--input-size must be at least 32 (the backbone's stride), got {args.input_size}"
-        )
-    # train_realnet.py reconstructs every layer's map: an input size it cannot use is refused now
-    require_reconstructable(
-        args.input_size, [Backbone.strides[l - 1] for l in args.layers], layers=args.layers
-    )
-    if args.dump < 0:
-        raise cli.UserError(f"--dump must be >= 0 (got {args.dump})")
-    device = cli.resolve_device(args.device)
-    dataset = data.open_dataset(args.data, args.format)
-    category = cli.only_category(args.category, dataset.categories, repr(args.data))
-    train = dataset.train(category)
     synthesizers = synthesizers_for(
-        [category], dataset.format, args.input_size, args.sdas, args.dtd, args.foreground
+        [inputs.category], inputs.dataset.format, args.input_size, sdas, dtd, args.foreground
     )
-    # AFS looks at synthetic anomalies only (the authors switch the 'normal' type off)
-    stream = AnomalyStream(train, args.input_size, synthesizers, seed=args.seed, normal_ratio=0.0)
+    return dataclasses.replace(inputs, synthesizers=synthesizers, source_check=record)
 
-    folder = args.out or os.path.join("runs", category)
-    out, stem = os.path.join(folder, "afs.pt"), os.path.join(folder, "afs")
-    # everything that can fail is checked before the first file is written
-    prepare_output_folder(
-        folder,
-        subfolders=("afs_examples",),
-        files=("afs.pt", "afs_scores.png", "afs_args.json", "afs.partial"),
-    )
-    require_same_afs(out, args)
-    backbone = load_backbone(args.backbone_weights, args.layers).to(device)
-    source_check = None
-    if args.min_source_visibility > 0 and args.sdas and args.dtd:  # beyond the paper
-        synthesizers, source_check = drop_invisible_sources(
-            backbone, train, category, dataset.format, args, device
-        )
-        stream = AnomalyStream(
-            train, args.input_size, synthesizers, seed=args.seed, normal_ratio=0.0
-        )
-    if args.dump:
-        written = dump_examples(stream, args.dump, stem + "_examples")
-        print(
-            f"wrote {args.dump} synthetic anomalies to {stem}_examples/ (contact sheet: {written[-1]})"
-        )
-    cli.seed_everything(args.seed)
 
-    # what a partial state (resumable) must share with this run
-    settings = {
+def partial_settings(args, inputs, backbone):
+    """What a partial state (resumable) must share with this run."""
+    return {
         "data": os.path.abspath(args.data),
-        "format": dataset.format,
-        "category": category,
+        "format": inputs.dataset.format,
+        "category": inputs.category,
         "input_size": args.input_size,
         "layers": args.layers,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "foreground": args.foreground,
-        "source": synthesizers[category].source.describe(),
+        "source": inputs.synthesizers[inputs.category].source.describe(),
         "backbone": backbone.identity,
     }
-    partial_path = stem + ".partial"
-    start, sums = load_partial(partial_path, settings, args.batches)
 
-    def save_partial(step, sums):
-        if step % args.save_every == 0 and step < args.batches:
-            atomic_torch_save(
-                {"kind": "afs_partial", "settings": settings, "batches_done": step, "sums": sums},
-                partial_path,
-            )
 
-    loader = start_loader(
-        stream,
-        args.workers,
-        batch_size=args.batch_size,
-        pin_memory=device.type == "cuda",
-        sampler=StreamSampler(start, args.batches, args.batch_size),
-    )
-    print(
-        f"AFS on {category!r} ({dataset.format}, {len(train)} training images), {args.batches} batches of "
-        f"{args.batch_size} at {args.input_size}px, backbone {backbone.identity['weights']}, device {device}"
-    )
-    started = time.time()
-    with torch.inference_mode():
-        sums, timing = channel_scores(
-            backbone, loader, device, args.batches, start, sums, save_partial
-        )
-
-    indices, scores = zip(
-        *[select_channels(total.float(), dim) for dim, total in zip(args.dims, sums)]
-    )
-    indices, scores = list(indices), list(scores)
-    afs = {
+def afs_contents(args, inputs, backbone, indices, scores, timing):
+    """The AFS file: the kept channels of every layer and what train_realnet.py needs to know
+    of how they were chosen."""
+    dataset, category = inputs.dataset, inputs.category
+    return {
         "kind": "afs",
         "version": 1,
         "layers": list(args.layers),
@@ -385,24 +260,75 @@ def main(argv=None):
             **dataset.describe(),
             "category": category,
             "class_id": dataset.class_id(category),
-            "train_images": len(train),
+            "train_images": len(inputs.train),
         },
-        "anomaly_source": synthesizers[category].describe(),
+        "anomaly_source": inputs.synthesizers[category].describe(),
         "batches": args.batches,
         "batch_size": args.batch_size,
         "seed": args.seed,
-        "source_visibility": source_check,
+        "source_visibility": inputs.source_check,
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
         "args": cli.args_to_dict(args),
     }
-    atomic_torch_save(afs, out)
-    atomic_save_image(draw_scores(scores, indices, args.layers), stem + "_scores.png")
-    runs.save_args(args, folder, "afs_args.json")  # with the files it describes, not before
-    if os.path.exists(partial_path):
-        os.remove(partial_path)
+
+
+# what afs.pt, its pictures and its partial state are called in --out
+OUTPUT_FILES = ("afs.pt", "afs_scores.png", "afs_args.json", "afs.partial")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    device = cli.resolve_device(args.device)
+    inputs = open_inputs(args)
+    stream = anomaly_stream(args, inputs)
+
+    folder = args.out or os.path.join("runs", inputs.category)
+    out, stem = os.path.join(folder, "afs.pt"), os.path.join(folder, "afs")
+    # everything that can fail is checked before the first file is written
+    prepare_output_folder(folder, subfolders=("afs_examples",), files=OUTPUT_FILES)
+    afs_file.require_same_afs(out, args)
+    backbone = load_backbone(args.backbone_weights, args.layers).to(device)
+    if args.min_source_visibility > 0 and args.sdas and args.dtd:  # beyond the paper
+        inputs = drop_invisible_sources(args, inputs, backbone, device)
+        stream = anomaly_stream(args, inputs)
+    if args.dump:
+        written = dump_examples(stream, args.dump, stem + "_examples")
+        print(
+            f"wrote {args.dump} synthetic anomalies to {stem}_examples/ "
+            f"(contact sheet: {written[-1]})"
+        )
+    cli.seed_everything(args.seed)
+
+    settings = partial_settings(args, inputs, backbone)
+    partial = afs_file.PartialState(stem + ".partial", settings, args.batches, args.save_every)
+    start, sums = partial.load()
+    sampler = StreamSampler(start, args.batches, args.batch_size)  # the batches not done yet
+    cuda = device.type == "cuda"
+    loader = start_loader(
+        stream, args.workers, batch_size=args.batch_size, pin_memory=cuda, sampler=sampler
+    )
     print(
-        f"wrote {out} and {stem}_scores.png in {time.time() - started:.1f} s (data {timing['data']:.1f} s, "
-        f"backbone {timing['backbone']:.1f} s, AFS loss {timing['loss']:.1f} s)"
+        f"AFS on {inputs.category!r} ({inputs.dataset.format}, {len(inputs.train)} training "
+        f"images), {args.batches} batches of {args.batch_size} at {args.input_size}px, "
+        f"backbone {backbone.identity['weights']}, device {device}"
+    )
+    started = time.time()
+    with torch.inference_mode():
+        sums, timing = channel_scores(
+            backbone, loader, device, args.batches, start, sums, partial.save
+        )
+
+    chosen = [select_channels(total.float(), dim) for dim, total in zip(args.dims, sums)]
+    indices, scores = [kept for kept, _ in chosen], [score for _, score in chosen]
+    atomic_torch_save(afs_contents(args, inputs, backbone, indices, scores, timing), out)
+    atomic_save_image(viz.draw_afs_scores(scores, indices, args.layers), stem + "_scores.png")
+    runs.save_args(args, folder, "afs_args.json")  # with the files it describes, not before
+    partial.remove()
+    print(
+        f"wrote {out} and {stem}_scores.png in {time.time() - started:.1f} s "
+        f"(data {timing['data']:.1f} s, backbone {timing['backbone']:.1f} s, "
+        f"AFS loss {timing['loss']:.1f} s)"
     )
     for layer, dim, kept, score in zip(args.layers, args.dims, indices, scores):
         print(

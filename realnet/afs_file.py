@@ -2,11 +2,15 @@
 was made with (data set, category, anomaly source, input size), which become
 train_realnet.py's defaults. A flag that differs is used with a note; one that cannot fit
 the kept channels (another input size, another category) is refused.
+
+Stage 3 itself: an afs.pt is replaced only by one made with the same settings, and the
+partial state (afs.partial) an interrupted run continues from.
 """
 
 import os
 
-from . import cli
+from . import cli, runs
+from .files import atomic_torch_save, load_checkpoint
 
 
 def fill_from_afs(args, afs):
@@ -49,3 +53,62 @@ def chosen_categories(category, categories, afs_category, dataset, afs_path):
             f"{' / '.join(names)}: run select_features.py for this category"
         )
     return names
+
+
+# arguments that do not change the AFS file (where and how fast it is computed)
+RUN_ONLY = ("out", "dump", "workers", "device", "save_every")
+
+
+def require_same_afs(path, args):
+    """An afs.pt already in --out is replaced only by one made with the same settings: a
+    rerun with other --dims (say) would otherwise silently replace what train_realnet.py
+    runs may have been made from."""
+    if not os.path.isfile(path):
+        return
+    recorded = load_checkpoint(path, f"--out: the existing {path!r}", kind="afs").get("args", {})
+    settings = lambda values: {cli.flag(k): v for k, v in values.items() if k not in RUN_ONLY}
+    runs.require_same_settings(
+        settings(recorded),
+        settings(cli.args_to_dict(args)),
+        f"--out: {path!r} was made with other settings",
+        "choose another --out or delete it first",
+    )
+
+
+class PartialState:
+    """afs.partial: the losses summed so far by a run, saved every `save_every` batches (not
+    after the last one: the AFS file follows) and continued from when a run with the same
+    settings starts again. The stream is a pure function of (seed, g), so continuing a
+    partial sum gives exactly the result of an uninterrupted run."""
+
+    def __init__(self, path, settings, batches, save_every):
+        self.path, self.settings = path, settings
+        self.batches, self.save_every = batches, save_every
+
+    def load(self):
+        """(batches done, their summed losses) of an interrupted run with the same settings,
+        or (0, None)."""
+        path, batches = self.path, self.batches
+        if not os.path.isfile(path):
+            return 0, None
+        partial = load_checkpoint(path, "partial AFS state", kind="afs_partial")
+        changed = runs.differences(partial["settings"], self.settings)
+        if not changed and partial["batches_done"] <= batches:
+            print(f"resuming from {path}: {partial['batches_done']} of {batches} batches done")
+            return partial["batches_done"], partial["sums"]
+        why = (
+            "; ".join(changed)
+            or f"{partial['batches_done']} batches done, --batches {batches} now"
+        )
+        print(f"starting afresh: {path} was made with other settings ({why})")
+        return 0, None
+
+    def save(self, batches_done, sums):
+        if batches_done % self.save_every == 0 and batches_done < self.batches:
+            state = {"settings": self.settings, "batches_done": batches_done, "sums": sums}
+            atomic_torch_save({"kind": "afs_partial", **state}, self.path)
+
+    def remove(self):
+        """Once the AFS file is written."""
+        if os.path.exists(self.path):
+            os.remove(self.path)

@@ -115,3 +115,27 @@ def describe(visibility):
         f"{name} " + "/".join("n/a" if s is None else f"{s:.2f}" for s in scores)
         for name, scores in visibility.items()
     )
+
+
+def report_invisible_sources(visibility, threshold, category):
+    """`invisible_sources`, said on stdout for select_features.py --min-source-visibility:
+    every source's AUROCs, then the sources dropped, or a warning when no source reaches
+    `threshold` (all are kept then). Returns the sources to drop."""
+    dropped = invisible_sources(visibility, threshold)
+    print(
+        f"anomaly sources, pixel AUROC of their anomalies' novelty per layer (chance 0.5): "
+        f"{describe(visibility)}"
+    )
+    if dropped:
+        kept = " and ".join(s for s in visibility if s not in dropped)
+        print(
+            f"note: --min-source-visibility {threshold}: the backbone cannot tell "
+            f"{' and '.join(dropped)} anomalies from normal {category!r} images; AFS and "
+            f"training use {kept} alone"
+        )
+    elif all(all(v is not None and v <= threshold for v in s) for s in visibility.values()):
+        print(
+            f"WARNING: no anomaly source reaches --min-source-visibility {threshold} on "
+            f"{category!r}: all kept; the model may not learn its synthetic anomalies"
+        )
+    return dropped

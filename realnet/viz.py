@@ -122,6 +122,41 @@ def to_pil(array):
 
 
 # ----------------------------------------------------------------------------------------
+# AFS's per-channel losses (select_features.py's afs_scores.png)
+# ----------------------------------------------------------------------------------------
+
+
+def draw_afs_scores(scores, indices, layers, width=1024, height=150):
+    """One panel per layer: each channel's summed loss (x: channel, y: loss, low = bottom);
+    kept channels red, dropped grey, the cut as a blue line."""
+    panels = []
+    for layer, score, kept in zip(layers, scores, indices):
+        s = score.numpy()
+        low, high = float(s.min()), float(s.max())
+        canvas = Image.new("RGB", (width, height + 20), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        keep = np.zeros(len(s), bool)
+        keep[kept.numpy()] = True
+        cut = float(s[keep].max())
+        draw.text(
+            (4, 3),
+            f"layer{layer}: kept {keep.sum()} of {len(s)} channels (loss <= {cut:.4g}); "
+            f"loss {low:.4g} .. {high:.4g}",
+            fill=(0, 0, 0),
+        )
+        y = lambda v: 20 + (height - 4) - int((v - low) / (high - low + 1e-12) * (height - 8))
+        draw.line([(0, y(cut)), (width, y(cut))], fill=(60, 90, 230))
+        for i in np.argsort(keep, kind="stable"):  # red dots on top
+            x = int(i * (width - 2) / max(1, len(s) - 1))
+            draw.rectangle(
+                [x, y(s[i]) - 1, x + 1, y(s[i])],
+                fill=(220, 40, 40) if keep[i] else (150, 150, 150),
+            )
+        panels.append(np.asarray(canvas))
+    return Image.fromarray(np.concatenate(panels, axis=0))
+
+
+# ----------------------------------------------------------------------------------------
 # Line charts (learning curves)
 # ----------------------------------------------------------------------------------------
 
