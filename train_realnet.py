@@ -39,18 +39,16 @@ import functools
 import math
 import os
 import time
+from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from realnet import afs_file, calibration, checkpoint, cli, distributed, precision, runs
-from realnet import data as realnet_data
-from realnet.backbone import load_recorded_backbone
 from realnet.features import FeatureExtractor, make_cache, pair_features
-from realnet.files import load_checkpoint, prepare_output_folder
 from realnet.loaders import capped_workers, training_loader
-from realnet.model import ANOMALY_MAPS, ARCHITECTURES, RealNet, build_config, count_parameters
-from realnet.model import describe, realnet_loss
+from realnet.model import ANOMALY_MAPS, ARCHITECTURES, RealNet, count_parameters, describe
+from realnet.model import realnet_loss
 from realnet.progress import Progress
 from realnet.stream import AnomalyStream, write_examples
 from realnet.anomalies import synthesizers_for
@@ -59,96 +57,59 @@ from realnet.validation import validate_and_keep_best
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Stage 4: train RealNet (paper §3.3-3.4).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    # fmt: off
+    # (a table of flags: one per line, continuation lines aligned under the help text)
+    p = argparse.ArgumentParser(description="Stage 4: train RealNet (paper §3.3-3.4).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--afs", required=True, help="AFS file from select_features.py (the kept channels)")
     cli.add_data_args(p, default=None, help="data set root; None: the AFS file's")
     add("--category", default=None, help="the category; None: the AFS file's")
-    add(
-        "--categories",
-        default=None,
+    add("--categories", default=None,
         help="UNIFIED, beyond the paper: one model over these comma-separated categories (the "
-        "AFS file made for any one of them; --sdas is then DIR/<category>)",
-    )
+             "AFS file made for any one of them; --sdas is then DIR/<category>)")
     cli.add_anomaly_source_args(p, from_afs=True)
     add("--normal-ratio", type=float, default=0.5, help="normal share of every batch (paper)")
-    add(
-        "--backbone-weights",
-        default=None,
-        help="imagenet | PATH.pth | random; None: the weights the AFS file was made with",
-    )
+    add("--backbone-weights", default=None,
+        help="imagenet | PATH.pth | random; None: the weights the AFS file was made with")
     add("--input-size", type=int, default=None, help="image side; None: the AFS file's")
     add("--arch", default="A", choices=sorted(ARCHITECTURES), help="A: one UNet per layer (paper)")
     add("--width-ratio", type=float, default=0.5, help="UNet width / input channels (paper)")
     add("--retention", type=float, default=1 / 3, help="residual channels RRS keeps (paper)")
     add("--k-max", type=int, default=None, help="RRS channels ranked by max (M*retention/2)")
     add("--k-mean", type=int, default=None, help="RRS channels ranked by mean (M*retention/2)")
-    add(
-        "--anomaly-map",
-        default="discriminator",
-        choices=sorted(ANOMALY_MAPS),
+    add("--anomaly-map", default="discriminator", choices=sorted(ANOMALY_MAPS),
         help="what the model reports: discriminator (the paper: its class-1 probability) | "
-        "fused (beyond the paper: the discriminator's log-odds and each level's "
-        "reconstruction energy, each scaled on the held-out normal images by calibration, "
-        "and averaged; needs --val-fraction)",
-    )
+             "fused (beyond the paper: the discriminator's log-odds and each level's "
+             "reconstruction energy, each scaled on the held-out normal images by calibration, "
+             "and averaged; needs --val-fraction)")
     add("--batch-size", type=int, default=16, help="global batch size (paper)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (paper)")
-    add(
-        "--lr-schedule",
-        default="constant",
-        choices=["constant", "cosine"],
-        help="constant (paper) | cosine: decay to 0 over the run (stabler last step, short runs)",
-    )
+    add("--lr-schedule", default="constant", choices=["constant", "cosine"],
+        help="constant (paper) | cosine: decay to 0 over the run (stabler last step, short runs)")
     add("--epochs", type=int, default=1000, help="passes over the training images (paper)")
     add("--steps", type=int, default=None, help="optimiser steps; overrides --epochs")
     add("--seed", type=int, default=0, help="model init, data order and synthetic anomalies")
     precision.add_precision_arg(p, "the backbone, UNets and discriminator")
-    add(
-        "--val-fraction",
-        type=float,
-        default=0.0,
-        help="hold out this share of the TRAINING images to choose the checkpoint on (0: last)",
-    )
+    add("--val-fraction", type=float, default=0.0,
+        help="hold out this share of the TRAINING images to choose the checkpoint on (0: last)")
     add("--val-every", type=int, default=500, help="steps between validations (--val-fraction)")
-    add(
-        "--val-metric",
-        default="pixel_auroc",
-        choices=["pixel_auroc", "au_pro", "image_auroc"],
+    add("--val-metric", default="pixel_auroc", choices=["pixel_auroc", "au_pro", "image_auroc"],
         help="what best.pt maximises on the held-out training images (the discriminator's "
-        "map: the synthetic anomalies are what it was trained to find)",
-    )
-    add(
-        "--threshold-rule",
-        default=calibration.DEFAULT_RULE,
-        choices=sorted(calibration.RULES),
+             "map: the synthetic anomalies are what it was trained to find)")
+    add("--threshold-rule", default=calibration.DEFAULT_RULE, choices=sorted(calibration.RULES),
         help="the OK/NG threshold calibration stores in model.pt and best.pt, from the held-out "
-        "images (--val-fraction): normal (the highest good score plus a margin) | fpr (at "
-        "most --target-fpr of the good ones NG) | f1 (F1-optimal vs their synthetic "
-        "anomalies: sits high, real defects are fainter)",
-    )
-    add(
-        "--target-fpr",
-        type=float,
-        default=0.01,
-        help="with --threshold-rule fpr: the false-positive rate allowed on normal images",
-    )
-    precision.add_precision_arg(
-        p,
-        "calibration after training: the precision evaluate.py "
-        "will run in (evaluate.py's default: fp32)",
-        flag="--calibrate-precision",
-    )
-    add(
-        "--cache-features",
-        default="auto",
-        choices=["auto", "on", "off"],
+             "images (--val-fraction): normal (the highest good score plus a margin) | fpr (at "
+             "most --target-fpr of the good ones NG) | f1 (F1-optimal vs their synthetic "
+             "anomalies: sits high, real defects are fainter)")
+    add("--target-fpr", type=float, default=0.01,
+        help="with --threshold-rule fpr: the false-positive rate allowed on normal images")
+    precision.add_precision_arg(p, "calibration after training: the precision evaluate.py "
+                                   "will run in (evaluate.py's default: fp32)",
+                                flag="--calibrate-precision")
+    add("--cache-features", default="auto", choices=["auto", "on", "off"],
         help="keep the clean images' features (frozen backbone, no augmentation: exact); "
-        "auto = on when they take under 4 GiB",
-    )
+             "auto = on when they take under 4 GiB")
     add("--save-every", type=int, default=500, help="steps between resumable states")
     add("--log-every", type=int, default=10, help="steps between progress lines / log entries")
     cli.add_workers_arg(p)
@@ -156,11 +117,12 @@ def parse_args(argv=None):
     add("--out", default=None, help="output folder (default runs/<category>/realnet)")
     add("--resume", action="store_true", help="continue from OUT/state.pt")
     add("--dump", type=int, default=0, help="write N example training pairs to OUT/examples")
+    # fmt: on
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------
-# Inputs: what the AFS file decided
+# Inputs: the flags checked, the training stream and the held-out set
 # ----------------------------------------------------------------------------------------
 
 
@@ -200,48 +162,6 @@ def check_args(args, ddp):
     args.workers = capped_workers(args.workers, args.steps)  # no more than can help
 
 
-def open_inputs(args, device):
-    """Read the AFS file once; from it (and the flags): the data set, the categories, the
-    frozen backbone and the model configuration. `args` is completed with the values taken
-    from the AFS file, so that args.json says what the run used."""
-    afs = load_checkpoint(args.afs, "--afs", kind="afs")
-    afs_file.fill_from_afs(args, afs)
-    what = f"--afs {args.afs!r}"
-    dataset = realnet_data.open_recorded_dataset(args.data, args.format, afs.get("dataset"), what)
-    args.data, args.format = dataset.root, dataset.format
-    categories = afs_file.chosen_categories(
-        args.category, args.categories, afs.get("category"), dataset, args.afs
-    )
-    backbone = load_recorded_backbone(
-        afs.get("backbone"), args.backbone_weights, afs["layers"], what
-    )
-    config = build_config(
-        afs,
-        args.arch,
-        args.width_ratio,
-        args.retention,
-        args.k_max,
-        args.k_mean,
-        args.input_size,
-        strides=backbone.strides,
-        anomaly_map=args.anomaly_map,
-    )
-    return afs, dataset, categories, backbone.to(device), config | {"backbone": backbone.identity}
-
-
-def output_folder(out, categories, ddp):
-    """--out (default runs/<categories>/realnet), locked, with stale files of another run
-    refused (files.prepare_output_folder)."""
-    out = out or os.path.join("runs", "_".join(categories), "realnet")
-    prepare_output_folder(
-        out,
-        clean=ddp.is_main,
-        files=("model.pt", "state.pt", "best.pt", "args.json", runs.LOG_FILE),
-        subfolders=("examples",),
-    )
-    return out
-
-
 def training_stream(args, dataset, categories):
     """The training images less the held-out share, as the stream of training samples (half
     normal, half with a synthetic anomaly): (stream, held-out samples, the synthesizers)."""
@@ -272,7 +192,7 @@ def held_out_set(held_out, synthesizers, args):
 def build_model(config, args, run, out, ddp):
     """The model (seeded), its optimiser and loss scaler (fp16 only), where a resumed run left
     off, and the model the loop calls (DDP-wrapped under torchrun):
-    (model, ddp_model, optimizer, scaler, step, best)."""
+    (model, net, optimizer, scaler, step, best)."""
     scaler = precision.grad_scaler(args.precision, ddp.device)
     cli.seed_everything(args.seed)
     torch.backends.cudnn.benchmark = False
@@ -281,12 +201,12 @@ def build_model(config, args, run, out, ddp):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     state = runs.load_state(out, args.resume, "realnet_state")
     step, best = checkpoint.resume(state, model, optimizer, scaler, run, out)
-    ddp_model = model
+    net = model
     if ddp.enabled:
         model.set_process_group(torch.distributed.group.WORLD)  # RRS, BatchNorm: global batch
         device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
-        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
-    return model, ddp_model, optimizer, scaler, step, best
+        net = DistributedDataParallel(model, device_ids=device_ids)
+    return model, net, optimizer, scaler, step, best
 
 
 def learning_rate(lr, schedule, step, total_steps):
@@ -297,9 +217,19 @@ def learning_rate(lr, schedule, step, total_steps):
     return 0.5 * lr * (1 + math.cos(math.pi * step / total_steps))
 
 
-def train_step(
-    model, features, cache, batch, optimizer, scaler, amp, lr, device, check=None, mark=None
-):
+class Trainer(NamedTuple):
+    """What a training step works with."""
+
+    model: torch.nn.Module  # the model the step calls: DDP-wrapped under torchrun
+    features: FeatureExtractor  # the frozen backbone, then AFS
+    cache: object  # the clean images' features by sample index (make_cache), or None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # scales the loss in fp16 only
+    amp: object  # the networks' arithmetic (precision.autocast)
+    device: torch.device
+
+
+def train_step(trainer, batch, lr, check=None, mark=None):
     """One optimiser step (paper §3.3-3.4): the batch is half normal images, half synthetic
     anomalies; the frozen backbone and AFS give features (the clean originals' from the
     cache), the UNets reconstruct them, RRS keeps the residuals that carry the anomaly, the
@@ -307,6 +237,7 @@ def train_step(
     check(loss) runs before the backward pass; mark(part) after each part (the step
     benchmark's clock). Returns (loss, its parts)."""
     mark = mark or (lambda part: None)
+    model, features, cache, optimizer, scaler, amp, device = trainer
     with amp:
         inputs, clean = pair_features(batch, features, cache, device)
         mark("backbone")
@@ -327,16 +258,17 @@ def train_step(
 
 
 # ----------------------------------------------------------------------------------------
-# What the loop prints
+# Main: what it prints, set-up, then the loop (step, log, validate, save)
 # ----------------------------------------------------------------------------------------
 
 
-def print_plan(config, model, categories, n_images, held_out, total_steps, args, ddp, cache):
-    batch_size = args.batch_size
+def print_plan(args, ddp, model, cache, categories, stream, held_out, total_steps):
+    n_images, batch_size = len(stream.samples), args.batch_size
     epochs = total_steps / math.ceil(n_images / batch_size)
     unified = " (UNIFIED: one model for all)" if len(categories) > 1 else ""
     held = f", {len(held_out)} held out for checkpoint choice and calibration" if held_out else ""
-    print(f"{describe(config)}; {count_parameters(model) / 1e6:.2f} M trainable parameters")
+    parameters = count_parameters(model)
+    print(f"{describe(model.config)}; {parameters / 1e6:.2f} M trainable parameters")
     print(
         f"training on {n_images} images of {', '.join(categories)}{unified}{held}; "
         f"{total_steps} steps of {batch_size} ({epochs:.1f} epochs), {ddp.world_size} "
@@ -345,79 +277,50 @@ def print_plan(config, model, categories, n_images, held_out, total_steps, args,
 
 
 def print_done(step, started, out, best, metric, records, validated):
-    note = (
-        f", best.pt from step {best['step']} ({metric} {best['value']:.4f})"
-        if best["step"]
-        else ""
-    )
-    print(
-        f"done: {step} steps in {time.time() - started:.0f} s; model "
-        f"{os.path.join(out, 'model.pt')}{note}"
-    )
+    note = ""
+    if best["step"]:
+        note = f", best.pt from step {best['step']} ({metric} {best['value']:.4f})"
+    took = f"done: {step} steps in {time.time() - started:.0f} s"
+    print(f"{took}; model {os.path.join(out, 'model.pt')}{note}")
     calibration.report(records, validated, (learning_check(out) or {}).get("warning"))
-
-
-# ----------------------------------------------------------------------------------------
-# Main: set-up, then the loop (step, log, validate, save)
-# ----------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = parse_args(argv)
     ddp = distributed.setup(args.device)
     check_args(args, ddp)
-    afs, dataset, categories, backbone, config = open_inputs(args, ddp.device)
+    afs, dataset, categories, backbone, config = afs_file.open_inputs(args, ddp.device)
     stream, held_out, synthesizers = training_stream(args, dataset, categories)
-    samples = stream.samples
-    total_steps = args.steps or args.epochs * math.ceil(len(samples) / args.batch_size)
-    out = output_folder(args.out, categories, ddp)
-    run = checkpoint.run_settings(args, afs, dataset, categories, len(samples))
+    total_steps = args.steps or args.epochs * math.ceil(len(stream.samples) / args.batch_size)
+    out = checkpoint.output_folder(args.out, categories, ddp)
+    run = checkpoint.run_settings(args, afs, dataset, categories, len(stream.samples))
     extra = {"args": cli.args_to_dict(args), "afs_path": os.path.abspath(args.afs)}
-    model, ddp_model, optimizer, scaler, start_step, best = build_model(
-        config, args, run, out, ddp
-    )
+    model, net, optimizer, scaler, start_step, best = build_model(config, args, run, out, ddp)
     log_path = runs.start_outputs(out, args, start_step) if ddp.is_main else os.devnull
     distributed.barrier(ddp)
     features = FeatureExtractor(backbone, model)
     amp = precision.autocast(args.precision, ddp.device)  # the networks' arithmetic
     with amp:  # the cached features are made in the precision of the anomalous ones
         cache = make_cache(args.cache_features, config, stream, features, ddp.device)
+    trainer = Trainer(net, features, cache, optimizer, scaler, amp, ddp.device)
     val = held_out_set(held_out, synthesizers, args) if held_out and ddp.is_main else None
     loader = training_loader(stream, start_step, total_steps, args.batch_size, args.workers, ddp)
     progress = Progress(
-        total_steps,
-        "train",
-        unit="img",
-        every=args.log_every,
-        start_step=start_step,
-        enabled=ddp.is_main,
+        total_steps, "train", every=args.log_every, start_step=start_step, enabled=ddp.is_main
     )
     if ddp.is_main:
-        print_plan(
-            config, model, categories, len(samples), held_out, total_steps, args, ddp, cache
-        )
+        print_plan(args, ddp, model, cache, categories, stream, held_out, total_steps)
         write_examples(stream, args.dump if start_step == 0 else 0, os.path.join(out, "examples"))
-    save_best = lambda step, why: checkpoint.save_best(out, model, run, step, why, extra)  # noqa: E731
+    finite = functools.partial(distributed.require_finite, lr=args.lr, out=out, info=ddp)
+    save_best = functools.partial(checkpoint.save_best, out, model, run, extra=extra)
 
     model.train()
     step, started = start_step, time.time()
     with open(log_path, "a") as log:
         for step, batch in enumerate(loader, start=start_step + 1):
             lr = learning_rate(args.lr, args.lr_schedule, step - 1, total_steps)
-            finite = functools.partial(
-                distributed.require_finite, step=step, lr=args.lr, out=out, info=ddp
-            )
             loss, parts = train_step(
-                ddp_model,
-                features,
-                cache,
-                batch,
-                optimizer,
-                scaler,
-                amp,
-                lr,
-                ddp.device,
-                check=finite,
+                trainer, batch, lr, check=functools.partial(finite, step=step)
             )
             last = step == total_steps
             if step % args.log_every == 0 or last:
@@ -427,37 +330,15 @@ def main(argv=None):
             if val is not None and (step % args.val_every == 0 or last):
                 with amp:
                     best = validate_and_keep_best(
-                        model,
-                        features,
-                        val,
-                        held_out,
-                        step,
-                        best,
-                        args.val_metric,
-                        args.batch_size,
-                        out,
-                        save_best,
+                        model, features, val, held_out, step, best, args, out, save_best
                     )
             if (step % args.save_every == 0 or last) and ddp.is_main:
                 checkpoint.save_run(out, model, optimizer, scaler, run, step, best, extra)
     if ddp.is_main and step == start_step:  # a finished run resumed: nothing left to train
         checkpoint.save_run(out, model, optimizer, scaler, run, step, best, extra)
-    records = (
-        calibration.calibrate_checkpoints(
-            out,
-            config,
-            features,
-            val,
-            args.batch_size,
-            args.threshold_rule,
-            args.target_fpr,
-            args.calibrate_precision,
-            args.val_fraction,
-            ddp.device,
-        )
-        if ddp.is_main and val
-        else {}
-    )
+    records = {}
+    if ddp.is_main and val:
+        records = calibration.calibrate_checkpoints(out, config, features, val, args, ddp.device)
     distributed.barrier(ddp)
     if ddp.is_main:
         print_done(step, started, out, best, args.val_metric, records, val is not None)

@@ -37,7 +37,7 @@ from realnet import precision  # noqa: E402
 from realnet.backbone import Backbone, load_backbone  # noqa: E402
 from realnet.features import FeatureExtractor  # noqa: E402
 from realnet.model import RealNet, build_config, count_parameters  # noqa: E402
-from train_realnet import train_step  # noqa: E402
+from train_realnet import Trainer, train_step  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -100,21 +100,11 @@ def one_step(features, model, optimizer, scaler, batch, cache, amp, device):
     """One training step, train_realnet.train_step itself; returns the seconds of each part
     (PARTS order). The parts' ends are read by train_step's `mark` and, for the end of the
     UNets' forward, by a hook on RRS."""
+    trainer = Trainer(model, features, cache, optimizer, scaler, amp, device)
     marks = [clock(device)]
     hook = model.rrs.register_forward_pre_hook(lambda *_: marks.append(clock(device)))
     try:
-        train_step(
-            model,
-            features,
-            cache,
-            batch,
-            optimizer,
-            scaler,
-            amp,
-            1e-4,
-            device,
-            mark=lambda part: marks.append(clock(device)),
-        )
+        train_step(trainer, batch, 1e-4, mark=lambda part: marks.append(clock(device)))
     finally:
         hook.remove()
     # marks: start, backbone, (RRS hook) UNets, head, backward, adam

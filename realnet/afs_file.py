@@ -38,6 +38,40 @@ def fill_from_afs(args, afs):
     args.input_size = afs["input_size"]
 
 
+def open_inputs(args, device):
+    """Read the AFS file once; from it (and the flags): the data set, the categories, the
+    frozen backbone and the model configuration. `args` is completed with the values taken
+    from the AFS file, so that args.json says what the run used (train_realnet.py)."""
+    from .backbone import load_recorded_backbone  # stage 4's readers: stage 3 needs none here
+    from .data import open_recorded_dataset
+    from .files import load_checkpoint
+    from .model import build_config
+
+    afs = load_checkpoint(args.afs, "--afs", kind="afs")
+    fill_from_afs(args, afs)
+    what = f"--afs {args.afs!r}"
+    dataset = open_recorded_dataset(args.data, args.format, afs.get("dataset"), what)
+    args.data, args.format = dataset.root, dataset.format
+    categories = chosen_categories(
+        args.category, args.categories, afs.get("category"), dataset, args.afs
+    )
+    backbone = load_recorded_backbone(
+        afs.get("backbone"), args.backbone_weights, afs["layers"], what
+    )
+    config = build_config(
+        afs,
+        args.arch,
+        args.width_ratio,
+        args.retention,
+        args.k_max,
+        args.k_mean,
+        args.input_size,
+        strides=backbone.strides,
+        anomaly_map=args.anomaly_map,
+    )
+    return afs, dataset, categories, backbone.to(device), config | {"backbone": backbone.identity}
+
+
 def chosen_categories(category, categories, afs_category, dataset, afs_path):
     """--category (one model, the paper) or --categories (unified); default the AFS file's."""
     if category and categories:

@@ -297,17 +297,19 @@ def calibrate(
     return record
 
 
-def calibrate_checkpoints(
-    out, config, features, val, batch_size, rule, target_fpr, run_precision, val_fraction, device
-):
+def calibrate_checkpoints(out, config, features, val, args, device):
     """Calibration, once training is over (realnet/calibration.py): model.pt and best.pt
     each get the fused map's scale and the OK/NG thresholds of their own weights, fitted on
-    the held-out normal images (each once) in run_precision (--calibrate-precision). Returns
-    {file name: calibration record}. `val`: validation.make_validation_set's samples."""
+    the held-out normal images (each once) in --calibrate-precision. Returns {file name:
+    calibration record}. `val`: validation.make_validation_set's samples; `args`:
+    train_realnet.py's (--batch-size, --threshold-rule, --target-fpr, --val-fraction)."""
     from .features import FeatureExtractor  # the model's modules import this one
     from .files import atomic_torch_save, load_checkpoint
     from .model import RealNet
     from .validation import learning_check
+
+    batch_size, rule, target_fpr = args.batch_size, args.threshold_rule, args.target_fpr
+    run_precision, val_fraction = args.calibrate_precision, args.val_fraction
 
     def good():  # the held-out images as they are, each once
         return (

@@ -12,7 +12,20 @@ No backbone weights are stored: they are reloaded from the recorded identity
 import os
 
 from . import runs
-from .files import atomic_torch_save, file_digest
+from .files import atomic_torch_save, file_digest, prepare_output_folder
+
+
+def output_folder(out, categories, ddp):
+    """--out (default runs/<categories>/realnet), locked, with stale files of another run
+    refused (files.prepare_output_folder)."""
+    out = out or os.path.join("runs", "_".join(categories), "realnet")
+    prepare_output_folder(
+        out,
+        clean=ddp.is_main,
+        files=("model.pt", "state.pt", "best.pt", "args.json", runs.LOG_FILE),
+        subfolders=("examples",),
+    )
+    return out
 
 
 def run_settings(args, afs, dataset, categories, train_images):

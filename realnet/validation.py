@@ -144,13 +144,13 @@ def write_learning_curve(out):
     atomic_save_image(picture, os.path.join(out, "learning_curve.png"))
 
 
-def validate_and_keep_best(
-    model, features, val, held_out, step, best, metric, batch_size, out, save_best
-):
+def validate_and_keep_best(model, features, val, held_out, step, best, args, out, save_best):
     """Validate on the held-out training images (the discriminator's map against their
-    synthetic anomalies), log to val.jsonl and draw the learning curve; a better step is
-    handed to save_best(step, selected_on) (train_realnet.py: best.pt). Returns best."""
-    maps = validation_maps(model, features, val, next(model.parameters()).device, batch_size)
+    synthetic anomalies), log to val.jsonl and draw the learning curve; a better step (by
+    --val-metric) is handed to save_best(step, selected_on) (train_realnet.py: best.pt).
+    Returns best."""
+    metric, device = args.val_metric, next(model.parameters()).device
+    maps = validation_maps(model, features, val, device, args.batch_size)
     scores = validation_metrics(maps, val)
     with open(os.path.join(out, VAL_LOG), "a") as f:
         runs.log_line(f, {"step": step, **scores})
