@@ -121,6 +121,19 @@ def to_pil(array):
     return Image.fromarray(np.asarray(array, dtype=np.uint8))
 
 
+def contact_sheet(paths, captions, columns=8, min_size=96):
+    """The image files in a grid, each captioned (small images are enlarged, nearest-neighbour,
+    to at least `min_size` px so they and their captions are legible)."""
+    tiles = []
+    for path, caption in zip(paths, captions):
+        with Image.open(path) as im:
+            zoom = -(-min_size // im.width)
+            size = (im.width * zoom, im.height * zoom)
+            image = np.asarray(im.convert("RGB").resize(size, Image.NEAREST))
+        tiles.append(labelled(image, caption, height=12))
+    return grid(tiles, min(columns, len(tiles)))
+
+
 # ----------------------------------------------------------------------------------------
 # AFS's per-channel losses (select_features.py's afs_scores.png)
 # ----------------------------------------------------------------------------------------
