@@ -1,7 +1,7 @@
 """Stage 5: evaluate a RealNet checkpoint, honestly (docs/method.md, "Evaluation").
 
     python3 evaluate.py --checkpoint runs/bottle/realnet/model.pt --data data/mvtec
-    python3 evaluate.py --checkpoint runs/demo/realnet/model.pt       # on the data it was trained for
+    python3 evaluate.py --checkpoint runs/demo/realnet/model.pt   # on the data it was trained for
     python3 evaluate.py --checkpoint runs/demo/realnet/model.pt --predict my_images/   # no labels
     python3 evaluate.py --checkpoint runs/demo/realnet/model.pt --export model.pt2     # deploy
 
@@ -44,7 +44,7 @@ import torch
 from realnet import calibration, cli, data, export, metrics, precision, predict, runs, throughput
 from realnet.files import atomic_write_csv, atomic_write_json, file_digest, prepare_output_folder
 from realnet.inference import dataset_maps, load_model
-from realnet.model import ANOMALY_MAPS, describe
+from realnet.model import describe
 from realnet.panels import picture_threshold, write_panels
 
 # The protocol's defaults (flags below); benchmarks/stage_maps.py scores with the same ones
@@ -52,100 +52,61 @@ IMAGE_SCORE, POOL, FPR_LIMIT = "avgpool", 16, 0.3
 
 
 def parse_args(argv=None):
+    # fmt: off
+    # (a table of flags: one per line, continuation lines aligned under the help text)
     p = argparse.ArgumentParser(
         description="Stage 5: evaluate RealNet (image/pixel AUROC, exact AU-PRO).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="model.pt or best.pt from train_realnet.py")
-    cli.add_data_args(
-        p, default=None, help="data set root (default: the one the checkpoint was trained on)"
-    )
-    p.add_argument(
-        "--categories", default=None, help="comma-separated (default: the checkpoint's)"
-    )
-    p.add_argument(
-        "--backbone-weights",
-        default=None,
-        help="imagenet | PATH.pth | random (default: the weights the checkpoint was trained with)",
-    )
-    p.add_argument(
-        "--image-score",
-        default=IMAGE_SCORE,
-        choices=["avgpool", "max"],
-        help="avgpool: max of the pooled map (authors); max: max of the map (MVTec's script)",
-    )
-    p.add_argument(
-        "--pool", type=int, default=POOL, help="average-pooling window of --image-score avgpool"
-    )
-    p.add_argument(
-        "--fpr-limit", type=float, default=FPR_LIMIT, help="AU-PRO integration limit (MVTec AD)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=16, help="test batch size, also the throughput batch"
-    )
-    p.add_argument(
-        "--throughput-repeats", type=int, default=5, help="timed forward passes (after 2 warm-up)"
-    )
-    p.add_argument(
-        "--throughput",
-        action="store_true",
-        help="with --predict: also time the forward pass alone on the lot's first "
-        "batch (throughput.json in the lot; evaluation always reports it)",
-    )
-    p.add_argument(
-        "--panels", type=int, default=-1, help="heatmap panels per category (-1 all, 0 none)"
-    )
-    p.add_argument(
-        "--predict",
-        default=None,
-        help="score the images of this folder (no labels needed) into a lot folder "
-        "of its own (realnet/predict.py)",
-    )
-    p.add_argument(
-        "--stop-on-unreadable",
-        action="store_true",
-        help="with --predict: stop at the first image that cannot be read (default: "
-        "skip it and list it in the lot's skipped.csv)",
-    )
-    p.add_argument(
-        "--calibration",
-        default=None,
-        help="the calibration file to use (python3 -m realnet.calibration, or the "
-        "calibration.json of an earlier lot; default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--image-threshold",
-        type=float,
-        default=None,
-        help="with --predict: NG when the image score is >= this (replaces the "
-        "calibrated one; recorded as set by hand)",
-    )
-    p.add_argument(
-        "--pixel-threshold",
-        type=float,
-        default=None,
-        help="with --predict: the masks and the contour are map >= this (replaces "
-        "the calibrated one; recorded as set by hand)",
-    )
-    p.add_argument(
-        "--export",
-        default=None,
-        help="only export the whole model (uint8 images of any size -> score, "
-        "map at the input's size, OK/NG) as torch.export programs: PATH.pt2 "
-        "and PATH's reference-RRS variant, described in PATH's .export.json, "
-        "checked against --predict's pipeline on the first --batch-size test "
-        "images (--predict DIR's if given); realnet/export.py",
-    )
+    add = p.add_argument
+    add("--checkpoint", required=True, help="model.pt or best.pt from train_realnet.py")
+    cli.add_data_args(p, default=None, help="data set root (default: the one the checkpoint was "
+                                            "trained on)")
+    add("--categories", default=None, help="comma-separated (default: the checkpoint's)")
+    add("--backbone-weights", default=None, help="imagenet | PATH.pth | random (default: the "
+                                                 "weights the checkpoint was trained with)")
+    add("--image-score", default=IMAGE_SCORE, choices=["avgpool", "max"],
+        help="avgpool: max of the pooled map (authors); max: max of the map (MVTec's script)")
+    add("--pool", type=int, default=POOL, help="average-pooling window of --image-score avgpool")
+    add("--fpr-limit", type=float, default=FPR_LIMIT, help="AU-PRO integration limit (MVTec AD)")
+    add("--batch-size", type=int, default=16, help="test batch size, also the throughput batch")
+    add("--throughput-repeats", type=int, default=5, help="timed forward passes (after 2 "
+                                                          "warm-up)")
+    add("--throughput", action="store_true", help="with --predict: also time the forward pass "
+                                                  "alone on the lot's first batch "
+                                                  "(throughput.json in the lot; evaluation "
+                                                  "always reports it)")
+    add("--panels", type=int, default=-1, help="heatmap panels per category (-1 all, 0 none)")
+    add("--predict", default=None, help="score the images of this folder (no labels needed) "
+                                        "into a lot folder of its own (realnet/predict.py)")
+    add("--stop-on-unreadable", action="store_true", help="with --predict: stop at the first "
+                                                          "image that cannot be read (default: "
+                                                          "skip it and list it in the lot's "
+                                                          "skipped.csv)")
+    add("--calibration", default=None, help="the calibration file to use (python3 -m "
+                                            "realnet.calibration, or the calibration.json of "
+                                            "an earlier lot; default: the checkpoint's)")
+    add("--image-threshold", type=float, default=None, help="with --predict: NG when the image "
+                                                            "score is >= this (replaces the "
+                                                            "calibrated one; recorded as set "
+                                                            "by hand)")
+    add("--pixel-threshold", type=float, default=None, help="with --predict: the masks and the "
+                                                            "contour are map >= this (replaces "
+                                                            "the calibrated one; recorded as "
+                                                            "set by hand)")
+    add("--export", default=None, help="only export the whole model (uint8 images of any size -> "
+                                       "score, map at the input's size, OK/NG) as torch.export "
+                                       "programs: PATH.pt2 and PATH's reference-RRS variant, "
+                                       "described in PATH's .export.json, checked against "
+                                       "--predict's pipeline on the first --batch-size test "
+                                       "images (--predict DIR's if given); realnet/export.py")
     cli.add_workers_arg(p)
     precision.add_precision_arg(p, "the backbone, UNets and discriminator (maps stay float32)")
     cli.add_device_arg(p)
-    p.add_argument(
-        "--out",
-        default=None,
-        help="output folder (default <checkpoint folder>/eval); with --predict the "
-        "lot's own folder, new or empty (default <checkpoint folder>/predict/"
-        "<DIR's name>-<time>)",
-    )
+    add("--out", default=None, help="output folder (default <checkpoint folder>/eval); with "
+                                    "--predict the lot's own folder, new or empty (default "
+                                    "<checkpoint folder>/predict/<DIR's name>-<time>)")
+    # fmt: on
     return p.parse_args(argv)
 
 
@@ -154,94 +115,25 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------
 
 
-def score_images(maps, image_score, pool):
-    """--image-score avgpool (max of the pool x pool average-pooled map) or max."""
-    return metrics.image_scores(maps, pool="max" if image_score == "max" else pool)
-
-
-def compute_metrics(maps, masks, labels, has_masks, scores, fpr_limit):
-    """Image AUROC, pixel AUROC, AU-PRO of one set of images, with a sentence for each
-    metric that cannot be computed (and why)."""
-    result, missing = {}, {}
-    result["image_auroc"] = metrics.image_auroc(labels, scores)
-    if result["image_auroc"] is None:
-        kind = "anomalous" if not labels.any() else "good"
-        missing["image_auroc"] = (
-            f"needs good and anomalous images; this split has no {kind} images"
-        )
-    if not labels.any():
-        why = (
-            "pixel metrics need anomalous test images with ground-truth masks; this split has none"
-        )
-        missing["pixel_auroc"] = missing["au_pro"] = why
-        result["pixel_auroc"] = result["au_pro"] = None
-    elif not has_masks.all():
-        why = f"pixel metrics need masks: {int((~has_masks).sum())} anomalous test images have no ground-truth mask"
-        missing["pixel_auroc"] = missing["au_pro"] = why
-        result["pixel_auroc"] = result["au_pro"] = None
-    else:
-        result["pixel_auroc"] = metrics.pixel_auroc(maps, masks)
-        result["au_pro"] = metrics.au_pro(maps, masks, fpr_limit)
-        if result["au_pro"] is None:
-            missing["au_pro"] = (
-                "the masks of the anomalous images are empty: AU-PRO needs defect regions"
-            )
-        if result["pixel_auroc"] is None:
-            missing["pixel_auroc"] = "needs anomalous and defect-free pixels"
-    return result, missing
-
-
-def defect_rows(labels, defects):
-    """Per defect type, the test images its metrics are computed on: its own and every good one."""
-    return {defect: (defects == defect) | ~labels for defect in sorted(set(defects[labels]))}
-
-
-def evaluate_category(
-    model,
-    features,
-    dataset,
-    category,
-    device,
-    out,
-    batch_size,
-    workers,
-    image_score,
-    pool,
-    fpr_limit,
-    panels,
-    calibrated,
-):
+def evaluate_category(args, model, features, calibrated, device, dataset, category, out):
+    """One category's test split: its metrics (all images, then each defect type with the
+    good ones), its rows of scores.csv and its heatmap panels (--panels)."""
     samples = dataset.test(category)
     if not samples:
         raise cli.UserError(f"{dataset.root!r}: category {category!r} has no test images")
     size = model.config["input_size"]
+    test_set = data.TestSet(samples, size)
     maps, masks = dataset_maps(
-        model,
-        features,
-        data.TestSet(samples, size),
-        device,
-        batch_size,
-        workers,
-        f"eval {category}",
+        model, features, test_set, device, args.batch_size, args.workers, f"eval {category}"
     )
     labels = np.array([s.label for s in samples], dtype=bool)
     has_masks = np.array([s.mask is not None for s in samples if s.label == 1], dtype=bool)
-    defects = np.array([s.defect for s in samples])
-    scores = score_images(maps, image_score, pool)
+    scores = metrics.score_images(maps, args.image_score, args.pool)
 
-    result, missing = compute_metrics(maps, masks, labels, has_masks, scores, fpr_limit)
-    per_defect = {}
-    for defect, rows in defect_rows(labels, defects).items():
-        sub_has_masks = np.array(
-            [s.mask is not None for s in samples if s.label == 1 and s.defect == defect]
-        )
-        numbers, why = compute_metrics(
-            maps[rows], masks[rows], labels[rows], sub_has_masks, scores[rows], fpr_limit
-        )
-        per_defect[defect] = {**numbers, "images": int((defects == defect).sum())}
-        if why:
-            per_defect[defect]["not_computed"] = why
-
+    result, missing = metrics.compute_metrics(
+        maps, masks, labels, has_masks, scores, args.fpr_limit
+    )
+    per_defect = metrics.per_defect_metrics(samples, maps, masks, scores, args.fpr_limit)
     picture = picture_threshold(calibrated, maps, masks, labels, has_masks)
     result.update(
         {
@@ -264,7 +156,7 @@ def evaluate_category(
         (category, s.image, s.defect, s.label, float(sc), predict.decide(sc, image_threshold))
         for s, sc in zip(samples, scores)
     ]
-    if panels:
+    if args.panels:
         write_panels(
             samples,
             maps,
@@ -274,7 +166,7 @@ def evaluate_category(
             picture["note"],
             size,
             os.path.join(out, "panels", category),
-            panels,
+            args.panels,
             probability=not model.fused,
         )
     return result, rows_csv
@@ -285,47 +177,17 @@ def evaluate_category(
 # ----------------------------------------------------------------------------------------
 
 
-def protocol(image_score, pool, fpr_limit, input_size, anomaly_map):
-    """How every number in metrics.json was computed, in words."""
-    return {
-        "anomaly_map": f"{anomaly_map}: {ANOMALY_MAPS[anomaly_map]}",
-        "image_score": f"max of the {pool}x{pool} average-pooled map (stride 1, no padding)"
-        if image_score == "avgpool"
-        else "max of the map",
-        "resolution": f"{input_size}x{input_size} (the input size; masks resized with nearest)",
-        "au_pro": f"MVTec AD definition, exact, FPR limit {fpr_limit}",
-        "auroc_flipped": False,
-        "image_labels": "from the test folders (good vs a defect type)",
-        "per_defect": "each defect type's images together with all good images",
-    }
-
-
 def print_table(results, summary):
     fmt = lambda v: "  n/a " if v is None else f"{100 * v:6.2f}"
     print(f"{'category':<16} {'image':>6} {'pixel':>6} {'AU-PRO':>6}")
-    for category, r in results.items():
-        print(f"{category:<16} {fmt(r['image_auroc'])} {fmt(r['pixel_auroc'])} {fmt(r['au_pro'])}")
-    if len(results) > 1:
-        print(
-            f"{'mean':<16} {fmt(summary['image_auroc'])} {fmt(summary['pixel_auroc'])} {fmt(summary['au_pro'])}"
-        )
+    rows = list(results.items()) + ([("mean", summary)] if len(results) > 1 else [])
+    for name, r in rows:
+        print(f"{name:<16} {fmt(r['image_auroc'])} {fmt(r['pixel_auroc'])} {fmt(r['au_pro'])}")
 
 
 # ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
-
-
-def check_images(args, ckpt):
-    """The images the exported programs are checked on: the first --batch-size images of
-    --predict DIR (no labelled data set needed), else of the first category's test set."""
-    if args.predict:
-        return predict.list_lot(args.predict)[: args.batch_size]
-    dataset = data.open_recorded_dataset(
-        args.data, args.format, ckpt.get("dataset"), f"--checkpoint {args.checkpoint!r}"
-    )
-    categories = cli.parse_list(args.categories) if args.categories else ckpt["categories"]
-    return [s.image for s in dataset.test(categories[0])[: args.batch_size]]
 
 
 def check_args(args):
@@ -369,53 +231,12 @@ def check_pool(pool, image_score, input_size):
         )
 
 
-def predict_folder(args, model, features, calibrated, device):
-    """--predict DIR: score, decide and map every image of a folder (no labels), as one lot."""
-    record = calibrated and calibrated | {"checkpoint": os.path.abspath(args.checkpoint)}
-    timing = (
-        (lambda images: throughput.measure(model, features, images, args.throughput_repeats))
-        if args.throughput
-        else None
+def evaluate_test_set(args, model, features, ckpt, calibrated, device):
+    """The test split of every category: metrics.json, scores.csv, panels/ in --out."""
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    prepare_output_folder(
+        out, files=("metrics.json", "scores.csv", "args.json"), subfolders=("panels",)
     )
-    predict.predict_lot(
-        model,
-        features,
-        args.predict,
-        device,
-        calibrated,
-        out=args.out,
-        checkpoint=args.checkpoint,
-        image_score=args.image_score,
-        pool=args.pool,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        stop_on_unreadable=args.stop_on_unreadable,
-        calibration_record=record,
-        settings=cli.args_to_dict(args),
-        throughput=timing,
-    )
-
-
-def export_model(args, model, features, ckpt, calibrated):
-    """--export PATH: the whole model as torch.export programs, checked against --predict.
-    The calibration (checked against --image-score and --pool) is inside."""
-    pool = args.pool if args.image_score == "avgpool" else 1  # 1: the map's plain maximum
-    calibrated = calibrated or {}
-    report = export.export_whole_model(
-        model,
-        features,
-        args.export,
-        check_images(args, ckpt),
-        pool=pool,
-        image_threshold=calibrated.get("image"),
-        pixel_threshold=calibrated.get("pixel"),
-        checkpoint=args.checkpoint,
-    )
-    print(export.describe(report))
-
-
-def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size):
-    """The test split of every category: metrics.json, scores.csv, panels/."""
     dataset = data.open_recorded_dataset(
         args.data, args.format, ckpt.get("dataset"), f"--checkpoint {args.checkpoint!r}"
     )
@@ -425,28 +246,18 @@ def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size
     results, rows = {}, []
     for category in categories:
         results[category], category_rows = evaluate_category(
-            model,
-            features,
-            dataset,
-            category,
-            device,
-            out,
-            args.batch_size,
-            args.workers,
-            args.image_score,
-            args.pool,
-            args.fpr_limit,
-            args.panels,
-            calibrated,
+            args, model, features, calibrated, device, dataset, category, out
         )
         rows += category_rows
 
+    size = model.config["input_size"]
     first = data.TestSet(dataset.test(categories[0])[: args.batch_size], size)
     images = torch.stack([first[i]["image"] for i in range(len(first))]).to(device)
     speed = throughput.measure(model, features, images, args.throughput_repeats)
 
     summary = metrics.mean_over_categories(results)
     learned = ckpt.get("learning_check") or {}
+    anomaly_map = model.config.get("anomaly_map", "discriminator")
     atomic_write_json(
         os.path.join(out, "metrics.json"),
         {
@@ -462,12 +273,8 @@ def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size
             "categories": results,
             "mean": summary,
             "throughput": speed,
-            "protocol": protocol(
-                args.image_score,
-                args.pool,
-                args.fpr_limit,
-                size,
-                model.config.get("anomaly_map", "discriminator"),
+            "protocol": metrics.protocol(
+                args.image_score, args.pool, args.fpr_limit, size, anomaly_map
             ),
             "args": cli.args_to_dict(args),
         },
@@ -480,8 +287,8 @@ def evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size
     runs.save_args(args, out)  # with the files it describes, not before: a failed run keeps both
     print_table(results, summary)
     print(
-        f"throughput {speed['images_per_s']} images/s (batch {speed['batch']}, {speed['device']}); "
-        f"wrote {os.path.join(out, 'metrics.json')}, scores.csv, panels/"
+        f"throughput {speed['images_per_s']} images/s (batch {speed['batch']}, "
+        f"{speed['device']}); wrote {os.path.join(out, 'metrics.json')}, scores.csv, panels/"
     )
     if learned.get("warning"):  # beside the metrics: they rest on a model that did not learn
         print("WARNING: " + learned["warning"])
@@ -495,8 +302,7 @@ def main(argv=None):
     device = cli.resolve_device(args.device)
     precision.check_precision(args.precision, device)
     model, features, ckpt = load_model(args.checkpoint, args.backbone_weights, device)
-    size = model.config["input_size"]
-    check_pool(args.pool, args.image_score, size)
+    check_pool(args.pool, args.image_score, model.config["input_size"])
     print(describe(model.config))
     calibrated = calibration.for_run(  # the fused map's scale goes into the model
         model,
@@ -509,17 +315,13 @@ def main(argv=None):
         args.precision,
     )
     if args.export:
-        export_model(args, model, features, ckpt, calibrated)
+        export.export_model(args, model, features, ckpt, calibrated)
         return
     with precision.autocast(args.precision, device):  # the networks' arithmetic
         if args.predict:
-            predict_folder(args, model, features, calibrated, device)
+            predict.predict_folder(args, model, features, calibrated, device)
             return
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-        prepare_output_folder(
-            out, files=("metrics.json", "scores.csv", "args.json"), subfolders=("panels",)
-        )
-        evaluate_test_set(args, model, features, ckpt, calibrated, device, out, size)
+        evaluate_test_set(args, model, features, ckpt, calibrated, device)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Measurements, each in its own process, on the same lot: scoring, predict, scorin
   forward     the forward pass alone on one batch in memory (realnet/throughput.py)
   scoring     the lot read by the same DataLoader as --predict (--workers 2) and scored
               (map, image score), nothing written: "scoring alone"
-  predict     evaluate.py --predict DIR (its predict_folder, after the model is loaded, as
+  predict     evaluate.py --predict DIR (predict.predict_folder, after the model is loaded, as
               for scoring): reading, scoring, and writing the whole lot (maps, masks,
               pictures, CSV), progress lines, the flush to disk and the final rename
 
@@ -75,6 +75,7 @@ PREDICT = """
 import resource, sys, json, time, torch
 sys.path.insert(0, {repo!r})
 import evaluate
+from realnet import predict
 def cpu():
     own, workers = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
                                                      resource.RUSAGE_CHILDREN))
@@ -85,7 +86,7 @@ args = evaluate.parse_args({argv!r})
 evaluate.check_args(args)
 model, features, ckpt = evaluate.load_model(args.checkpoint, None, torch.device("cpu"))
 started, cpu_started = time.time(), cpu()
-evaluate.predict_folder(args, model, features, ckpt, torch.device("cpu"))
+predict.predict_folder(args, model, features, ckpt, torch.device("cpu"))
 seconds = time.time() - started
 print(json.dumps({{"predict_wall_seconds": seconds, "cpu_seconds": cpu() - cpu_started,
                    "main_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402
-from realnet import calibration, cli, data  # noqa: E402
+from realnet import calibration, cli, data, metrics  # noqa: E402
 from realnet.files import atomic_write_json  # noqa: E402
 from realnet.inference import load_model  # noqa: E402
 from realnet.model import map_parts  # noqa: E402
@@ -95,8 +95,8 @@ def stage_maps(model, features, test_set, batch_size):
 def score(anomaly_maps, masks, labels, rows):
     """Image AUROC, pixel AUROC, AU-PRO of the images `rows`, as evaluate.py computes them."""
     m = anomaly_maps[rows]
-    scores = evaluate.score_images(m, evaluate.IMAGE_SCORE, evaluate.POOL)
-    result, _ = evaluate.compute_metrics(
+    scores = metrics.score_images(m, evaluate.IMAGE_SCORE, evaluate.POOL)
+    result, _ = metrics.compute_metrics(
         m,
         masks[rows],
         labels[rows],
@@ -139,7 +139,7 @@ def main(argv=None):
     )
     labels = np.array([s.label for s in samples], dtype=bool)
     defects = np.array([s.defect for s in samples])
-    groups = {"all": np.ones(len(samples), bool), **evaluate.defect_rows(labels, defects)}
+    groups = {"all": np.ones(len(samples), bool), **metrics.defect_rows(labels, defects)}
     table = {
         group: {name: score(m, masks, labels, rows) for name, m in maps.items()}
         for group, rows in groups.items()

@@ -53,8 +53,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data, metrics, ops
-from .cli import UserError
+from .cli import UserError, parse_list
 from .files import atomic_write_bytes, atomic_write_text, file_digest
+from .predict import list_lot
 
 PIL_PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images (Resample.c: 32 - 8 - 2)
 MAX_SIDE, MAX_BATCH = 16384, 1024
@@ -561,3 +562,33 @@ def describe(report):
             f"score rel. diff {check['max_difference']['score_relative']:.2g}{verdicts})"
         )
     return f"exported {'; '.join(parts)}; described in {report['description']}"
+
+
+def check_images(args, ckpt):
+    """The images the exported programs are checked on: the first --batch-size images of
+    --predict DIR (no labelled data set needed), else of the first category's test set."""
+    if args.predict:
+        return list_lot(args.predict)[: args.batch_size]
+    dataset = data.open_recorded_dataset(
+        args.data, args.format, ckpt.get("dataset"), f"--checkpoint {args.checkpoint!r}"
+    )
+    categories = parse_list(args.categories) if args.categories else ckpt["categories"]
+    return [s.image for s in dataset.test(categories[0])[: args.batch_size]]
+
+
+def export_model(args, model, features, ckpt, calibrated):
+    """evaluate.py --export PATH: the whole model as torch.export programs, checked against
+    --predict. The calibration (checked against --image-score and --pool) is inside."""
+    pool = args.pool if args.image_score == "avgpool" else 1  # 1: the map's plain maximum
+    calibrated = calibrated or {}
+    report = export_whole_model(
+        model,
+        features,
+        args.export,
+        check_images(args, ckpt),
+        pool=pool,
+        image_threshold=calibrated.get("image"),
+        pixel_threshold=calibrated.get("pixel"),
+        checkpoint=args.checkpoint,
+    )
+    print(describe(report))

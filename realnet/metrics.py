@@ -5,6 +5,9 @@
     au_pro(maps, masks, fpr_limit=0.3)   MVTec AD's AU-PRO, exactly as their evaluation code
     f1_optimal_threshold(maps, masks)    the pixel threshold with the best F1 (pictures only)
     image_scores(maps, pool=16)          max of the pool x pool average-pooled map
+    compute_metrics, per_defect_metrics  evaluate.py's numbers of a test split, and of each
+                                         defect type, with why one is not computed
+    protocol(...)                        how metrics.json's numbers were computed, in words
 
 An AUROC below 0.5 is reported as it is: a detector that ranks anomalies *below* normal
 images is a bad detector, and `1 - auroc` would hide that (the authors' code, inherited
@@ -28,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from .model import ANOMALY_MAPS
+
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)  # MVTec labels defect regions with 8-connectivity
 
 
@@ -44,6 +49,11 @@ def image_scores(maps, pool=16):
         return maps.flatten(1).amax(dim=1).numpy()
     pooled = F.avg_pool2d(maps[:, None], kernel_size=pool, stride=1)
     return pooled.flatten(1).amax(dim=1).numpy()
+
+
+def score_images(maps, image_score, pool):
+    """--image-score avgpool (max of the pool x pool average-pooled map) or max."""
+    return image_scores(maps, pool="max" if image_score == "max" else pool)
 
 
 def image_auroc(labels, scores):
@@ -249,3 +259,82 @@ def mean_over_categories(results):
             float(np.mean(values)) if values and all(v is not None for v in values) else None
         )
     return summary
+
+
+# ----------------------------------------------------------------------------------------
+# A test split's report (evaluate.py's metrics.json)
+# ----------------------------------------------------------------------------------------
+
+
+def compute_metrics(maps, masks, labels, has_masks, scores, fpr_limit):
+    """Image AUROC, pixel AUROC, AU-PRO of one set of images, with a sentence for each
+    metric that cannot be computed (and why)."""
+    result, missing = {}, {}
+    result["image_auroc"] = image_auroc(labels, scores)
+    if result["image_auroc"] is None:
+        kind = "anomalous" if not labels.any() else "good"
+        missing["image_auroc"] = (
+            f"needs good and anomalous images; this split has no {kind} images"
+        )
+    if not labels.any():
+        why = (
+            "pixel metrics need anomalous test images with ground-truth masks; this split has none"
+        )
+        missing["pixel_auroc"] = missing["au_pro"] = why
+        result["pixel_auroc"] = result["au_pro"] = None
+    elif not has_masks.all():
+        why = (
+            f"pixel metrics need masks: {int((~has_masks).sum())} anomalous test images have "
+            "no ground-truth mask"
+        )
+        missing["pixel_auroc"] = missing["au_pro"] = why
+        result["pixel_auroc"] = result["au_pro"] = None
+    else:
+        result["pixel_auroc"] = pixel_auroc(maps, masks)
+        result["au_pro"] = au_pro(maps, masks, fpr_limit)
+        if result["au_pro"] is None:
+            missing["au_pro"] = (
+                "the masks of the anomalous images are empty: AU-PRO needs defect regions"
+            )
+        if result["pixel_auroc"] is None:
+            missing["pixel_auroc"] = "needs anomalous and defect-free pixels"
+    return result, missing
+
+
+def defect_rows(labels, defects):
+    """Per defect type, the test images its metrics are computed on: its own and every good one."""
+    return {defect: (defects == defect) | ~labels for defect in sorted(set(defects[labels]))}
+
+
+def per_defect_metrics(samples, maps, masks, scores, fpr_limit):
+    """compute_metrics of each defect type of the test `samples` (data.Sample: label,
+    defect, mask) on defect_rows, with its number of images."""
+    labels = np.array([s.label for s in samples], dtype=bool)
+    defects = np.array([s.defect for s in samples])
+    per_defect = {}
+    for defect, rows in defect_rows(labels, defects).items():
+        has_masks = np.array(
+            [s.mask is not None for s in samples if s.label == 1 and s.defect == defect]
+        )
+        numbers, why = compute_metrics(
+            maps[rows], masks[rows], labels[rows], has_masks, scores[rows], fpr_limit
+        )
+        per_defect[defect] = {**numbers, "images": int((defects == defect).sum())}
+        if why:
+            per_defect[defect]["not_computed"] = why
+    return per_defect
+
+
+def protocol(image_score, pool, fpr_limit, input_size, anomaly_map):
+    """How every number in metrics.json was computed, in words."""
+    return {
+        "anomaly_map": f"{anomaly_map}: {ANOMALY_MAPS[anomaly_map]}",
+        "image_score": f"max of the {pool}x{pool} average-pooled map (stride 1, no padding)"
+        if image_score == "avgpool"
+        else "max of the map",
+        "resolution": f"{input_size}x{input_size} (the input size; masks resized with nearest)",
+        "au_pro": f"MVTec AD definition, exact, FPR limit {fpr_limit}",
+        "auroc_flipped": False,
+        "image_labels": "from the test folders (good vs a defect type)",
+        "per_defect": "each defect type's images together with all good images",
+    }

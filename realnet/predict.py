@@ -62,9 +62,10 @@ import torch
 from PIL import Image
 
 from . import data, metrics, viz
-from .cli import UserError, require_dir
+from .cli import UserError, args_to_dict, require_dir
 from .loaders import start_loader
 from .progress import Progress
+from .throughput import measure as measure_throughput
 
 CSV_COLUMNS = ["file", "score", "decision", "threshold", "mask", "map", "picture"]
 SKIPPED_COLUMNS = ["file", "reason"]
@@ -478,6 +479,34 @@ def predict_lot(
         f"{skipped}): lot {lot.final}"
     )
     return lot.final
+
+
+def predict_folder(args, model, features, calibrated, device):
+    """evaluate.py --predict DIR: score, decide and map every image of a folder (no labels),
+    as one lot, with evaluate.py's flags `args` and calibration (calibration.for_run)."""
+    record = calibrated and calibrated | {"checkpoint": os.path.abspath(args.checkpoint)}
+    timing = (
+        (lambda images: measure_throughput(model, features, images, args.throughput_repeats))
+        if args.throughput
+        else None
+    )
+    predict_lot(
+        model,
+        features,
+        args.predict,
+        device,
+        calibrated,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        image_score=args.image_score,
+        pool=args.pool,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        stop_on_unreadable=args.stop_on_unreadable,
+        calibration_record=record,
+        settings=args_to_dict(args),
+        throughput=timing,
+    )
 
 
 def write_lot(

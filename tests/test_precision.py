@@ -8,8 +8,7 @@ import os
 import pytest
 import torch
 
-import evaluate
-from realnet import data, precision
+from realnet import data, metrics, precision
 from realnet.cli import UserError
 from realnet.inference import anomaly_maps, load_model
 from stages import one_line_error, run, train_args
@@ -48,7 +47,7 @@ def test_bf16_maps_are_close_to_fp32_on_the_cpu(demo, trained):  # noqa: F811
     assert difference.flatten().quantile(0.99) < MAP_Q99_ABS, difference.flatten().quantile(0.99)
     assert difference.max() < MAP_MAX_ABS, difference.max()
     assert difference.max() > 0  # bf16 did run: the maps are not bit-identical
-    scores = {k: evaluate.score_images(m.numpy(), "avgpool", 16) for k, m in maps.items()}
+    scores = {k: metrics.score_images(m.numpy(), "avgpool", 16) for k, m in maps.items()}
     assert abs(scores["bf16"] - scores["fp32"]).max() < SCORE_MAX_ABS, scores
 
 
