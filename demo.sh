@@ -35,8 +35,8 @@
 # that never saw an anomaly there misses it. On the two textures it changes nothing.
 # --min-source-visibility 0.55 (beyond the paper, issue 28; realnet/visibility.py): at demo scale
 # the SDAS images are colour noise. On a natural high-frequency texture (sand, grass, stones)
-# a pasted patch of noise is no anomaly to the backbone (novelty pixel AUROC <= 0.55 on both
-# layers, measured on training images before AFS), and training on it kept the held-out
+# a pasted patch of noise is no anomaly to the backbone (novelty pixel AUROC <= 0.55, mean of
+# layers 1-2, measured on training images before AFS), and training on it kept the held-out
 # validation near chance; such a source is then dropped (never both) and training uses
 # DTD alone. Chosen on the held-out validation of two procedural textures
 # (benchmarks/natural_texture.py: sand dropped SDAS, pebbles kept it); washer keeps both

@@ -65,7 +65,8 @@ UNSEEN = "wood"  # benchmarks/unseen_category.py
 TUNING = {
     "washer": "tuned (steps, schedule, best.pt, fused map, AFS dims + bf16, foreground "
     "none, calibration rule and map scale)",
-    "granite": "tuned (steps, schedule, best.pt, fused map, calibration rule and map scale)",
+    "granite": "tuned (steps, schedule, best.pt, fused map, calibration rule and map scale, "
+    "source visibility: mean over layers)",
     "weave": "tuned earlier (width, lr, batch, layers 1-2)",
     "tablet": "untuned, but not a generalisation check: the fused map came from a "
     "diagnosis of its test split",
