@@ -16,7 +16,8 @@ layer's features (mean and variance of every channel at every position); the ano
 images' novelty map (squared z-score averaged over the channels, upsampled) is scored by
 pixel AUROC against the anomaly masks. A source whose anomalies reach at most a given
 AUROC on average over the layers cannot be seen by this backbone on this category:
-select_features.py --min-source-visibility drops it (never the last one), and records why in the AFS file.
+select_features.py --min-source-visibility drops it (never the last one), and records why
+in the AFS file.
 """
 
 import numpy as np
