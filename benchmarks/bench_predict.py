@@ -75,7 +75,7 @@ PREDICT = """
 import resource, sys, json, time, torch
 sys.path.insert(0, {repo!r})
 import evaluate
-from realnet import predict
+from realnet import calibration, predict
 def cpu():
     own, workers = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
                                                      resource.RUSAGE_CHILDREN))
@@ -85,8 +85,10 @@ def cpu():
 args = evaluate.parse_args({argv!r})
 evaluate.check_args(args)
 model, features, ckpt = evaluate.load_model(args.checkpoint, None, torch.device("cpu"))
+calibrated = calibration.for_run(model, ckpt.get("calibration"), None, None, None,
+                                 args.image_score, args.pool, args.precision)
 started, cpu_started = time.time(), cpu()
-predict.predict_folder(args, model, features, ckpt, torch.device("cpu"))
+predict.predict_folder(args, model, features, calibrated, torch.device("cpu"))
 seconds = time.time() - started
 print(json.dumps({{"predict_wall_seconds": seconds, "cpu_seconds": cpu() - cpu_started,
                    "main_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
