@@ -112,7 +112,7 @@ select_features() {  # AFS is a pure function of its inputs: a finished file is 
 stage "3 select features" select_features select_features.py --data "$DATA" --category "$CATEGORY" \
     --sdas "$OUT/sdas" --dtd "$DTD" --backbone-weights random \
     --input-size "$SIZE" --layers 1 2 --dims 64 128 --batches "$AFS_BATCHES" --foreground none \
-    --min-source-visibility 0.55 --seed "$SEED" --out "$OUT"
+    --min-source-visibility 0.55 --min-paste-contrast 1.5 --seed "$SEED" --out "$OUT"
 
 stage "4 train RealNet" "$PYTHON" train_realnet.py --afs "$OUT/afs.pt" \
     --width-ratio 0.25 --batch-size 8 --steps "$TRAIN_STEPS" --lr 1e-3 --lr-schedule cosine \

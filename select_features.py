@@ -187,7 +187,7 @@ def open_inputs(args):
     category = cli.only_category(args.category, dataset.categories, repr(args.data))
     train = dataset.train(category)
     synthesizers = synthesizers_for(
-        [category], dataset.format, args.input_size, args.sdas, args.dtd, args.foreground
+        [category], dataset.format, args.input_size, **cli.anomaly_settings(args)
     )
     return Inputs(dataset, category, train, synthesizers)
 
@@ -214,6 +214,7 @@ def drop_invisible_sources(args, inputs, backbone, device):
         args.foreground,
         args.seed,
         device,
+        min_contrast=args.min_paste_contrast,
     )
     dropped = visibility.report_invisible_sources(
         scores, args.min_source_visibility, inputs.category
@@ -221,8 +222,9 @@ def drop_invisible_sources(args, inputs, backbone, device):
     sdas = None if "sdas" in dropped else args.sdas
     dtd = None if "dtd" in dropped else args.dtd
     record = {"threshold": args.min_source_visibility, "pixel_auroc": scores, "dropped": dropped}
+    settings = cli.anomaly_settings(args, sdas_dir=sdas, dtd_dir=dtd)
     synthesizers = synthesizers_for(
-        [inputs.category], inputs.dataset.format, args.input_size, sdas, dtd, args.foreground
+        [inputs.category], inputs.dataset.format, args.input_size, **settings
     )
     return dataclasses.replace(inputs, synthesizers=synthesizers, source_check=record)
 

@@ -169,7 +169,7 @@ def training_stream(args, dataset, categories):
         [s for c in categories for s in dataset.train(c)], args.val_fraction, args.seed
     )
     synthesizers = synthesizers_for(
-        categories, dataset.format, args.input_size, args.sdas, args.dtd, args.foreground
+        categories, dataset.format, args.input_size, **cli.anomaly_settings(args)
     )
     stream = AnomalyStream(samples, args.input_size, synthesizers, args.seed, args.normal_ratio)
     return stream, held_out, synthesizers

@@ -57,7 +57,13 @@ def held_out_set(ckpt, size, n_samples=32):
         dataset.train(category), args["val_fraction"], args["seed"], log=lambda *_: None
     )
     synth = synthesizers_for(
-        [category], dataset.format, size, args["sdas"], args["dtd"], args["foreground"]
+        [category],
+        dataset.format,
+        size,
+        args["sdas"],
+        args["dtd"],
+        args["foreground"],
+        args.get("min_paste_contrast", 0.0),
     )
     stream = AnomalyStream(held, size, synth, args["seed"] + 1, args["normal_ratio"])
     items = [stream[g] for g in range(n_samples)]

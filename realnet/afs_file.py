@@ -22,6 +22,7 @@ def fill_from_afs(args, afs):
         "sdas": None if args.categories else source.get("sdas_dir"),  # unified: DIR/<c>
         "dtd": source.get("dtd_dir"),
         "foreground": source.get("foreground", "category"),
+        "min_paste_contrast": source.get("min_paste_contrast", 0.0),
     }
     for name, value in recorded.items():
         given = getattr(args, name)

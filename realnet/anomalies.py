@@ -18,6 +18,7 @@ as anomalies), and the blend is rounded to the nearest grey level (they truncate
 import os
 
 import numpy as np
+from scipy import ndimage
 
 from . import data
 from .cli import UserError, require_dir
@@ -25,9 +26,30 @@ from .masks import FOREGROUND_MODES, foreground_mask, foreground_rule, perlin_ma
 from .textures import list_dtd_images, rand_augment
 
 MAX_MASK_TRIES = 16  # redraws before the fallback blob (rarely reached)
+MAX_PASTE_TRIES = 8  # appearance redraws before the most visible draw is kept
+PASTE_CONTRAST_WINDOW = 7  # pixels, at any input size (the grain a paste must stand out from)
 SDAS_DELTA = (0.5, 1.0)  # transparency ranges of the authors' configs
 DTD_DELTA = (0.2, 1.0)
 _warned_auto = set()
+
+
+def paste_contrast(image, anomalous, mask, window=PASTE_CONTRAST_WINDOW):
+    """How much the paste changed the image where it was pasted, in units of the image's own
+    local variation there: RMS of (A - I) over the masked pixels and channels, divided by the
+    RMS over the same pixels of I's local standard deviation (a `window`-pixel square, per
+    channel). Local, so that on an object the flat surface a defect sits on counts as flat,
+    while on a high-frequency texture (granite, sand) the grain is what a paste must stand
+    out from. At least one grey level. 0 for an empty mask."""
+    inside = np.asarray(mask) > 0
+    if not inside.any():
+        return 0.0
+    clean = image.astype(np.float64)
+    mean = ndimage.uniform_filter(clean, size=(window, window, 1), mode="reflect")
+    square = ndimage.uniform_filter(clean**2, size=(window, window, 1), mode="reflect")
+    local_var = np.maximum(square - mean**2, 0.0)
+    change = np.sqrt(np.mean((anomalous[inside].astype(np.float64) - clean[inside]) ** 2))
+    spread = np.sqrt(np.mean(local_var[inside]))
+    return float(change / max(spread, 1.0))
 
 
 def blend(image, source, mask, delta):
@@ -106,7 +128,14 @@ class AnomalySynthesizer:
     """image -> (anomalous image, mask) for one category (paper eq. 3)."""
 
     def __init__(
-        self, category, dataset_format, size, sdas_dir=None, dtd_dir=None, foreground="category"
+        self,
+        category,
+        dataset_format,
+        size,
+        sdas_dir=None,
+        dtd_dir=None,
+        foreground="category",
+        min_contrast=0.0,
     ):
         if foreground not in FOREGROUND_MODES:
             raise UserError(
@@ -118,6 +147,7 @@ class AnomalySynthesizer:
             size,
             foreground,
         )
+        self.min_contrast = min_contrast
         self.source = AnomalySource(size, sdas_dir, dtd_dir)
         rule = foreground_rule(category, dataset_format)
         if foreground == "category" and rule == "auto" and category not in _warned_auto:
@@ -133,6 +163,7 @@ class AnomalySynthesizer:
             "dataset_format": self.dataset_format,
             "size": self.size,
             "foreground": self.foreground,
+            "min_paste_contrast": self.min_contrast,
             **self.source.describe(),
         }
 
@@ -153,22 +184,33 @@ class AnomalySynthesizer:
         return ellipse.astype(np.float32) * foreground
 
     def synthesize(self, image, rng):
-        """dict(anomalous, mask, kind, delta, source): everything a picture of it needs."""
+        """dict(anomalous, mask, kind, delta, source, contrast): everything a picture of it
+        needs. The appearance (source image and delta) is redrawn, the mask kept, while the
+        paste changes the image less than `min_contrast` (`paste_contrast`); after
+        MAX_PASTE_TRIES draws the most visible one is kept."""
         fg = foreground_mask(image, self.category, self.dataset_format, self.foreground)
         mask = self.draw_mask(fg, rng)
-        source, delta, kind, path = self.source.draw(rng)
-        return dict(
-            anomalous=blend(image, source, mask, delta),
-            mask=mask,
-            kind=kind,
-            delta=delta,
-            source=path,
-            foreground=fg,
-        )
+        best = None
+        for _ in range(MAX_PASTE_TRIES):
+            source, delta, kind, path = self.source.draw(rng)
+            anomalous = blend(image, source, mask, delta)
+            contrast = paste_contrast(image, anomalous, mask)
+            if best is None or contrast > best["contrast"]:
+                best = dict(anomalous=anomalous, kind=kind, delta=delta, source=path)
+                best["contrast"] = contrast
+            if contrast >= self.min_contrast:
+                break
+        return dict(best, mask=mask, foreground=fg)
 
 
 def synthesizers_for(
-    categories, dataset_format, size, sdas_dir=None, dtd_dir=None, foreground="category"
+    categories,
+    dataset_format,
+    size,
+    sdas_dir=None,
+    dtd_dir=None,
+    foreground="category",
+    min_contrast=0.0,
 ):
     """One synthesizer per category, for `stream.AnomalyStream`: each applies its own
     category's foreground rule. With several categories (one unified model) `sdas_dir`
@@ -178,6 +220,8 @@ def synthesizers_for(
         return os.path.join(sdas_dir, category) if sdas_dir and len(categories) > 1 else sdas_dir
 
     return {
-        c: AnomalySynthesizer(c, dataset_format, size, sdas_folder(c), dtd_dir, foreground)
+        c: AnomalySynthesizer(
+            c, dataset_format, size, sdas_folder(c), dtd_dir, foreground, min_contrast
+        )
         for c in categories
     }

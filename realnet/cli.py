@@ -103,7 +103,8 @@ def add_data_args(
 
 
 def add_anomaly_source_args(parser, from_afs=False):
-    """--sdas, --dtd, --foreground: where synthetic anomalies come from and where they go.
+    """--sdas, --dtd, --foreground, --min-paste-contrast: where synthetic anomalies come from,
+    where they go and how visible they must be (`anomaly_settings` passes them on).
     from_afs: the defaults are those the AFS file records (train_realnet.py)."""
     from .masks import FOREGROUND_MODES  # here, not at the top: masks.py imports this module
 
@@ -122,6 +123,24 @@ def add_anomaly_source_args(parser, from_afs=False):
         choices=FOREGROUND_MODES,
         help="where anomalies may go: the authors' rule per category, auto (Otsu) or none" + note,
     )
+    parser.add_argument(
+        "--min-paste-contrast",
+        type=float,
+        default=None if from_afs else 0.0,
+        help="beyond the paper (0: off): redraw a synthetic anomaly's appearance while the "
+        "paste changes the image less than this, in units of the image's local spread "
+        "(realnet/anomalies.py paste_contrast)" + note,
+    )
+
+
+def anomaly_settings(args, **override):
+    """The flags of `add_anomaly_source_args` as anomalies.synthesizers_for's keywords."""
+    return {
+        "sdas_dir": args.sdas,
+        "dtd_dir": args.dtd,
+        "foreground": args.foreground,
+        "min_contrast": args.min_paste_contrast,
+    } | override
 
 
 def add_device_arg(parser):

@@ -97,6 +97,7 @@ class AnomalyStream(torch.utils.data.Dataset):
                 kind="normal",
                 delta=0.0,
                 source=None,
+                contrast=0.0,
             )
         synthesizer = self.synthesizers[self.samples[index].category]
         out = synthesizer.synthesize(clean, np.random.default_rng([self.seed, g]))
@@ -198,7 +199,7 @@ def dump_examples(stream, n, out_dir, start_g=0):
             path = os.path.join(out_dir, f"example_{i:02d}{suffix}.png")
             atomic_save_image(Image.fromarray(picture), path)
             written.append(path)
-        caption = f"g={g - 1} {r['kind']} d={r['delta']:.2f}"
+        caption = f"g={g - 1} {r['kind']} d={r['delta']:.2f} c={r['contrast']:.2f}"
         contour = viz.draw_contour(r["anomalous"], r["mask"] > 0)
         rows.append(
             viz.hstack(

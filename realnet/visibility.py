@@ -40,11 +40,12 @@ def _features(backbone, images, device, batch=8):
     return [torch.cat(o) for o in out]
 
 
-def novelty_auroc(backbone, normal_images, anomalous_images, masks, device):
-    """Per backbone layer: pixel AUROC of the per-location Gaussian novelty of the anomalous
-    images (fitted on the normal images) against their masks (N, S, S)."""
+def novelty_maps(backbone, normal_images, anomalous_images, device):
+    """Per backbone layer, (N, S, S) float32: the per-location Gaussian novelty of the
+    anomalous images (fitted on the normal images), squared z-score averaged over channels,
+    upsampled to the input size."""
     size = anomalous_images.shape[-1]
-    scores = []
+    maps = []
     for normal, anomalous in zip(
         _features(backbone, normal_images, device), _features(backbone, anomalous_images, device)
     ):
@@ -54,8 +55,16 @@ def novelty_auroc(backbone, normal_images, anomalous_images, masks, device):
         novelty = F.interpolate(
             z2.float(), size=(size, size), mode="bilinear", align_corners=False
         )
-        scores.append(metrics.pixel_auroc(novelty[:, 0].numpy(), masks))
-    return scores
+        maps.append(novelty[:, 0].numpy())
+    return maps
+
+
+def novelty_auroc(backbone, normal_images, anomalous_images, masks, device):
+    """Per backbone layer: pixel AUROC of `novelty_maps` against the masks (N, S, S)."""
+    return [
+        metrics.pixel_auroc(novelty, masks)
+        for novelty in novelty_maps(backbone, normal_images, anomalous_images, device)
+    ]
 
 
 def source_visibility(
@@ -71,11 +80,13 @@ def source_visibility(
     device,
     n_anomalies=24,
     held=4,
+    min_contrast=0.0,
 ):
     """{source: [pixel AUROC per backbone layer]} for each source given (sdas, dtd): how
     visible its synthetic anomalies are to the backbone against normal texture (0.5:
     not at all). The anomalies go on `held` of the training images, the Gaussian is fitted
-    on the others; a pure function of the seed."""
+    on the others; a pure function of the seed. `min_contrast`: as training will draw them
+    (anomalies.paste_contrast)."""
     if len(samples) < 2:
         return {}
     held = max(1, min(held, len(samples) // 4))
@@ -92,6 +103,7 @@ def source_visibility(
             folder if name == "sdas" else None,
             folder if name == "dtd" else None,
             foreground,
+            min_contrast,
         )
         stream = AnomalyStream(targets, size, {category: synthesizer}, seed, normal_ratio=0.0)
         items = [stream[g] for g in range(n_anomalies)]

@@ -84,8 +84,11 @@ def test_select_features_records_and_drops_an_invisible_source(
         write_image(str(tmp_path / "sdas" / f"{i:03d}.png"), size=(64, 64), seed=i)
     seen = {}
 
-    def fake(backbone, train, category, dataset_format, size, sdas, dtd, foreground, seed, device):
-        seen.update(sdas=sdas, dtd=dtd, category=category)
+    def fake(
+        backbone, train, category, dataset_format, size, sdas, dtd, foreground, seed, device,
+        min_contrast,
+    ):
+        seen.update(sdas=sdas, dtd=dtd, category=category, min_contrast=min_contrast)
         return {"sdas": [0.45, 0.5], "dtd": [0.8, 0.7]}
 
     monkeypatch.setattr(visibility, "source_visibility", fake)
