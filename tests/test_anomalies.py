@@ -48,3 +48,63 @@ def test_sources_deltas_and_the_mix(anomaly_sources):
     assert all(0.2 <= d[1] <= 1.0 for d in draws if d[2] == "dtd")
     assert min(d[1] for d in draws if d[2] == "dtd") < 0.5  # the DTD range reaches below 0.5
     assert all(d[0].shape == (SIZE, SIZE, 3) and d[0].dtype == np.uint8 for d in draws)
+
+
+def test_paste_contrast_measures_change_against_the_local_grain():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((32, 32), np.float32)
+    mask[8:24, 8:24] = 1
+    flat = np.full((32, 32, 3), 100, np.uint8)
+    grain = np.clip(100 + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+    assert anomalies.paste_contrast(grain, grain, mask) == 0.0  # nothing changed
+    assert anomalies.paste_contrast(grain, grain, np.zeros_like(mask)) == 0.0  # no mask
+    brighter = lambda image: np.clip(image.astype(int) + 10, 0, 255).astype(np.uint8)  # noqa: E731
+    # the same 10-grey-level change: plain on a flat surface, lost in a grain of 30
+    on_flat = anomalies.paste_contrast(
+        flat, anomalies.blend(flat, brighter(flat), mask, 1.0), mask
+    )
+    on_grain = anomalies.paste_contrast(
+        grain, anomalies.blend(grain, brighter(grain), mask, 1.0), mask
+    )
+    assert on_flat == pytest.approx(10.0)  # the spread is floored at one grey level
+    assert 0.2 < on_grain < 0.6
+    # the change scales with delta (eq. 3): half the delta, about half the contrast
+    source = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    full = anomalies.paste_contrast(grain, anomalies.blend(grain, source, mask, 1.0), mask)
+    half = anomalies.paste_contrast(grain, anomalies.blend(grain, source, mask, 0.5), mask)
+    assert half == pytest.approx(full / 2, rel=0.05)
+
+
+def test_min_contrast_redraws_faint_pastes_and_zero_keeps_the_paper(anomaly_sources):
+    from realnet import data
+
+    image = data.load_image(
+        data.open_dataset(anomaly_sources["data"]).train("washer")[0].image, SIZE
+    )
+    kwargs = dict(dtd_dir=anomaly_sources["dtd"], foreground="none")
+    paper = anomalies.AnomalySynthesizer("washer", "mvtec", SIZE, **kwargs)
+    firm = anomalies.AnomalySynthesizer("washer", "mvtec", SIZE, **kwargs, min_contrast=2.0)
+    assert firm.describe()["min_paste_contrast"] == 2.0
+    first, kept = [], []
+    for seed in range(40):
+        a = paper.synthesize(image, np.random.default_rng(seed))
+        b = firm.synthesize(image, np.random.default_rng(seed))
+        # the mask is drawn before the appearance, so a redraw keeps it
+        assert (a["mask"] == b["mask"]).all()
+        assert a["contrast"] == pytest.approx(
+            anomalies.paste_contrast(image, a["anomalous"], a["mask"])
+        )
+        if a["contrast"] >= 2.0:  # visible at the first draw: the same anomaly
+            assert (a["anomalous"] == b["anomalous"]).all() and a["delta"] == b["delta"]
+        first.append(a["contrast"])
+        kept.append(b["contrast"])
+    faint = [i for i, c in enumerate(first) if c < 2.0]
+    assert faint, "no faint first draw: the test would check nothing"
+    assert all(kept[i] >= 2.0 or kept[i] >= first[i] for i in faint)
+    assert np.mean([kept[i] >= 2.0 for i in faint]) > 0.8  # redrawn until visible
+    # the first draw of min_contrast=0 is the single draw the paper's synthesis makes
+    rng = np.random.default_rng(3)
+    paper.draw_mask(np.ones((SIZE, SIZE), np.float32), rng)
+    texture, delta, _, _ = paper.source.draw(rng)
+    again = paper.synthesize(image, np.random.default_rng(3))
+    assert again["delta"] == delta

@@ -89,9 +89,11 @@ def test_every_stage_runs_and_hands_its_output_to_the_next(pipeline):
     assert (
         afs["anomaly_source"]["sdas_images"] == 4 and afs["anomaly_source"]["foreground"] == "none"
     )
+    assert afs["anomaly_source"]["min_paste_contrast"] == 1.5  # demo.sh's, beyond the paper
     assert (out / "afs_scores.png").is_file()
     # 4 -> 5: the RealNet checkpoint, trained with that AFS file and both anomaly sources
     args = json.load(open(out / "realnet" / "args.json"))
+    assert args["min_paste_contrast"] == 1.5  # taken from the AFS file
     assert os.path.samefile(args["afs"], out / "afs.pt") and os.path.samefile(
         args["sdas"], out / "sdas"
     )

@@ -438,6 +438,7 @@ def test_the_afs_file_supplies_the_data_set_anomaly_source_and_input_size(demo):
             "sdas_dir": None,
             "dtd_dir": os.path.abspath(demo["dtd"]),
             "foreground": "category",
+            "min_paste_contrast": 1.5,
         },
     )
     out = str(demo["root"] / "from_afs")
@@ -461,6 +462,7 @@ def test_the_afs_file_supplies_the_data_set_anomaly_source_and_input_size(demo):
         args["dtd"], demo["dtd"]
     )
     assert args["input_size"] == SIZE and args["foreground"] == "category" and args["sdas"] is None
+    assert args["min_paste_contrast"] == 1.5  # training draws its anomalies as AFS did
     model = torch.load(os.path.join(out, "model.pt"), weights_only=False)
     assert model["categories"] == ["washer"] and model["config"]["input_size"] == SIZE
     line = one_line_error(

@@ -85,7 +85,16 @@ def test_select_features_records_and_drops_an_invisible_source(
     seen = {}
 
     def fake(
-        backbone, train, category, dataset_format, size, sdas, dtd, foreground, seed, device,
+        backbone,
+        train,
+        category,
+        dataset_format,
+        size,
+        sdas,
+        dtd,
+        foreground,
+        seed,
+        device,
         min_contrast,
     ):
         seen.update(sdas=sdas, dtd=dtd, category=category, min_contrast=min_contrast)
