@@ -224,11 +224,13 @@ def test_stage_maps_scores_the_discriminator_exactly_as_evaluate_does(trained):
         "rrs residuals",
         *(f"level {n} energy" for n in range(1, levels + 1)),
     }
-    for metric in ("image_auroc", "pixel_auroc", "au_pro"):  # another batch size, the same numbers
-        assert maps["all"]["discriminator"][metric] == pytest.approx(reported[metric], abs=1e-6)
+    # another batch size, the same numbers: to 1e-5, as float32 sums in another order (batch
+    # size, thread count) move a per-defect AU-PRO by ~1e-6 (seen: 1.3e-6 with 1 thread)
+    for metric in ("image_auroc", "pixel_auroc", "au_pro"):
+        assert maps["all"]["discriminator"][metric] == pytest.approx(reported[metric], abs=1e-5)
         for defect, numbers in reported["per_defect"].items():
             assert maps[defect]["discriminator"][metric] == pytest.approx(
-                numbers[metric], abs=1e-6
+                numbers[metric], abs=1e-5
             )
     assert all(0 <= v <= 1 for row in maps.values() for m in row.values() for v in m.values())
     assert "level 1 energy" in result.stdout
