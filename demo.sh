@@ -15,7 +15,8 @@
 #                          synthetic anomalies anywhere in the image (--foreground none, see below);
 #                          an anomaly source the backbone cannot see is dropped (--min-source-visibility)
 #   4 train_realnet.py     1500 steps (cosine-decayed rate), anomalies pasted from the SDAS images
-#                          and the demo DTD textures; 4 training images held out for the learning curve;
+#                          and the demo DTD textures; 4 training images held out, 32 synthetic samples
+#                          drawn from them for the learning curve (--val-samples);
 #                          the fused anomaly map (--anomaly-map fused, see below); after training, the
 #                          4 held-out good images calibrate the map's scale and the OK/NG threshold (fp32)
 #   5 evaluate.py          image AUROC, pixel AUROC, AU-PRO, heatmap panels, of the step that scored

@@ -23,13 +23,12 @@ after demo.sh's stages 1-3:
         --anomaly-map fused --precision bf16 --out runs/demo/weave/realnet
     torchrun --nproc_per_node 2 train_realnet.py ...   # DDP: the same model as one process
 
-Writes to --out: model.pt (what evaluate.py reads), state.pt (everything needed to
-continue: --resume), loss.jsonl, args.json, and with --val-fraction best.pt, val.jsonl and
-learning_curve.png (the held-out metrics and the loss against the step). With
---val-fraction, once training is over, model.pt and best.pt are calibrated on the held-out
+Writes to --out: model.pt (what evaluate.py reads), state.pt (everything needed to continue:
+--resume), loss.jsonl, args.json, and with --val-fraction best.pt, val.jsonl and
+learning_curve.png (the held-out metrics, on --val-samples synthetic samples, and the loss
+against the step). Once training is over, model.pt and best.pt are calibrated on the held-out
 normal images (realnet/calibration.py: the fused map's scale and the OK/NG thresholds that
-evaluate.py --predict decides with), in the precision evaluate.py will run
-(--calibrate-precision).
+evaluate.py --predict decides with), in the precision evaluate.py will run.
 One model over several categories (`--categories a,b,c`, "unified") is an option beyond the
 paper, which trains one model per category.
 """
@@ -52,8 +51,8 @@ from realnet.model import realnet_loss
 from realnet.progress import Progress
 from realnet.stream import AnomalyStream, write_examples
 from realnet.anomalies import synthesizers_for
-from realnet.validation import learning_check, make_validation_set, split_validation
-from realnet.validation import validate_and_keep_best
+from realnet import validation
+from realnet.validation import learning_check, split_validation, validate_and_keep_best
 
 
 def parse_args(argv=None):
@@ -94,6 +93,8 @@ def parse_args(argv=None):
     add("--val-fraction", type=float, default=0.0,
         help="hold out this share of the TRAINING images to choose the checkpoint on (0: last)")
     add("--val-every", type=int, default=500, help="steps between validations (--val-fraction)")
+    add("--val-samples", type=int, default=validation.MIN_VALIDATION_SAMPLES,
+        help="synthetic validation samples drawn from the held-out images (at least 2 each)")
     add("--val-metric", default="pixel_auroc", choices=["pixel_auroc", "au_pro", "image_auroc"],
         help="what best.pt maximises on the held-out training images (the discriminator's "
              "map: the synthetic anomalies are what it was trained to find)")
@@ -133,6 +134,7 @@ def check_args(args, ddp):
         epochs=args.epochs,
         save_every=args.save_every,
         val_every=args.val_every,
+        val_samples=args.val_samples,
         log_every=args.log_every,
         **({} if args.steps is None else {"steps": args.steps}),
     )
@@ -181,7 +183,7 @@ def held_out_set(held_out, synthesizers, args):
     stream = AnomalyStream(
         held_out, args.input_size, synthesizers, args.seed + 1, args.normal_ratio
     )
-    return make_validation_set(stream, len(held_out))
+    return validation.make_validation_set(stream, len(held_out), args.val_samples)
 
 
 # ----------------------------------------------------------------------------------------
@@ -267,8 +269,7 @@ def print_plan(args, ddp, model, cache, categories, stream, held_out, total_step
     epochs = total_steps / math.ceil(n_images / batch_size)
     unified = " (UNIFIED: one model for all)" if len(categories) > 1 else ""
     held = f", {len(held_out)} held out for checkpoint choice and calibration" if held_out else ""
-    parameters = count_parameters(model)
-    print(f"{describe(model.config)}; {parameters / 1e6:.2f} M trainable parameters")
+    print(f"{describe(model.config)}; {count_parameters(model) / 1e6:.2f} M trainable parameters")
     print(
         f"training on {n_images} images of {', '.join(categories)}{unified}{held}; "
         f"{total_steps} steps of {batch_size} ({epochs:.1f} epochs), {ddp.world_size} "
@@ -280,8 +281,8 @@ def print_done(step, started, out, best, metric, records, validated):
     note = ""
     if best["step"]:
         note = f", best.pt from step {best['step']} ({metric} {best['value']:.4f})"
-    took = f"done: {step} steps in {time.time() - started:.0f} s"
-    print(f"{took}; model {os.path.join(out, 'model.pt')}{note}")
+    model_path = os.path.join(out, "model.pt")
+    print(f"done: {step} steps in {time.time() - started:.0f} s; model {model_path}{note}")
     calibration.report(records, validated, (learning_check(out) or {}).get("warning"))
 
 

@@ -52,6 +52,7 @@ def run_settings(args, afs, dataset, categories, train_images):
             "--precision": args.precision,
             "train_images": train_images,
             "--val-fraction": args.val_fraction,
+            "--val-samples": args.val_samples,
             "--val-metric": args.val_metric,
         },
         "calibration_settings": {
