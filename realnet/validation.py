@@ -45,7 +45,7 @@ def split_validation(samples, fraction, seed, log=print):
 
 # Validation samples drawn from the held-out images when there are few of them. At demo scale
 # 4 held-out images gave 8 samples, 4 of them anomalous: one faint draw moved the held-out
-# pixel AUROC by ~0.05 (granite seed 1 read 0.845 on those 4 anomalies and 0.88 on 32 drawn
+# pixel AUROC by ~0.05 (granite seed 1 read 0.845 on those 4 anomalies and 0.88 on 64 drawn
 # from the same images), too coarse both to choose best.pt and to say whether the model learned.
 MIN_VALIDATION_SAMPLES = 32
 
