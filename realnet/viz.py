@@ -214,7 +214,7 @@ def line_chart(series, title, x_label, y_label, width=640, height=240, y_range=N
         draw.line([(left - 4, py(y)), (left, py(y))], fill=(0, 0, 0))
         draw.text((2, py(y) - 6), _tick(y), fill=(0, 0, 0))
         draw.line([(left + 1, py(y)), (width - right - 1, py(y))], fill=(225, 225, 225))
-    draw.text((left, 5), title, fill=(0, 0, 0))
+    draw.text((max(left, 6 * len(y_label) + 12), 5), title, fill=(0, 0, 0))  # right of y_label
     draw.text(
         ((left + width - right) // 2 - 3 * len(x_label), height - 14), x_label, fill=(0, 0, 0)
     )

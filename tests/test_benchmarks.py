@@ -144,3 +144,28 @@ def test_op_benchmark_checks_the_goals_it_reports():
         }
     )
     assert "failed: compile failed" in table and "| **no** |" in table
+
+
+def test_learning_curves_reads_runs_and_tables_and_refuses_a_bad_curve(tmp_path, capsys):
+    import learning_curves
+    from realnet.cli import UserError
+
+    run = tmp_path / "realnet"
+    run.mkdir()
+    with open(run / "val.jsonl", "w") as f:
+        for step, value in ((500, 0.8), (1000, 0.9), (1300, 0.95)):  # a run cut short at 1300
+            f.write(json.dumps({"step": step, "pixel_auroc": value}) + "\n")
+    out = str(tmp_path / "curves")
+    learning_curves.main(
+        ["--curve", f"sand:C=1.5={run}", "--curve", "sand:C=0=500:0.6,1000:0.62,1500:0.64",
+         "--out", out]
+    )  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| sand | C=1.5 | 0.800 / 0.900 / 0.950 (1300) |" in table  # the last step it reached
+    assert "| sand | C=0 | 0.600 / 0.620 / 0.640 |" in table
+    saved = json.load(open(out + ".json"))
+    assert [c["values"] for c in saved["curves"]] == [[0.8, 0.9, 0.95], [0.6, 0.62, 0.64]]
+    assert os.path.getsize(out + ".png") > 0
+    for bad in ("sand=missing", "sand:x=no/such/run"):
+        with pytest.raises(UserError, match="--curve"):
+            learning_curves.main(["--curve", bad, "--out", out])
