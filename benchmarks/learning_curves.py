@@ -53,7 +53,7 @@ def parse_args(argv=None):
         help="steps printed in the table (the last logged step if a run stopped short)",
     )
     p.add_argument("--out", required=True, help="OUT.png and OUT.json are written")
-    return p.parse_args(argv)  # fmt: skip
+    return p.parse_args(argv)
 
 
 def read_curve(spec, metric):
@@ -103,9 +103,15 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sheet = viz.grid(charts, ncols=2 if len(charts) > 1 else 1)
     atomic_save_image(viz.to_pil(sheet), args.out + ".png")
+    command = [
+        "python3",
+        "benchmarks/learning_curves.py",
+        *(sys.argv[1:] if argv is None else argv),
+    ]
     atomic_write_json(
         args.out + ".json",
         {
+            "command": command,
             "metric": args.metric,
             "curves": [
                 {"category": c, "label": label, "steps": s, "values": v}

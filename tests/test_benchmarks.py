@@ -165,6 +165,12 @@ def test_learning_curves_reads_runs_and_tables_and_refuses_a_bad_curve(tmp_path,
     assert "| sand | C=0 | 0.600 / 0.620 / 0.640 |" in table
     saved = json.load(open(out + ".json"))
     assert [c["values"] for c in saved["curves"]] == [[0.8, 0.9, 0.95], [0.6, 0.62, 0.64]]
+    assert saved["command"][-4:] == [
+        "--curve",
+        "sand:C=0=500:0.6,1000:0.62,1500:0.64",
+        "--out",
+        out,
+    ]
     assert os.path.getsize(out + ".png") > 0
     for bad in ("sand=missing", "sand:x=no/such/run"):
         with pytest.raises(UserError, match="--curve"):
