@@ -15,7 +15,7 @@ Adam 1e-4, 1000 epochs):
     python3 train_realnet.py --afs runs/bottle/afs.pt --out runs/bottle/realnet
 
 The demo at small scale (random backbone, layers 1-2 at 128 px, AFS 64/128 channels; about
-8 minutes on 2 CPU cores in bf16; weave reaches image AUROC 1.000, pixel AUROC 0.999),
+13 minutes on 2 CPU cores in bf16; weave reaches image AUROC 1.000, pixel AUROC 0.995),
 after demo.sh's stages 1-3:
 
     python3 train_realnet.py --afs runs/demo/weave/afs.pt --width-ratio 0.25 --batch-size 8 \\
