@@ -7,8 +7,8 @@
 #
 # It installs the dependencies (requirements.txt: torch and torchvision from the registry,
 # ~5.5 GB), builds the fused-op extension in place, draws the demo data set, and runs the
-# stages exactly as a user would by hand, at demo scale for a 2-core CPU (~17 minutes after
-# the set-up; 1160 s with it from a fresh clone, weave, 2026-12-05):
+# stages exactly as a user would by hand, at demo scale for a 2-core CPU (~18 minutes after
+# the set-up; 1151 s with it from a fresh clone, set-up 55 s, training 852 s, weave, 2026-12-06):
 #   1 train_diffusion.py   tiny class-conditional diffusion model, 64 px, 300 steps
 #   2 synthesize.py        64 SDAS anomaly images, s ~ U(0.1, 0.2)
 #   3 select_features.py   AFS on a RANDOM backbone (no ImageNet weights offline), layers 1-2, 128 px;
