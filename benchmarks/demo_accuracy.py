@@ -312,14 +312,17 @@ def table(rows, tuning):
 
 def merge_saved(paths):
     """Several saved tables as one: each category's baseline (the same in every file: it
-    has no seed) and the union of its seeds; the commands and machines are kept as lists."""
+    has no seed) and the union of its seeds; the commands and machines are kept as flat
+    lists (a file that is itself a merge adds its list's items)."""
     merged = {"date": [], "machine": [], "command": [], "tuning": {}, "categories": {}}
     for path in paths:
         with open(path) as f:
             saved = json.load(f)
         for key in ("date", "machine", "command"):
-            if saved.get(key) not in merged[key]:
-                merged[key].append(saved.get(key))
+            values = saved.get(key)
+            for value in values if isinstance(values, list) else [values]:
+                if value not in merged[key]:
+                    merged[key].append(value)
         merged["tuning"].update(saved.get("tuning", {c: "-" for c in saved["categories"]}))
         for category, row in saved["categories"].items():
             into = merged["categories"].setdefault(category, dict(row, seeds={}))

@@ -175,3 +175,36 @@ def test_learning_curves_reads_runs_and_tables_and_refuses_a_bad_curve(tmp_path,
     for bad in ("sand=missing", "sand:x=no/such/run"):
         with pytest.raises(UserError, match="--curve"):
             learning_curves.main(["--curve", bad, "--out", out])
+
+
+def test_demo_accuracy_merges_saved_tables_and_merges_of_them(tmp_path):
+    """benchmarks/demo_accuracy.py --table: seeds of one category from several files are
+    united, and a file that is itself a merge adds its commands as items, not as a list."""
+    import demo_accuracy
+
+    def saved(name, command, seeds, date="2026-12-05"):
+        row = {"baseline": {"pixel_auroc": 0.9}, "seeds": {s: {"fused": {}} for s in seeds}}
+        path = tmp_path / name
+        path.write_text(
+            json.dumps(
+                {
+                    "date": date,
+                    "machine": "cpu",
+                    "command": command,
+                    "tuning": {"granite": "tuned"},
+                    "categories": {"granite": row},
+                }
+            )
+        )
+        return str(path)
+
+    first = demo_accuracy.merge_saved(
+        [saved("a.json", "run a", ["0"]), saved("b.json", "run b", ["1"])]
+    )
+    (tmp_path / "ab.json").write_text(json.dumps(first))
+    merged = demo_accuracy.merge_saved(
+        [str(tmp_path / "ab.json"), saved("c.json", "run c", ["2"], date="2026-12-06")]
+    )
+    assert merged["command"] == ["run a", "run b", "run c"]
+    assert merged["date"] == ["2026-12-05", "2026-12-06"]
+    assert sorted(merged["categories"]["granite"]["seeds"]) == ["0", "1", "2"]
