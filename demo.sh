@@ -68,8 +68,9 @@ SDAS_COUNT=${SDAS_COUNT:-64}
 AFS_BATCHES=${AFS_BATCHES:-4}        # batches of 16 synthetic anomalies (paper: 64)
 TRAIN_STEPS=${TRAIN_STEPS:-1500}
 SEED=${SEED:-0}                      # seed of every stage (a seed repetition changes them all)
+gpu_visible() { nvidia-smi -L >/dev/null 2>&1; }  # an NVIDIA GPU this machine can use
 native_bf16() {  # bfloat16 in hardware: a CPU with AVX512-BF16 or AMX, or an NVIDIA GPU
-    grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null || nvidia-smi -L >/dev/null 2>&1
+    grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null || gpu_visible
 }
 # RealNet's arithmetic in stage 4: bf16 (autocast) where the hardware has it, fp32 elsewhere
 PRECISION=${PRECISION:-$(native_bf16 && echo bf16 || echo fp32)}
@@ -92,9 +93,9 @@ install() {
     # Against the installed torch (no isolated build env). CPU kernels always; the CUDA ones
     # only where a GPU is visible: compiling them (nvcc, ~2 minutes on 2 cores) buys the demo
     # nothing on a CPU. `pip install --no-build-isolation -e .` alone builds both (as CI does).
-    local use_cuda=0
-    nvidia-smi -L >/dev/null 2>&1 && use_cuda=1
-    echo "pip: building the extension realnet._C ($([ $use_cuda = 1 ] && echo 'C++ and CUDA: a minute or two' || echo 'C++ only, no GPU visible: ~30 s'))"
+    local use_cuda=0 kernels="C++ only, no GPU visible: ~30 s"
+    if gpu_visible; then use_cuda=1 kernels="C++ and CUDA: a minute or two"; fi
+    echo "pip: building the extension realnet._C ($kernels)"
     USE_CUDA=$use_cuda "$PYTHON" -m pip install --progress-bar off -q --no-build-isolation -e .
     "$PYTHON" -c "import realnet.ops as o, sys; sys.exit(0 if o.HAS_EXTENSION else 'the extension realnet._C did not build')"
 }
