@@ -30,6 +30,7 @@ MAX_PASTE_TRIES = 8  # appearance redraws before the most visible draw is kept
 PASTE_CONTRAST_WINDOW = 7  # pixels, at any input size (the grain a paste must stand out from)
 SDAS_DELTA = (0.5, 1.0)  # transparency ranges of the authors' configs
 DTD_DELTA = (0.2, 1.0)
+SOURCE_CACHE_BYTES = 128 * 2**20  # resized appearances kept decoded, per process (see `image`)
 _warned_auto = set()
 
 
@@ -87,6 +88,7 @@ class AnomalySource:
             )
         self.size = size
         self.sdas, self.dtd = [], []
+        self._images, self._cached_bytes = {}, 0
         if sdas_dir:
             require_dir(sdas_dir, "--sdas")
             self.sdas = data.list_images(sdas_dir)
@@ -114,13 +116,27 @@ class AnomalySource:
             "dtd_images": len(self.dtd),
         }
 
+    def image(self, path):
+        """The source image at `path`, resized to the input size, read-only. Decoding is a
+        third of a synthetic anomaly's cost and the demo draws each of its ~90 sources hundreds
+        of times, so each is decoded once per process, until SOURCE_CACHE_BYTES are held (at
+        paper scale, DTD's 5640 images do not all fit: the rest are decoded at every draw)."""
+        if path in self._images:
+            return self._images[path]
+        image = data.load_image(path, self.size)
+        if self._cached_bytes + image.nbytes <= SOURCE_CACHE_BYTES:
+            image.setflags(write=False)  # shared by every later draw: nothing may change it
+            self._images[path] = image
+            self._cached_bytes += image.nbytes
+        return image
+
     def draw(self, rng):
         use_sdas = bool(self.sdas) and (not self.dtd or rng.random() < 0.5)
         if use_sdas:
             path = self.sdas[int(rng.integers(len(self.sdas)))]
-            return data.load_image(path, self.size), rng.uniform(*SDAS_DELTA), "sdas", path
+            return self.image(path), rng.uniform(*SDAS_DELTA), "sdas", path
         path = self.dtd[int(rng.integers(len(self.dtd)))]
-        texture = rand_augment(data.load_image(path, self.size), rng)  # squashed to size, no crop
+        texture = rand_augment(self.image(path), rng)  # squashed to size, no crop
         return texture, rng.uniform(*DTD_DELTA), "dtd", path
 
 

@@ -75,6 +75,20 @@ def test_paste_contrast_measures_change_against_the_local_grain():
     assert half == pytest.approx(full / 2, rel=0.05)
 
 
+def test_source_images_decoded_once_are_the_same_draws(anomaly_sources, monkeypatch):
+    dirs = dict(sdas_dir=anomaly_sources["sdas"], dtd_dir=anomaly_sources["dtd"])
+    cached = anomalies.AnomalySource(SIZE, **dirs)
+    draws = [cached.draw(np.random.default_rng(seed)) for seed in range(60)]
+    assert len(cached._images) == 13  # every source decoded once, then reused
+    assert all(not image.flags.writeable for image in cached._images.values())
+    monkeypatch.setattr(anomalies, "SOURCE_CACHE_BYTES", 2 * SIZE * SIZE * 3)
+    bounded = anomalies.AnomalySource(SIZE, **dirs)
+    again = [bounded.draw(np.random.default_rng(seed)) for seed in range(60)]
+    assert len(bounded._images) == 2  # the budget holds two images; the rest decoded each time
+    for a, b in zip(draws, again):
+        assert (a[0] == b[0]).all() and a[1:] == b[1:]
+
+
 def test_min_contrast_redraws_faint_pastes_and_zero_keeps_the_paper(anomaly_sources):
     from realnet import data
 
