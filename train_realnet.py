@@ -19,8 +19,9 @@ The demo at small scale (random backbone, layers 1-2 at 128 px, AFS 64/128 chann
 after demo.sh's stages 1-3:
 
     python3 train_realnet.py --afs runs/demo/weave/afs.pt --width-ratio 0.25 --batch-size 8 \\
-        --steps 1500 --lr 1e-3 --lr-schedule cosine --val-fraction 0.1 --val-every 100 \\
-        --anomaly-map fused --precision bf16 --out runs/demo/weave/realnet
+        --steps 1500 --lr 1e-3 --lr-schedule cosine --discriminator-lr-scale 3 \\
+        --val-fraction 0.1 --val-every 100 --anomaly-map fused --precision bf16 \\
+        --out runs/demo/weave/realnet
     torchrun --nproc_per_node 2 train_realnet.py ...   # DDP: the same model as one process
 
 Writes to --out: model.pt (what evaluate.py reads), state.pt (everything needed to continue:
@@ -84,6 +85,10 @@ def parse_args(argv=None):
              "and averaged; needs --val-fraction)")
     add("--batch-size", type=int, default=16, help="global batch size (paper)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (paper)")
+    add("--discriminator-lr-scale", type=float, default=1.0,
+        help="the discriminator's rate = this x --lr (1: the paper, one rate; beyond the paper, "
+             "for short runs: the discriminator starts from nothing when the UNets' targets "
+             "are already there, and the cosine schedule decays its rate before it has caught up)")
     add("--lr-schedule", default="constant", choices=["constant", "cosine"],
         help="constant (paper) | cosine: decay to 0 over the run (stabler last step, short runs)")
     add("--epochs", type=int, default=1000, help="passes over the training images (paper)")
@@ -139,7 +144,11 @@ def check_args(args, ddp):
         **({} if args.steps is None else {"steps": args.steps}),
     )
     cli.require_non_negative(workers=args.workers, dump=args.dump)
-    cli.require_finite_positive(lr=args.lr, width_ratio=args.width_ratio)
+    cli.require_finite_positive(
+        lr=args.lr,
+        discriminator_lr_scale=args.discriminator_lr_scale,
+        width_ratio=args.width_ratio,
+    )
     if not 0 <= args.retention <= 1:
         raise cli.UserError(f"--retention must be in [0, 1], got {args.retention}")
     if not 0 <= args.normal_ratio < 1:
@@ -200,7 +209,7 @@ def build_model(config, args, run, out, ddp):
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     model = RealNet(config).to(ddp.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(parameter_groups(model, args.discriminator_lr_scale), lr=args.lr)
     state = runs.load_state(out, args.resume, "realnet_state")
     step, best = checkpoint.resume(state, model, optimizer, scaler, run, out)
     net = model
@@ -209,6 +218,23 @@ def build_model(config, args, run, out, ddp):
         device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=device_ids)
     return model, net, optimizer, scaler, step, best
+
+
+def parameter_groups(model, discriminator_lr_scale):
+    """Adam's parameter groups: the reconstruction UNets at the rate, the discriminator at
+    `discriminator_lr_scale` times it (each group's "lr_scale", applied by train_step)."""
+    head = list(model.discriminator.parameters())
+    in_head = {id(p) for p in head}
+    return [
+        {"params": [p for p in model.parameters() if id(p) not in in_head], "lr_scale": 1.0},
+        {"params": head, "lr_scale": discriminator_lr_scale},
+    ]
+
+
+def set_learning_rate(optimizer, lr):
+    """The step's rate on every parameter group, times the group's scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def learning_rate(lr, schedule, step, total_steps):
@@ -251,8 +277,7 @@ def train_step(trainer, batch, lr, check=None, mark=None):
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # scaled in fp16 only
     mark("backward")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr)
     scaler.step(optimizer)
     scaler.update()
     mark("adam")

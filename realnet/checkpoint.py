@@ -47,6 +47,7 @@ def run_settings(args, afs, dataset, categories, train_images):
         "training": {
             "--batch-size": args.batch_size,
             "--lr": args.lr,
+            "--discriminator-lr-scale": args.discriminator_lr_scale,
             "--lr-schedule": args.lr_schedule,
             "--seed": args.seed,
             "--precision": args.precision,

@@ -94,6 +94,7 @@ def test_every_stage_runs_and_hands_its_output_to_the_next(pipeline):
     # 4 -> 5: the RealNet checkpoint, trained with that AFS file and both anomaly sources
     args = json.load(open(out / "realnet" / "args.json"))
     assert args["min_paste_contrast"] == 1.5  # taken from the AFS file
+    assert args["discriminator_lr_scale"] == 3  # demo.sh's, beyond the paper
     assert os.path.samefile(args["afs"], out / "afs.pt") and os.path.samefile(
         args["sdas"], out / "sdas"
     )

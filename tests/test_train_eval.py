@@ -247,7 +247,13 @@ def test_fused_map_is_calibrated_on_the_held_out_images_and_reported(demo):
 
 def test_training_that_would_learn_nothing_is_refused_in_one_line(demo):
     out = str(demo["root"] / "learns_nothing")
-    for flag, value in (("--steps", "0"), ("--steps", "-5"), ("--lr", "nan"), ("--lr", "0")):
+    for flag, value in (
+        ("--steps", "0"),
+        ("--steps", "-5"),
+        ("--lr", "nan"),
+        ("--lr", "0"),
+        ("--discriminator-lr-scale", "0"),
+    ):
         line = one_line_error(
             run("train_realnet.py", *train_args(demo, out), flag, value, check=False)
         )
