@@ -53,6 +53,7 @@ from realnet.progress import Progress
 from realnet.stream import AnomalyStream, write_examples
 from realnet.anomalies import synthesizers_for
 from realnet import validation
+from realnet.rates import learning_rate, parameter_groups, set_learning_rate
 from realnet.validation import learning_check, split_validation, validate_and_keep_best
 
 
@@ -86,9 +87,7 @@ def parse_args(argv=None):
     add("--batch-size", type=int, default=16, help="global batch size (paper)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (paper)")
     add("--discriminator-lr-scale", type=float, default=1.0,
-        help="the discriminator's rate = this x --lr (1: the paper, one rate; beyond the paper, "
-             "for short runs: the discriminator starts from nothing when the UNets' targets "
-             "are already there, and the cosine schedule decays its rate before it has caught up)")
+        help="the discriminator's rate = this x --lr (1: the paper; see realnet/rates.py)")
     add("--lr-schedule", default="constant", choices=["constant", "cosine"],
         help="constant (paper) | cosine: decay to 0 over the run (stabler last step, short runs)")
     add("--epochs", type=int, default=1000, help="passes over the training images (paper)")
@@ -218,31 +217,6 @@ def build_model(config, args, run, out, ddp):
         device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=device_ids)
     return model, net, optimizer, scaler, step, best
-
-
-def parameter_groups(model, discriminator_lr_scale):
-    """Adam's parameter groups: the reconstruction UNets at the rate, the discriminator at
-    `discriminator_lr_scale` times it (each group's "lr_scale", applied by train_step)."""
-    head = list(model.discriminator.parameters())
-    in_head = {id(p) for p in head}
-    return [
-        {"params": [p for p in model.parameters() if id(p) not in in_head], "lr_scale": 1.0},
-        {"params": head, "lr_scale": discriminator_lr_scale},
-    ]
-
-
-def set_learning_rate(optimizer, lr):
-    """The step's rate on every parameter group, times the group's scale."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def learning_rate(lr, schedule, step, total_steps):
-    """The rate for optimiser step `step` (0-based): constant, or cosine from lr down to 0.
-    A pure function of the step, so a resumed run needs no scheduler state."""
-    if schedule == "constant" or total_steps <= 0:
-        return lr
-    return 0.5 * lr * (1 + math.cos(math.pi * step / total_steps))
 
 
 class Trainer(NamedTuple):

@@ -1,9 +1,9 @@
-"""train_realnet.learning_rate: the paper's constant rate and the demo's cosine decay; the
-discriminator's rate scale (--discriminator-lr-scale)."""
+"""realnet.rates, train_realnet.py's rates: the paper's constant rate, the demo's cosine decay and
+the discriminator's rate scale (--discriminator-lr-scale)."""
 
 import math
 
-from train_realnet import learning_rate
+from realnet.rates import learning_rate
 
 
 def test_constant_is_the_paper_rate_at_every_step():
@@ -23,7 +23,7 @@ def test_discriminator_rate_scale_reaches_only_the_discriminator():
     from test_model import fake_afs
 
     from realnet.model import RealNet, build_config
-    from train_realnet import parameter_groups, set_learning_rate
+    from realnet.rates import parameter_groups, set_learning_rate
 
     model = RealNet(build_config(fake_afs()))
     unets, head = parameter_groups(model, 3.0)
