@@ -608,7 +608,9 @@ def test_resume_restores_every_tensor_on_the_models_device(demo, tmp_path, devic
         load_checkpoint(demo["afs"], "--afs", kind="afs"), strides=Backbone.strides
     )
     run_settings, out = {"training": {"--lr": 1e-3}}, str(tmp_path)
-    args = argparse.Namespace(precision="fp32", seed=0, lr=1e-3, resume=False)
+    args = argparse.Namespace(
+        precision="fp32", seed=0, lr=1e-3, discriminator_lr_scale=1.0, resume=False
+    )
     cpu = DistInfo()
     model, _, optimizer, scaler, _, best = train_realnet.build_model(
         config, args, run_settings, out, cpu
